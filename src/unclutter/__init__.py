@@ -1,0 +1,17 @@
+"""unclutter: better instruction following for vision-language models by removing image redundancy.
+
+Implements VMTC (visual-modality token compression) and CMAI (cross-modality attention
+inhibition) from Yang et al., AAAI 2025, as a one-line plug-in for Hugging Face LLaVA-1.5:
+
+    handle = unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig())
+    model.generate(**processor(images=image, text=prompt, return_tensors="pt"))
+    handle.remove()
+"""
+
+from . import cmai, kmeans, vmtc
+from .config import CMAIConfig, SPDConfig, VMTCConfig
+from .integrations.llava import Handle, apply
+
+__version__ = "0.1.0"
+
+__all__ = ["CMAIConfig", "Handle", "SPDConfig", "VMTCConfig", "apply", "cmai", "kmeans", "vmtc", "__version__"]

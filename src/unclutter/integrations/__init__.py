@@ -1,0 +1,1 @@
+"""Model integrations: thin patches that call the pure method code in `unclutter.vmtc` / `unclutter.cmai`."""

@@ -1,0 +1,69 @@
+"""Batched cosine (spherical) K-means in plain torch, with no empty clusters.
+
+Every image in the batch gets exactly ``c`` non-empty clusters, so merged token counts are equal
+across the batch and tensors stay rectangular. Initialisation is deterministic (evenly spaced
+points in input order), so the same input always yields the same clustering on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _fill_empty_clusters(assign: torch.Tensor, sim_to_own: torch.Tensor, c: int) -> torch.Tensor:
+    """Move the worst-fitting point of a multi-member cluster into each empty cluster.
+
+    assign: (B, R) cluster ids; sim_to_own: (B, R) cosine similarity of each point to its centroid.
+    Requires R >= c. One empty cluster per image is filled per pass; at most ``c`` passes.
+    """
+    b_idx = torch.arange(assign.shape[0], device=assign.device)
+    for _ in range(c):
+        counts = torch.zeros(assign.shape[0], c, dtype=torch.long, device=assign.device)
+        counts.scatter_add_(1, assign, torch.ones_like(assign))
+        empty = counts == 0
+        needs = empty.any(dim=1)
+        if not bool(needs.any()):
+            break
+        target = empty.long().argmax(dim=1)  # first empty cluster per image
+        movable = counts.gather(1, assign) > 1  # never empty another cluster
+        score = sim_to_own.masked_fill(~movable, float("inf"))
+        donor = score.argmin(dim=1)
+        new_ids = torch.where(needs, target, assign[b_idx, donor])
+        assign = assign.clone()
+        assign[b_idx, donor] = new_ids
+        sim_to_own = sim_to_own.clone()
+        sim_to_own[b_idx, donor] = torch.where(needs, torch.ones_like(sim_to_own[:, 0]), sim_to_own[b_idx, donor])
+    return assign
+
+
+def cosine_kmeans(x: torch.Tensor, c: int, iters: int = 10) -> torch.Tensor:
+    """Cluster points by cosine similarity.
+
+    Args:
+        x: (B, R, D) points; R >= c.
+        c: number of clusters (>= 1).
+        iters: maximum Lloyd iterations; stops early once no assignment changes.
+
+    Returns:
+        (B, R) long cluster ids in [0, c), every id used at least once in every row.
+    """
+    bsz, r, _ = x.shape
+    if c < 1 or r < c:
+        raise ValueError(f"cosine_kmeans needs 1 <= clusters <= points, got {c} clusters for {r} points.")
+    xn = F.normalize(x.float(), dim=-1)
+    if c == 1:
+        return torch.zeros(bsz, r, dtype=torch.long, device=x.device)
+    init = ((torch.arange(c, device=x.device) * 2 + 1) * r) // (2 * c)  # evenly spaced, distinct
+    centroids = xn[:, init]
+    assign = None
+    for _ in range(iters):
+        sim = xn @ centroids.transpose(1, 2)  # (B, R, c)
+        best, new_assign = sim.max(dim=-1)
+        new_assign = _fill_empty_clusters(new_assign, best, c)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign.unsqueeze(-1).expand_as(xn), xn)
+        centroids = F.normalize(sums, dim=-1)
+    return assign

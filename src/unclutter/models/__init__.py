@@ -1,0 +1,1 @@
+"""Model construction helpers (tiny random LLaVA models built from configs, for tests and benchmarks)."""

@@ -1,0 +1,110 @@
+"""Tiny random LLaVA-1.5-shaped models and processors built from configs (no download).
+
+They have the real architecture (CLIP ViT with CLS, 2-layer GELU projector, LLaMA decoder,
+`vision_feature_layer=-2`, "default" feature selection), only small, so tests and CPU benchmarks
+exercise the same code paths as `llava-hf/llava-1.5-7b-hf`.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+WORDS = (
+    "user assistant what is the color of shape in image a an red green blue yellow circle square triangle star "
+    "how many are there left right top bottom yes no answer question please describe one two three four"
+).split()
+
+
+def tiny_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA's special tokens (``<image>`` included)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS + (extra_words or []))) + [":", "?", ".", ","])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_llava(
+    *,
+    image_size: int = 64,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 6,
+    text_hidden: int = 64,
+    text_layers: int = 3,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> LlavaForConditionalGeneration:
+    """A random LLaVA-1.5-shaped model; ``(image_size // patch_size) ** 2`` patches per image."""
+    tok = tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=heads,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size or len(tok),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.to(dtype).eval()
+
+
+def tiny_processor(image_size: int = 64, patch_size: int = 8) -> LlavaProcessor:
+    """A LLaVA processor matching `tiny_llava` (CLIP normalisation, resize + center crop)."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )

@@ -1,0 +1,150 @@
+"""Visual-modality token compression (VMTC), the pure tensor part (paper Eq. 5-8).
+
+Inside a ViT block, between self-attention and MLP: rank patch tokens by the CLS token's
+head-averaged attention (importance, IPS), keep CLS + the top-k patches, cluster the remaining
+("redundant") tokens with cosine K-means and merge each cluster into one token, weighted by IPS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .kmeans import cosine_kmeans
+
+
+@dataclass
+class VMTCInfo:
+    """What one compression step did, per image. Indices refer to the step's input patches 0..N-1.
+
+    kept_index: (B, k) ascending indices of kept patches.
+    merged_index: (B, N-k) ascending indices of the redundant patches.
+    cluster: (B, N-k) cluster id of each redundant patch (0..c-1; -1 when merge="drop").
+    importance: (B, N) the IPS used for ranking and merging.
+    """
+
+    kept_index: torch.Tensor
+    merged_index: torch.Tensor
+    cluster: torch.Tensor
+    importance: torch.Tensor
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.cluster.max().item()) + 1 if self.cluster.numel() else 0
+
+
+def cls_importance(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-averaged softmax attention of the CLS query (position 0) to every patch key.
+
+    query, key: (B, H, 1+N, Dh) or (B, H, 1, Dh) for the query. Returns (B, N) in float32; each
+    row sums to 1 - (CLS self-attention), exactly the patch part of the CLS attention row.
+    """
+    logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scale  # (B, H, 1, 1+N)
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+def compress(
+    x: torch.Tensor,
+    importance: torch.Tensor,
+    keep: int,
+    clusters: int,
+    *,
+    merge: str = "cluster",
+    normalize: bool = True,
+    iters: int = 10,
+) -> tuple[torch.Tensor, VMTCInfo]:
+    """Keep CLS + top-``keep`` patches, merge the rest into ``clusters`` tokens.
+
+    Args:
+        x: (B, 1+N, D) tokens, CLS first.
+        importance: (B, N) IPS of each patch.
+        keep: number of patches kept (k).
+        clusters: number of merged tokens (c); ignored for merge="single" (1) and "drop" (0).
+        merge: "cluster" (K-means then merge), "single" (one merged token), "drop" (no merged token).
+        normalize: importance-weighted mean (True) or Eq. 7's unnormalised weighted sum (False).
+        iters: K-means iterations.
+
+    Returns:
+        tokens: (B, 1+k+c, D) laid out as [CLS, kept patches in patch order, cluster 0..c-1].
+        info: `VMTCInfo`.
+    """
+    if x.dim() != 3 or importance.dim() != 2 or importance.shape != (x.shape[0], x.shape[1] - 1):
+        raise ValueError(
+            f"compress expects x (B, 1+N, D) with CLS first and importance (B, N); got {tuple(x.shape)} "
+            f"and {tuple(importance.shape)}."
+        )
+    n = importance.shape[1]
+    c = {"cluster": clusters, "single": 1, "drop": 0}.get(merge)
+    if c is None:
+        raise ValueError(f"merge must be 'cluster', 'single' or 'drop', got {merge!r}.")
+    if not 0 <= keep <= n:
+        raise ValueError(f"keep must be in [0, {n}] patches, got {keep}.")
+    if c > n - keep or (merge == "cluster" and c < 1):
+        raise ValueError(
+            f"cannot make {c} merged tokens from {n - keep} redundant patches (N={n}, keep={keep}); "
+            "lower the cluster count or keep fewer patches."
+        )
+    if keep + c < 1:
+        raise ValueError("compress would return no patch token; keep at least one patch or one cluster.")
+
+    order = torch.sort(importance, dim=1, descending=True, stable=True).indices  # ties: lower index first
+    kept_index = order[:, :keep].sort(dim=1).values
+    merged_index = order[:, keep:].sort(dim=1).values
+    patches = x[:, 1:]
+    d = x.shape[-1]
+    kept = patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, d))
+    pieces = [x[:, :1], kept]
+
+    if c == 0:
+        cluster = torch.full_like(merged_index, -1)
+    else:
+        redundant = patches.gather(1, merged_index.unsqueeze(-1).expand(-1, -1, d))
+        cluster = cosine_kmeans(redundant, c, iters) if merge == "cluster" else torch.zeros_like(merged_index)
+        weight = importance.gather(1, merged_index).float()  # (B, R)
+        one_hot = torch.nn.functional.one_hot(cluster, c).to(weight.dtype)  # (B, R, c)
+        w = one_hot * weight.unsqueeze(-1)
+        merged = w.transpose(1, 2) @ redundant.float()  # (B, c, D): sum_j IPS_j z_j  (Eq. 7)
+        if normalize:
+            mass = w.sum(dim=1).unsqueeze(-1)  # (B, c, 1)
+            count = one_hot.sum(dim=1).unsqueeze(-1)
+            plain_mean = (one_hot.transpose(1, 2) @ redundant.float()) / count
+            # A zero mass (IPS underflow in low precision) falls back to the plain mean.
+            merged = torch.where(mass > 0, merged / mass.clamp_min(torch.finfo(mass.dtype).tiny), plain_mean)
+        pieces.append(merged.to(x.dtype))
+    info = VMTCInfo(kept_index=kept_index, merged_index=merged_index, cluster=cluster, importance=importance)
+    return torch.cat(pieces, dim=1), info
+
+
+def feature_block(num_layers: int, vision_feature_layer: int) -> int:
+    """0-based index of the ViT block whose output is ``hidden_states[vision_feature_layer]``."""
+    h = vision_feature_layer if vision_feature_layer >= 0 else num_layers + 1 + vision_feature_layer
+    if not 1 <= h <= num_layers:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} selects the embeddings or no block of a "
+            f"{num_layers}-block tower; VMTC needs a block output."
+        )
+    return h - 1
+
+
+def stage_layers(last_block: int, num_stages: int) -> list[int]:
+    """``num_stages`` equally spaced block indices in [0, last_block], the last one at ``last_block``."""
+    if num_stages > last_block + 1:
+        raise ValueError(f"num_stages={num_stages} exceeds the {last_block + 1} blocks up to the feature layer.")
+    span = last_block + 1
+    return [int(math.floor((s + 1) * span / num_stages + 0.5)) - 1 for s in range(num_stages)]
+
+
+def stage_token_counts(num_patches: int, budget: int, num_stages: int) -> list[int]:
+    """Patch tokens after each stage: a geometric decay from ``num_patches`` to exactly ``budget``."""
+    counts = [int(round(num_patches * (budget / num_patches) ** ((s + 1) / num_stages))) for s in range(num_stages)]
+    counts[-1] = budget
+    for i in range(num_stages - 2, -1, -1):  # monotone and feasible after rounding
+        counts[i] = min(max(counts[i], counts[i + 1]), num_patches)
+    return counts
+
+
+def default_clusters(tokens_after: int) -> int:
+    """Default K-means cluster count for a stage that outputs ``tokens_after`` patch tokens."""
+    return max(1, tokens_after // 8)

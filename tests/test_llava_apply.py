@@ -1,0 +1,223 @@
+"""`unclutter.apply` on a tiny LLaVA: VMTC and SPD against references, remove(), budgets, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PROMPTS, encode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import unclutter
+from unclutter import CMAIConfig, SPDConfig, VMTCConfig
+from unclutter.models.tiny import tiny_llava
+
+
+def stock_features(model, pixel_values):
+    """(images, patches, vision_hidden) CLIP features LLaVA feeds its projector, CLS dropped."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def reference_vmtc_features(model, pixel_values, handle):
+    """Layer-by-layer CLIP with compression; importance from the weights eager attention returns."""
+    tower = model.model.vision_tower
+    h = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    by_layer = {s.layer: s for s in handle.stages}
+    last = unclutter.vmtc.feature_block(len(tower.encoder.layers), model.config.vision_feature_layer)
+    for i, block in enumerate(tower.encoder.layers[: last + 1]):
+        attn_out, weights = block.self_attn(block.layer_norm1(h))
+        h = h + attn_out
+        if i in by_layer:
+            s = by_layer[i]
+            imp = weights.mean(1)[:, 0, 1:]
+            cfg = handle.vmtc
+            h, _ = unclutter.vmtc.compress(h, imp, s.keep, s.clusters, merge=cfg.merge, normalize=cfg.normalize)
+        h = h + block.mlp(block.layer_norm2(h))
+    return h[:, 1:]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        VMTCConfig(),
+        VMTCConfig(num_tokens=9, num_stages=2),
+        VMTCConfig(num_tokens=16, num_stages=1, merge="drop"),  # Table 4: last-layer pruning
+        VMTCConfig(ratio=0.25, merge="single"),
+        VMTCConfig(num_tokens=20, layers=(1, 3), stage_tokens=(40, 20), clusters=(5, 4), normalize=False),
+    ],
+)
+def test_vmtc_features_equal_layerwise_reference(processor, images, cfg):
+    model = tiny_llava(attn_implementation="eager")  # eager returns the weights the reference needs
+    batch = encode(processor, images)
+    with unclutter.apply(model, processor, vmtc=cfg) as h, torch.no_grad():
+        batch = encode(processor, images)
+        got = model(**batch).image_hidden_states
+        ref = model.model.multi_modal_projector(reference_vmtc_features(model, batch["pixel_values"], h))
+        budget = cfg.num_tokens or round(cfg.ratio * 64)
+        assert h.num_image_tokens == budget
+        assert got.shape == (2 * budget, model.config.text_config.hidden_size)  # images concatenated
+        assert [i.kept_index.shape[1] + max(i.num_clusters, 0) for i in h.stage_infos] == [
+            s.tokens_out for s in h.stages
+        ]
+        assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 2 * budget
+    torch.testing.assert_close(got.view(2, budget, -1), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_vmtc_importance_is_the_blocks_cls_attention(processor, images):
+    model = tiny_llava(attn_implementation="eager")
+    pixel_values = encode(processor, images)["pixel_values"]
+    with torch.no_grad():
+        attentions = model.model.vision_tower(pixel_values, output_attentions=True).attentions
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(layers=(2, 4))) as h, torch.no_grad():
+        model(**encode(processor, images))
+        torch.testing.assert_close(h.stage_infos[0].importance, attentions[2].mean(1)[:, 0, 1:])
+
+
+def test_vmtc_batch_equals_single(model, processor, images):
+    with unclutter.apply(model, processor, vmtc=VMTCConfig()), torch.no_grad():
+        together = model(**encode(processor, images)).image_hidden_states
+        for i in range(2):
+            alone = model(**encode(processor, images[i : i + 1], PROMPTS[i : i + 1])).image_hidden_states
+            torch.testing.assert_close(together.view(2, 32, -1)[i], alone, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [4, 3, 8])
+def test_spd_equals_average_pooling_of_stock_features(model, processor, images, grid):
+    batch = encode(processor, images)
+    with torch.no_grad():
+        feats = stock_features(model, batch["pixel_values"])
+        pooled = F.adaptive_avg_pool2d(feats.transpose(1, 2).reshape(2, -1, 8, 8), grid).flatten(2).transpose(1, 2)
+        expected = model.model.multi_modal_projector(pooled)
+        with unclutter.apply(model, processor, spd=SPDConfig(grid=grid)) as h:
+            got = model(**encode(processor, images)).image_hidden_states
+    assert h.num_image_tokens == grid * grid
+    torch.testing.assert_close(got.view(2, grid * grid, -1), expected, atol=1e-6, rtol=1e-5)
+
+
+def hook_table(model):
+    return [(name, list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()]
+
+
+def snapshot(model, processor, images):
+    with torch.no_grad():
+        batch = encode(processor, images)
+        return batch["input_ids"], model(**batch).logits
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"vmtc": VMTCConfig(), "cmai": CMAIConfig()},
+        {"spd": SPDConfig(grid=4), "cmai": CMAIConfig(focus="sum")},
+    ],
+)
+def test_remove_restores_model_and_processor_exactly(model, processor, images, kwargs):
+    ids0, logits0 = snapshot(model, processor, images)
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    attn0 = model.config.text_config._attn_implementation
+    hooks0 = hook_table(model)
+    handle = unclutter.apply(model, processor, **kwargs)
+    with torch.no_grad():
+        model.generate(**encode(processor, images), max_new_tokens=3, do_sample=False)
+    handle.remove()
+    ids1, logits1 = snapshot(model, processor, images)
+    assert torch.equal(ids0, ids1) and torch.equal(logits0, logits1)
+    assert model.config.text_config._attn_implementation == attn0
+    assert all(torch.equal(state0[k], v) for k, v in model.state_dict().items())
+    for module in model.modules():
+        assert "forward" not in vars(module) and "_unclutter_cmai" not in vars(module)
+    assert hook_table(model) == hooks0
+    assert "replace_image_token" not in vars(processor)
+    unclutter.apply(model, processor, **kwargs).remove()  # can be applied again after remove
+
+
+def test_nothing_enabled_equals_stock(model, processor, images):
+    _, logits0 = snapshot(model, processor, images)
+    with unclutter.apply(model, processor):
+        _, logits1 = snapshot(model, processor, images)
+    assert torch.equal(logits0, logits1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vmtc_cmai_generate_without_nan(processor, images, dtype):
+    model = tiny_llava(dtype=dtype)
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()), torch.no_grad():
+        batch = encode(processor, images)
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        out = model.generate(
+            **batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    assert all(torch.isfinite(step).all() for step in out.logits)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_wrong_model_class():
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        unclutter.apply(llama, cmai=CMAIConfig())
+
+
+def test_wrong_config_type(model):
+    with pytest.raises(TypeError, match="VMTCConfig"):
+        unclutter.apply(model, vmtc=CMAIConfig())
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: VMTCConfig(num_tokens=0), "num_tokens must be >= 1"),
+        (lambda: VMTCConfig(ratio=0.0), r"ratio must be in \(0, 1\]"),
+        (lambda: CMAIConfig(gamma_max=1.0), r"must be in \[0, 1\)"),
+        (lambda: CMAIConfig(gamma_max=-0.1), r"must be in \[0, 1\)"),
+        (lambda: CMAIConfig(gammas=(0.2, 1.2)), r"must be in \[0, 1\)"),
+        (lambda: VMTCConfig(merge="mean"), "merge must be"),
+    ],
+)
+def test_bad_configs(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_budget_larger_than_patches(model):
+    with pytest.raises(ValueError, match="impossible for 64 patches"):
+        unclutter.apply(model, vmtc=VMTCConfig(num_tokens=65))
+    with pytest.raises(ValueError, match="larger than the 8x8"):
+        unclutter.apply(model, spd=SPDConfig(grid=9))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\]"):
+        unclutter.apply(model, vmtc=VMTCConfig(layers=(2, 5)))
+    with pytest.raises(ValueError, match="clusters"):
+        unclutter.apply(model, vmtc=VMTCConfig(num_tokens=4, num_stages=1, clusters=5))
+    assert "_unclutter_handle" not in vars(model.model)  # a failed apply leaves nothing behind
+
+
+def test_vmtc_with_spd_and_applying_twice(model):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        unclutter.apply(model, vmtc=VMTCConfig(), spd=SPDConfig())
+    with unclutter.apply(model, cmai=CMAIConfig()), pytest.raises(ValueError, match="already applied"):
+        unclutter.apply(model, vmtc=VMTCConfig())
+
+
+def test_stock_placeholders_without_processor(model, processor, images):
+    batch = encode(processor, images)  # stock expansion: 64 per image
+    with unclutter.apply(model, vmtc=VMTCConfig()), pytest.raises(ValueError, match="Pass processor="):
+        model(**batch)
+
+
+def test_missing_image_token(model, processor, images):
+    batch = encode(processor, images)
+    ids = processor.tokenizer(["user : what is the color ? assistant :"] * 2, return_tensors="pt")
+    with unclutter.apply(model, cmai=CMAIConfig()), pytest.raises(ValueError, match="no image token"):
+        model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=batch["pixel_values"])
+
+
+def test_text_only_prompt_runs_under_cmai(model, processor):
+    ids = processor.tokenizer(["user : what is the color ? assistant :"], return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**ids).logits
+        with unclutter.apply(model, cmai=CMAIConfig()):
+            got = model(**ids).logits
+    torch.testing.assert_close(got, stock)

@@ -1,0 +1,152 @@
+"""CMAI on a tiny LLaVA: exact against a naive reference, stock-equivalent at gamma 0, cached = full, batch = single."""
+
+import copy
+
+import pytest
+import torch
+from conftest import PROMPTS, encode
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import unclutter
+from unclutter import CMAIConfig
+
+
+class NaiveReference:
+    """CMAI written straight from Eq. 9-11 with Python loops, as an eager attention function.
+
+    Full forward only (no cache): every layer materialises the full H x L x L attention.
+    """
+
+    def __init__(self, image_token_id, gammas):
+        self.image_token_id, self.gammas = image_token_id, gammas
+        self.input_ids = self.pad = None
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        bsz, heads, length, _ = query.shape
+        rep = heads // key.shape[1]
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal[None] & self.pad[:, None, :].bool()
+        scores = (query.double() @ key.double().transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+        avg = probs.mean(1)
+        gamma = self.gammas.get(module.layer_idx, 0.0)
+        for b in range(bsz):
+            ids = self.input_ids[b].tolist()
+            img = [p for p, t in enumerate(ids) if t == self.image_token_id]
+            if not img or gamma == 0:
+                continue
+            text = [p for p in range(length) if p > img[0] and ids[p] != self.image_token_id and self.pad[b, p]]
+            m, n = len(text), len(img)
+            f = torch.zeros(m, n, dtype=torch.float64)
+            for j in range(m):
+                for k in range(n):
+                    f[j, k] = avg[b, text[j], img[k]] + sum(
+                        avg[b, text[j], text[h]] * avg[b, text[h], img[k]] for h in range(j)
+                    )
+            thr = torch.quantile(f, gamma, dim=-1, keepdim=True)
+            for j in range(m):
+                for k in range(n):
+                    if f[j, k] < thr[j, 0]:
+                        scores[b, :, text[j], img[k]] = float("-inf")
+        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+        out = (probs @ value.double()).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def reference_logits(model, batch, gammas):
+    ref_model = copy.deepcopy(model)
+    ref = NaiveReference(model.config.image_token_id, gammas)
+    AttentionInterface.register("naive_cmai_test", ref)
+    AttentionMaskInterface.register("naive_cmai_test", sdpa_mask)
+    ref_model.model.language_model.set_attn_implementation("naive_cmai_test")
+    ref.input_ids, ref.pad = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        return ref_model(**batch).logits
+
+
+@pytest.mark.parametrize("gamma_max", [0.3, 0.6, 0.9])
+def test_cmai_equals_naive_reference_on_padded_batch(model, processor, images, gamma_max):
+    batch = encode(processor, images)
+    assert (batch["attention_mask"] == 0).any(), "the batch must be left-padded for this test"
+    cfg = CMAIConfig(gamma_max=gamma_max)
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, gamma_max)
+    expected = reference_logits(model, batch, gammas)
+    with unclutter.apply(model, cmai=cfg), torch.no_grad():
+        got = model(**batch).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid].float(), atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        stock = model(**batch).logits
+    assert (stock[valid] - got[valid]).abs().max() > 1e-4, "inhibition must change the output"
+
+
+def test_gamma_zero_equals_stock(model, processor, images):
+    batch = encode(processor, images)
+    with torch.no_grad():
+        stock = model(**batch).logits
+        with unclutter.apply(model, processor, cmai=CMAIConfig(gamma_max=0.0)):
+            got = model(**batch).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], stock[valid], atol=1e-6, rtol=1e-5)
+
+
+def _generate(model, batch, steps=6, **kw):
+    return model.generate(
+        **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("focus", ["paper", "tia", "sum", "discounted"])
+def test_cached_decode_equals_full_forward(model, processor, images, focus):
+    batch = encode(processor, images)
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6, focus=focus)), torch.no_grad():
+        gen = _generate(model, batch)
+        seq = gen.sequences[:, :-1]
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, seq.shape[1] - batch["input_ids"].shape[1])], 1)
+        full = model(input_ids=seq, attention_mask=mask.long(), pixel_values=batch["pixel_values"]).logits
+    steps = len(gen.logits)
+    for t in range(steps):
+        torch.testing.assert_close(gen.logits[t], full[:, seq.shape[1] - steps + t], atol=2e-5, rtol=1e-4)
+
+
+def test_batch_equals_single(model, processor, images):
+    batch = encode(processor, images)
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        together = _generate(model, batch)
+        for i in range(2):
+            alone = _generate(model, encode(processor, images[i : i + 1], PROMPTS[i : i + 1]))
+            assert torch.equal(together.sequences[i, -6:], alone.sequences[0, -6:])
+            for t in range(6):
+                torch.testing.assert_close(together.logits[t][i], alone.logits[t][0], atol=2e-5, rtol=1e-4)
+
+
+def test_cmai_sampled_generation_and_layer_subset(model, processor, images):
+    batch = encode(processor, images)
+    with unclutter.apply(model, cmai=CMAIConfig(layers=(2,), gammas=(0.5,))) as h, torch.no_grad():
+        torch.manual_seed(0)
+        out = model.generate(**batch, max_new_tokens=5, do_sample=True, top_k=5)
+        assert out.shape == (2, batch["input_ids"].shape[1] + 5)
+        assert set(h.cmai_state.rows) == {2}  # only the active layer keeps state
+        n_img = int((batch["input_ids"][0] == model.config.image_token_id).sum())
+        assert h.cmai_state.rows[2].shape[-1] == n_img
+
+
+def test_beam_search_follows_cache_reordering(model, processor, images):
+    """Beam scores under cached CMAI equal the log-probs of a full (uncached) CMAI forward."""
+    batch = encode(processor, images[:1], PROMPTS[:1])
+    steps = 5
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=steps, min_new_tokens=steps, num_beams=3, num_return_sequences=3,
+            do_sample=False, length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        prompt_len = batch["input_ids"].shape[1]
+        for i in range(3):
+            seq = out.sequences[i : i + 1]
+            logits = model(input_ids=seq, pixel_values=batch["pixel_values"]).logits[0, prompt_len - 1 : -1]
+            logp = logits.log_softmax(-1).gather(1, seq[0, prompt_len:, None]).sum()
+            torch.testing.assert_close(out.sequences_scores[i], logp, atol=1e-4, rtol=1e-4)

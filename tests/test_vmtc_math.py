@@ -1,0 +1,130 @@
+"""VMTC's pure functions: compress layout, budgets, merging (Eq. 5-8) and K-means."""
+
+import pytest
+import torch
+
+from unclutter import kmeans, vmtc
+
+
+def make(b=2, n=20, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 1 + n, d, generator=g)
+    imp = torch.rand(b, n, generator=g)
+    return x, imp / imp.sum(-1, keepdim=True)
+
+
+def naive_compress(x, imp, keep, cluster_of, normalize=True):
+    """Eq. 5-8 for one image, given the cluster assignment of each redundant patch."""
+    n = imp.shape[0]
+    ranked = sorted(range(n), key=lambda i: (-imp[i].item(), i))
+    kept = sorted(ranked[:keep])
+    redundant = sorted(ranked[keep:])
+    out = [x[0]] + [x[1 + i] for i in kept]
+    for c in range(max(cluster_of) + 1 if cluster_of else 0):
+        members = [j for j, cj in zip(redundant, cluster_of, strict=True) if cj == c]
+        s = sum(imp[j] * x[1 + j] for j in members)  # Eq. 7
+        out.append(s / sum(imp[j] for j in members) if normalize else s)
+    return torch.stack(out), kept, redundant
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_compress_equals_paper_equations(normalize):
+    x, imp = make()
+    tokens, info = vmtc.compress(x, imp, keep=8, clusters=4, normalize=normalize)
+    assert tokens.shape == (2, 1 + 8 + 4, 8)
+    for b in range(2):
+        ref, kept, redundant = naive_compress(x[b], imp[b], 8, info.cluster[b].tolist(), normalize)
+        assert info.kept_index[b].tolist() == kept
+        assert info.merged_index[b].tolist() == redundant
+        torch.testing.assert_close(tokens[b], ref)
+
+
+def test_compress_keeps_top_k_by_importance():
+    x, imp = make(n=30)
+    _, info = vmtc.compress(x, imp, keep=10, clusters=3)
+    for b in range(2):
+        top = set(torch.topk(imp[b], 10).indices.tolist())
+        assert set(info.kept_index[b].tolist()) == top
+        assert sorted(info.kept_index[b].tolist() + info.merged_index[b].tolist()) == list(range(30))
+
+
+def test_every_cluster_nonempty_and_ids_in_range():
+    x, imp = make(b=4, n=50)
+    _, info = vmtc.compress(x, imp, keep=10, clusters=12)
+    for b in range(4):
+        assert sorted(set(info.cluster[b].tolist())) == list(range(12))
+
+
+def test_merge_variants():
+    x, imp = make()
+    t, info = vmtc.compress(x, imp, keep=5, clusters=99, merge="single")
+    assert t.shape[1] == 1 + 5 + 1 and set(info.cluster.flatten().tolist()) == {0}
+    t, info = vmtc.compress(x, imp, keep=5, clusters=99, merge="drop")
+    assert t.shape[1] == 1 + 5 and set(info.cluster.flatten().tolist()) == {-1}
+    torch.testing.assert_close(t[:, 1:], x[:, 1:].gather(1, info.kept_index[..., None].expand(-1, -1, 8)))
+
+
+def test_compress_rejects_impossible_budgets():
+    x, imp = make(n=10)
+    with pytest.raises(ValueError, match="keep must be in"):
+        vmtc.compress(x, imp, keep=11, clusters=1)
+    with pytest.raises(ValueError, match="redundant patches"):
+        vmtc.compress(x, imp, keep=8, clusters=3)
+    with pytest.raises(ValueError, match="no patch token"):
+        vmtc.compress(x, imp, keep=0, clusters=0, merge="drop")
+    with pytest.raises(ValueError, match="CLS first"):
+        vmtc.compress(x, imp[:, :5], keep=1, clusters=1)
+
+
+def test_zero_importance_falls_back_to_plain_mean():
+    x, _ = make(b=1, n=6)
+    imp = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    tokens, _ = vmtc.compress(x, imp, keep=2, clusters=1)
+    torch.testing.assert_close(tokens[0, -1], x[0, 3:].mean(0))
+    assert torch.isfinite(tokens).all()
+
+
+def test_cls_importance_equals_attention_row():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 11, 4, generator=g), torch.randn(2, 3, 11, 4, generator=g)
+    probs = ((q @ k.transpose(-1, -2)) * 0.5).softmax(-1)
+    torch.testing.assert_close(vmtc.cls_importance(q, k, 0.5), probs.mean(1)[:, 0, 1:])
+
+
+def test_kmeans_deterministic_nonempty_and_batched_equals_single():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 40, 6, generator=g)
+    a = kmeans.cosine_kmeans(x, 7)
+    assert torch.equal(a, kmeans.cosine_kmeans(x, 7))
+    for b in range(3):
+        assert torch.equal(a[b], kmeans.cosine_kmeans(x[b : b + 1], 7)[0])
+        assert set(a[b].tolist()) == set(range(7))
+
+
+def test_kmeans_reseeds_empty_clusters_on_duplicates():
+    x = torch.ones(2, 10, 4)  # every point identical: Lloyd would leave clusters empty
+    x[:, 7:] += torch.randn(2, 3, 4) * 1e-3
+    a = kmeans.cosine_kmeans(x, 5)
+    for b in range(2):
+        assert set(a[b].tolist()) == set(range(5))
+    assert set(kmeans.cosine_kmeans(torch.randn(1, 5, 3), 5)[0].tolist()) == set(range(5))
+
+
+def test_kmeans_separates_obvious_groups():
+    base = torch.eye(3)
+    x = torch.cat([base[i].repeat(5, 1) + 0.01 * torch.randn(5, 3) for i in range(3)])[None]
+    a = kmeans.cosine_kmeans(x, 3)[0]
+    groups = {tuple(a[i * 5 : (i + 1) * 5].tolist()) for i in range(3)}
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 3
+
+
+def test_stage_layers_and_counts():
+    assert vmtc.feature_block(24, -2) == 22 and vmtc.feature_block(24, 24) == 23
+    assert vmtc.stage_layers(22, 1) == [22]
+    layers = vmtc.stage_layers(22, 4)
+    assert layers[-1] == 22 and len(set(layers)) == 4 and layers == sorted(layers)
+    counts = vmtc.stage_token_counts(576, 288, 4)
+    assert counts[-1] == 288 and counts == sorted(counts, reverse=True) and counts[0] < 576
+    assert vmtc.stage_token_counts(576, 36, 4) == [288, 144, 72, 36]
+    with pytest.raises(ValueError, match="exceeds"):
+        vmtc.stage_layers(2, 5)
