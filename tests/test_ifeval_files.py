@@ -1,0 +1,211 @@
+"""Scoring files (reproducing IFEval's published GPT-4 result), the 16-task suite builder, the report, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from unclutter import ifeval
+from unclutter.cli import app
+from unclutter.ifeval import report, scoring, suite
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "ifeval"
+INPUTS = SHARED / "input_data_gpt4_20231107_145030.jsonl"
+RESPONSES = SHARED / "input_response_data_gpt4_20231107_145030.jsonl"
+runner = CliRunner()
+
+# Published per-id counts (GPT-4, strict | loose), from shared/ifeval/README.md.
+PUBLISHED = {
+    "change_case:capital_word_frequency": (17, 19, 25), "change_case:english_capital": (19, 19, 25),
+    "change_case:english_lowercase": (36, 37, 39), "combination:repeat_prompt": (26, 26, 41),
+    "combination:two_responses": (22, 24, 24), "detectable_content:number_placeholders": (25, 25, 27),
+    "detectable_content:postscript": (26, 26, 26), "detectable_format:constrained_response": (8, 8, 10),
+    "detectable_format:json_format": (17, 17, 17), "detectable_format:multiple_sections": (13, 13, 14),
+    "detectable_format:number_bullet_lists": (27, 27, 31), "detectable_format:number_highlighted_sections": (45, 45, 48),
+    "detectable_format:title": (37, 37, 37), "keywords:existence": (38, 38, 39), "keywords:forbidden_words": (42, 44, 49),
+    "keywords:frequency": (38, 39, 42), "keywords:letter_frequency": (21, 21, 33), "language:response_language": (30, 30, 31),
+    "length_constraints:nth_paragraph_first_word": (9, 11, 12), "length_constraints:number_paragraphs": (23, 23, 27),
+    "length_constraints:number_sentences": (35, 35, 52), "length_constraints:number_words": (37, 39, 52),
+    "punctuation:no_comma": (44, 48, 66), "startend:end_checker": (22, 22, 26), "startend:quotation": (41, 41, 41),
+}  # fmt: skip
+RANDOM_LETTER_KEYS = {1122, 1129}
+
+
+@pytest.fixture(scope="module")
+def gpt4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt4")
+    return out, scoring.score_files(INPUTS, RESPONSES, out)
+
+
+def test_reproduces_published_gpt4_row(gpt4):
+    _, s = gpt4
+    assert (s["num_prompts"], s["num_instructions"]) == (541, 834)
+    assert 415 <= s["prompt_level_strict_count"] <= 417
+    assert 696 <= s["instruction_level_strict_count"] <= 698
+    assert 429 <= s["prompt_level_loose_count"] <= 431
+    assert 712 <= s["instruction_level_loose_count"] <= 714
+
+
+def test_per_instruction_counts_equal_published(gpt4):
+    out, s = gpt4
+    strict = [json.loads(line) for line in (out / "eval_results_strict.jsonl").open()]
+    loose = [json.loads(line) for line in (out / "eval_results_loose.jsonl").open()]
+    # the two random-letter prompts aside: recount without them, compare with the table minus their verdicts
+    skip = [i for i, r in enumerate(strict) if r["key"] in RANDOM_LETTER_KEYS]
+    assert len(skip) == 2
+    for iid, (ps, pl, total) in PUBLISHED.items():
+        got = s["per_instruction"][iid]
+        assert got["total"] == total, iid
+        if iid == "keywords:letter_frequency":  # the published seed-0 run passes both random-letter prompts
+            ours = [
+                (st, lo)
+                for i, (rs, rl) in enumerate(zip(strict, loose, strict=True))
+                if i not in skip
+                for n, st, lo in zip(
+                    rs["instruction_id_list"], rs["follow_instruction_list"], rl["follow_instruction_list"], strict=True
+                )
+                if n == iid
+            ]
+            assert (sum(a for a, _ in ours), sum(b for _, b in ours)) == (ps - 2, pl - 2)
+        else:
+            assert (got["strict"], got["loose"]) == (ps, pl), iid
+    assert set(s["per_category"]) == {i.split(":")[0] for i in PUBLISHED}
+
+
+def test_missing_responses_error_lists_keys_and_writes_nothing(tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(
+        "".join(
+            json.dumps({"key": k, "prompt": f"p{k}", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
+            + "\n"
+            for k in (1, 2, 3)
+        )
+    )
+    responses = tmp_path / "resp.jsonl"
+    responses.write_text(
+        json.dumps({"prompt": "p1", "response": "ok"}) + "\n" + json.dumps({"key": 3, "response": "a, b"}) + "\n"
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["ifeval", "score", "--input", str(inputs), "--responses", str(responses), "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "no response for input key(s): 2" in result.output
+    assert not out.exists()
+    responses.write_text(responses.read_text() + json.dumps({"key": 2, "response": "fine"}) + "\n")
+    result = runner.invoke(
+        app, ["ifeval", "score", "--input", str(inputs), "--responses", str(responses), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt_level_strict_count"] == 2 and summary["prompt_level_strict"] == pytest.approx(2 / 3)
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": [], "kwargs": []}) + "\n{not json\n")
+    with pytest.raises(scoring.DataError, match=r"in.jsonl:2: not valid JSON"):
+        scoring.read_inputs(bad)
+    bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["x:y"], "kwargs": [{}]}) + "\n")
+    with pytest.raises(scoring.DataError, match=r"in.jsonl:1: unknown instruction id"):
+        scoring.read_inputs(bad)
+    bad.write_text(json.dumps({"key": 1, "instruction_id_list": [], "kwargs": []}) + "\n")
+    with pytest.raises(scoring.DataError, match=r"in.jsonl:1: missing field 'prompt'"):
+        scoring.read_inputs(bad)
+
+
+@pytest.fixture
+def llava_questions(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(7):
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(images / f"{i}.png")
+        text = f"<image>\nWhat color is object {i}?\nAnswer the question using a single word or phrase."
+        lines.append(json.dumps({"question_id": f"q{i}", "image": f"{i}.png", "text": text}))
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, images
+
+
+def test_build_suite_deterministic_valid_and_complete(llava_questions, tmp_path):
+    path, images = llava_questions
+    a = suite.build_suite_file(path, tmp_path / "a.jsonl", images=images, per_task=10, seed=3)
+    b = suite.build_suite_file(path, tmp_path / "b.jsonl", images=images, per_task=10, seed=3)
+    c = suite.build_suite_file(path, tmp_path / "c.jsonl", images=images, per_task=10, seed=4)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert a == b and a != c
+    assert len(a) == 16 * 10 and [r["task"] for r in a[::10]] == list(suite.TASKS)
+    for r in a:
+        (iid,), (kw,) = r["instruction_id_list"], r["kwargs"]
+        assert iid == suite.TASKS[r["task"]][0]
+        assert r["prompt"].endswith(ifeval.describe(iid, kw))
+        assert "single word" not in r["prompt"] and "<image>" not in r["prompt"]
+        assert isinstance(ifeval.follows(iid, kw, "a plain answer."), bool)
+    # 7 questions, 10 per task: every question used before any repeats
+    t1 = [r["question_id"] for r in a if r["task"] == "T1"]
+    assert len(set(t1[:7])) == 7
+    # the file is valid scorer input
+    assert len(scoring.read_inputs(tmp_path / "a.jsonl")) == 160
+
+
+def test_build_suite_task_subset_and_errors(llava_questions, tmp_path):
+    path, images = llava_questions
+    recs = suite.build_suite_file(path, tmp_path / "s.jsonl", per_task=3, tasks=["T9", "T16"])
+    assert [r["task"] for r in recs] == ["T9"] * 3 + ["T16"] * 3
+    with pytest.raises(ValueError, match="unknown task"):
+        suite.build_suite_file(path, tmp_path / "s.jsonl", tasks=["T17"])
+    (images / "3.png").unlink()
+    with pytest.raises(scoring.DataError, match="image '3.png' not found"):
+        suite.build_suite_file(path, tmp_path / "s.jsonl", images=images)
+
+
+def test_build_suite_from_hf_dataset_dir(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"question_id": ["a", "b"], "question": ["Is it red?", "How many?"], "image": [Image.new("RGB", (4, 4))] * 2}
+    ).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    recs = suite.build_suite_file(str(tmp_path / "hf"), tmp_path / "out" / "suite.jsonl", per_task=2, tasks=["T1"])
+    assert {r["question_id"] for r in recs} == {"a", "b"}
+    assert (tmp_path / "out" / "images" / "a.png").is_file()
+
+
+def _fake_run(tmp_path, name, passes):
+    """Score a 16 x 4 suite whose first ``passes[task]`` records per task get an answer that follows."""
+    recs = suite.build_suite([{"question_id": 1, "image": "x.png", "question": "What?"}], per_task=4)
+    responses = [_passing_answer(r) if r["key"] % 4 < passes.get(r["task"], 0) else "" for r in recs]
+    inputs, resp, out = tmp_path / f"{name}.in", tmp_path / f"{name}.resp", tmp_path / name
+    scoring.write_jsonl_atomic(inputs, recs)
+    scoring.write_jsonl_atomic(resp, [{"key": r["key"], "response": x} for r, x in zip(recs, responses, strict=True)])
+    scoring.score_files(inputs, resp, out)
+    return out
+
+
+def _passing_answer(rec):
+    task = rec["task"]
+    answers = {
+        "T1": "red", "T2": "the answer is red and it is round", "T3": "THE ANSWER IS RED AND IT IS ROUND",
+        "T6": "<<Red>> red", "T9": '{"answer": "red"}', "T14": "red ****** crimson",
+    }  # fmt: skip
+    return answers[task]
+
+
+def test_report_renders_table1_layout(tmp_path):
+    a = _fake_run(tmp_path, "stock", {"T1": 4, "T2": 2})
+    b = _fake_run(tmp_path, "vmtc+cmai", {"T1": 4, "T2": 4, "T9": 3})
+    result = runner.invoke(app, ["ifeval", "report", str(a), str(b), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    tab = json.loads((tmp_path / "rep" / "if_table.json").read_text())
+    assert tab["tasks"] == list(suite.TASKS)
+    stock, ours = tab["rows"]
+    assert (stock["name"], stock["T1"], stock["T2"], stock["T9"]) == ("stock", 100.0, 50.0, 0.0)
+    assert (ours["T2"], ours["T9"]) == (100.0, 75.0)
+    assert ours["AVG"] == pytest.approx((100 + 100 + 75) / 16)
+    md = (tmp_path / "rep" / "if_table.md").read_text()
+    assert md.splitlines()[0].startswith("| Method | T1 | T2 |") and "| vmtc+cmai | 100.0 | 100.0 |" in md
+    assert (tmp_path / "rep" / "if_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no summary.json"):
+        report.load_run(tmp_path / "nowhere")
