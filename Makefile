@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the optional lmms-eval plugin is tested too; its torchvision pin has no CPU wheel, hence --no-deps
+	$(BIN)/python -m pip install -q --no-deps "lmms-eval==0.7.3" loguru pytz
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -203,8 +203,11 @@ def test_vmtc_with_spd_and_applying_twice(model):
 
 def test_stock_placeholders_without_processor(model, processor, images):
     batch = encode(processor, images)  # stock expansion: 64 per image
-    with unclutter.apply(model, vmtc=VMTCConfig()), pytest.raises(ValueError, match="Pass processor="):
-        model(**batch)
+    with unclutter.apply(model, vmtc=VMTCConfig()):
+        with pytest.raises(ValueError, match="Pass processor="):
+            model(**batch)
+        with pytest.raises(ValueError, match="Pass processor="):
+            model.generate(**batch, max_new_tokens=2)
 
 
 def test_missing_image_token(model, processor, images):

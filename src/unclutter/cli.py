@@ -12,6 +12,10 @@ from rich.table import Table
 app = typer.Typer(help="unclutter: VMTC + CMAI for vision-language models.", no_args_is_help=True)
 ifeval_app = typer.Typer(help="IFEval-exact instruction checking and the 16-task image suite.", no_args_is_help=True)
 app.add_typer(ifeval_app, name="ifeval")
+bench_app = typer.Typer(help="Speed and memory benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+data_app = typer.Typer(help="Benchmark data: converters and generated worlds.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 
 
@@ -99,6 +103,138 @@ def ifeval_report(
         fail(str(exc))
     console.print(to_markdown(tab))
     console.print(f"wrote {out}/if_table.md, if_table.json, if_table.png")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="hub id or local dir (safetensors), or 'unclutter-shapes'")],
+    method: Annotated[str, typer.Option(help="stock, spd, vmtc, cmai, vmtc+cmai, describe-then-answer")],
+    bench: Annotated[str, typer.Option(help="vqav2, textvqa, gqa, mme, mmbench, if16")],
+    data: Annotated[Path, typer.Option(help="benchmark JSONL in unclutter's format")],
+    images: Annotated[Path, typer.Option(help="image folder")],
+    out: Annotated[Path, typer.Option(help="run directory (rerun the same command to resume)")],
+    batch_size: Annotated[int, typer.Option()] = 8,
+    limit: Annotated[int | None, typer.Option(help="first N records only")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. vmtc.num_tokens=64")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option()] = None,
+    dtype: Annotated[str, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, auto")] = "auto",
+) -> None:
+    """Evaluate a method on a benchmark; predictions are saved as they come and a rerun resumes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .evaluation.runner import metrics_markdown, run_eval
+    from .ifeval.scoring import DataError
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(f"{method} on {bench}", total=None, rate="")
+        start = {}
+
+        def progress(done: int, total: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            first = start.setdefault("t", (now, done))
+            rate = (done - first[1]) / (now - first[0]) if now > first[0] else 0.0
+            bar.update(task, completed=done, total=total, rate=f"{rate:.2f} samples/s")
+
+        try:
+            metrics = run_eval(
+                model_name=model, method=method, bench=bench, data=data, images=images, out=out,
+                batch_size=batch_size, limit=limit, overrides=set_ or [], max_new_tokens=max_new_tokens,
+                dtype=dtype, device=device, progress=progress,
+            )  # fmt: skip
+        except (DataError, ValueError) as exc:
+            fail(str(exc))
+    console.print(metrics_markdown(out.name, metrics))
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="run directories of `unclutter eval`")],
+    out: Annotated[Path, typer.Option(help="where to write comparison.{md,json,png}")] = Path("report"),
+) -> None:
+    """Compare runs side by side (Table 1 / Table 2 style): markdown, JSON and charts."""
+    from .evaluation.report import compare_markdown, write_comparison
+
+    try:
+        tab = write_comparison(runs, out)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(compare_markdown(tab))
+    console.print(f"wrote {out}/comparison.md")
+
+
+@data_app.command("convert")
+def data_convert(
+    bench: Annotated[str, typer.Option(help="vqav2, textvqa, gqa, mme, mmbench")],
+    out: Annotated[Path, typer.Option(help="JSONL to write")],
+    llava_questions: Annotated[
+        Path | None, typer.Option(help="LLaVA eval question JSONL (vqav2, textvqa, gqa)")
+    ] = None,
+    annotations: Annotated[Path | None, typer.Option(help="official answers file for --llava-questions")] = None,
+    mme_root: Annotated[Path | None, typer.Option(help="MME release folder")] = None,
+    mmbench_tsv: Annotated[Path | None, typer.Option(help="MMBench TSV with base64 images")] = None,
+    hf: Annotated[str | None, typer.Option(help="lmms-lab dataset id or save_to_disk dir")] = None,
+    split: Annotated[str | None, typer.Option()] = None,
+    images_out: Annotated[Path | None, typer.Option(help="where decoded images go (TSV / HF)")] = None,
+) -> None:
+    """Convert LLaVA eval files, MME/MMBench releases or lmms-lab datasets to unclutter's format."""
+    from .evaluation import data as D
+    from .ifeval.scoring import DataError
+
+    try:
+        if llava_questions and annotations:
+            n = D.convert_llava(bench, llava_questions, annotations, out)
+        elif mme_root:
+            n = D.convert_mme(mme_root, out)
+        elif mmbench_tsv:
+            n = D.convert_mmbench_tsv(mmbench_tsv, out, images_out or out.parent / "images")
+        elif hf:
+            n = D.convert_hf(bench, hf, out, images_out or out.parent / "images", split=split)
+        else:
+            fail("give --llava-questions with --annotations, --mme-root, --mmbench-tsv or --hf.")
+    except (DataError, ValueError, KeyError) as exc:
+        fail(str(exc))
+    console.print(f"wrote {n} records to {out}")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    out: Annotated[Path, typer.Option(help="results JSON (a .md table and a .png chart are written beside it)")],
+    preset: Annotated[str, typer.Option(help="cpu or llava-1.5-7b")] = "cpu",
+    batch: Annotated[int, typer.Option()] = 1,
+    reps: Annotated[int, typer.Option(help="measured repetitions (after one warm-up round)")] = 2,
+    warmup: Annotated[int, typer.Option()] = 1,
+    new_tokens: Annotated[int, typer.Option()] = 64,
+    text_tokens: Annotated[int, typer.Option()] = 40,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    cpu_layers: Annotated[int, typer.Option(help="LLM layers of the cpu preset")] = 4,
+    methods: Annotated[str, typer.Option(help="comma-separated")] = "stock,spd,vmtc,cmai,vmtc+cmai",
+) -> None:
+    """Speed and memory of every method against stock on a random-init real-shape model."""
+    import torch
+
+    from .bench.speed import run_speed, to_markdown, write_results
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def progress(rep, method, row):
+        console.print(
+            f"rep {rep} {method:>10}: TTFT {row.ttft_ms:8.0f} ms  decode {row.decode_ms_per_token:7.1f} ms/token"
+        )
+
+    result = run_speed(
+        preset, methods=tuple(methods.split(",")), batch=batch, reps=reps, warmup=warmup,
+        text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
+    )  # fmt: skip
+    paths = write_results(result, out)
+    console.print(to_markdown(result))
+    console.print("wrote " + ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

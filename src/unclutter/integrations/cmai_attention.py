@@ -81,6 +81,13 @@ class CMAIState:
         used = int(self.text_count.max().item()) if self.text_count.numel() else 0
         return len(self.rows) * self.batch * used * self.image_pos.shape[1] * 4
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes CMAI holds in memory (stored rows with their spare capacity, plus bookkeeping)."""
+        tensors = [*self.rows.values(), self.text_pos, self.text_count]
+        tensors += [t for t in (self.image_pos, self.first_image) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values) -> None:
         """Record which new tokens are image keys and which are text queries (called before each forward)."""
         bsz, q_len = input_ids.shape

@@ -215,17 +215,24 @@ def _llava_model(model: nn.Module) -> LlavaModel:
     return model.model if isinstance(model, LlavaForConditionalGeneration) else model
 
 
-def _check_prompt(handle: Handle, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, token_id: int):
-    if pixel_values is None:
+def _num_images(kwargs: dict) -> int:
+    """Images in this forward call: from pixel_values, or from the image features generate() pre-encodes."""
+    if kwargs.get("pixel_values") is not None:
+        return kwargs["pixel_values"].shape[0]
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    return len(encoded.pooler_output) if encoded is not None else 0
+
+
+def _check_prompt(handle: Handle, input_ids: torch.Tensor | None, images: int, token_id: int):
+    if images == 0:
         return
     if input_ids is None:
         raise ValueError("unclutter needs input_ids (not inputs_embeds) to find the image placeholders.")
     found = int((input_ids == token_id).sum().item())
-    images = pixel_values.shape[0]
     want = images * handle.num_image_tokens
     if found == 0:
         raise ValueError(
-            "pixel_values were given but the prompt has no image token: put the processor's image token "
+            "an image was given but the prompt has no image token: put the processor's image token "
             "(e.g. '<image>') in the text where the image belongs."
         )
     if found == want:
@@ -361,7 +368,7 @@ def _install(handle: Handle, llava: LlavaModel, geo: _Geometry) -> None:
 
     def pre_forward(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        _check_prompt(handle, input_ids, kwargs.get("pixel_values"), token_id)
+        _check_prompt(handle, input_ids, _num_images(kwargs), token_id)
         if handle.cmai_state is not None:
             if input_ids is None:
                 raise ValueError("CMAI needs input_ids (not inputs_embeds) to locate the image tokens.")

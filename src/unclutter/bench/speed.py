@@ -1,0 +1,338 @@
+"""Speed and memory of every method against stock transformers, on random-init real-shape models.
+
+One image + ~40 text tokens, ``new_tokens`` greedy tokens with the length forced. Methods are
+interleaved over repetitions (one warm-up round first) and reported as medians, with ratios to
+stock taken in the same run. Phases are timed with forward hooks inside a normal ``generate()``:
+time to first token runs from the start of the vision tower (or of the first forward call) to the
+end of the first forward call; every later forward call is one decode step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import apply
+from ..methods import resolve
+from ..models.presets import IMAGE_TOKEN_ID, build_preset
+
+METHODS = ("stock", "spd", "vmtc", "cmai", "vmtc+cmai")
+FIELDS = (
+    "method", "batch", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms",
+    "peak_mem_bytes", "kv_cache_bytes", "extra_state_bytes", "llm_image_tokens",
+)  # fmt: skip
+
+
+@dataclass
+class Row:
+    method: str
+    batch: int
+    vision_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    decode_ms_per_token: float
+    e2e_ms: float
+    peak_mem_bytes: int
+    kv_cache_bytes: int
+    extra_state_bytes: int
+    llm_image_tokens: int
+
+
+class _Clock:
+    """Wall-clock marks from forward hooks; synchronises CUDA so marks are real."""
+
+    def __init__(self, model: torch.nn.Module, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.calls: list[tuple[float, float]] = []
+        self.vision: list[tuple[float, float]] = []
+        llava = model.model
+        self._handles = [
+            model.register_forward_pre_hook(lambda *a: self._mark("call_start")),
+            model.register_forward_hook(lambda *a: self._mark("call_end")),
+            llava.vision_tower.register_forward_pre_hook(lambda *a: self._mark("vision_start")),
+            llava.multi_modal_projector.register_forward_hook(lambda *a: self._mark("vision_end")),
+        ]
+        self._open: dict[str, float] = {}
+
+    def _mark(self, what: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        kind, edge = what.split("_")
+        if edge == "start":
+            self._open[kind] = now
+        elif kind == "call":
+            self.calls.append((self._open.pop("call"), now))
+        else:
+            self.vision.append((self._open.pop("vision"), now))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class _PeakRSS:
+    """Peak resident set size while a block runs, sampled every millisecond from /proc."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with contextlib.suppress(OSError):  # give freed heap pages back so each method's peak RSS is its own
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def make_inputs(num_image_tokens: int, batch: int, text_tokens: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """LLaVA-style ids: BOS + 4 prefix tokens, the image placeholders, then the rest of the text."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 31000, (text_tokens,), generator=g)
+    ids = torch.cat([torch.tensor([1]), text[:4], torch.full((num_image_tokens,), IMAGE_TOKEN_ID), text[4:]])
+    ids = ids[None].repeat(batch, 1)
+    pixels = torch.randn(1, 3, 336, 336, generator=g).repeat(batch, 1, 1, 1)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": pixels.to(device, dtype),
+    }
+
+
+def run_once(model, method: str, *, batch: int, text_tokens: int, new_tokens: int, device: str) -> Row:
+    handle = apply(model, **resolve(method))
+    dtype = next(model.parameters()).dtype
+    inputs = make_inputs(handle.num_image_tokens, batch, text_tokens, device, dtype)
+    _release_memory(device)
+    clock = _Clock(model, device)
+    try:
+        with _PeakRSS() as rss, torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(
+                **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
+            )  # fmt: skip
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            e2e = time.perf_counter() - start
+        kv = cache_bytes(out.past_key_values)
+        extra = handle.cmai_state.allocated_bytes if handle.cmai_state is not None else 0
+        tokens = handle.num_image_tokens
+    finally:
+        clock.remove()
+        handle.remove()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss.peak
+    # generate() may encode the image before the first forward call: TTFT spans both.
+    (v0, v1), (c0, c1), decode = clock.vision[0], clock.calls[0], clock.calls[1:]
+    ttft, vision = c1 - min(v0, c0), v1 - v0
+    step = statistics.median(b - a for a, b in decode) if decode else 0.0
+    return Row(
+        method,
+        batch,
+        1e3 * vision,
+        1e3 * (ttft - vision),
+        1e3 * ttft,
+        1e3 * step,
+        1e3 * e2e,
+        int(peak),
+        kv,
+        extra,
+        tokens,
+    )
+
+
+def run_speed(
+    preset: str = "cpu",
+    *,
+    methods: tuple[str, ...] = METHODS,
+    batch: int = 1,
+    reps: int = 2,
+    warmup: int = 1,
+    text_tokens: int = 40,
+    new_tokens: int = 64,
+    device: str = "cpu",
+    cpu_layers: int = 4,
+    progress=None,
+) -> dict:
+    """Run the benchmark; returns {"meta", "rows", "ratios"} (rows are per-method medians)."""
+    model = build_preset(preset, device=device, cpu_layers=cpu_layers)
+    samples: dict[str, list[Row]] = {m: [] for m in methods}
+    for rep in range(warmup + reps):
+        for m in methods:  # interleaved: drift hits every method alike
+            row = run_once(model, m, batch=batch, text_tokens=text_tokens, new_tokens=new_tokens, device=device)
+            if rep >= warmup:
+                samples[m].append(row)
+            if progress:
+                progress(rep, m, row)
+    rows = [_median(samples[m]) for m in methods]
+    stock = next((r for r in rows if r.method == "stock"), None)
+    ratios = {}
+    if stock:
+        for r in rows:
+            ratios[r.method] = {
+                k: (getattr(r, k) / getattr(stock, k) if getattr(stock, k) else None)
+                for k in FIELDS[2:-1]
+                if k != "extra_state_bytes"
+            }
+            ratios[r.method]["extra_state_over_kv"] = (
+                r.extra_state_bytes / r.kv_cache_bytes if r.kv_cache_bytes else None
+            )
+    meta = {
+        "preset": preset, "device": device, "batch": batch, "reps": reps, "warmup": warmup,
+        "text_tokens": text_tokens, "new_tokens": new_tokens,
+        "llm_layers": model.config.text_config.num_hidden_layers, "dtype": str(next(model.parameters()).dtype),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": _machine(device),
+    }  # fmt: skip
+    return {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": ratios}
+
+
+def _median(rows: list[Row]) -> Row:
+    values = {}
+    for f in FIELDS:
+        xs = [getattr(r, f) for r in rows]
+        values[f] = xs[0] if isinstance(xs[0], str) else type(xs[0])(statistics.median(xs))
+    return Row(**values)
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+TARGETS = [  # (label, method, ratio key, bound) for preset cpu, batch 1
+    ("VMTC vision tower (K-means included)", "vmtc", "vision_ms", 1.0),
+    ("VMTC+CMAI time to first token", "vmtc+cmai", "ttft_ms", 0.65),
+    ("VMTC+CMAI decode ms per token", "vmtc+cmai", "decode_ms_per_token", 1.05),
+    ("CMAI prefill", "cmai", "prefill_ms", 1.25),
+    ("CMAI decode ms per token", "cmai", "decode_ms_per_token", 1.10),
+    ("VMTC KV cache", "vmtc", "kv_cache_bytes", 0.60),
+    ("CMAI extra state / KV cache", "cmai", "extra_state_over_kv", 0.05),
+]
+
+
+def to_markdown(result: dict) -> str:
+    m = result["meta"]
+    head = (
+        f"preset `{m['preset']}` ({m['llm_layers']} LLM layers, {m['dtype']}) on {m['machine']}; batch {m['batch']}, "
+        f"{m['text_tokens']} text tokens, {m['new_tokens']} new tokens, median of {m['reps']} interleaved reps "
+        f"after {m['warmup']} warm-up, torch {m['torch']}.\n\n"
+    )
+    lines = [
+        "| method | image tokens | vision ms | prefill ms | TTFT ms | decode ms/token | e2e ms | peak mem MiB | KV cache MiB | CMAI state KiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = result["ratios"]
+    for r in result["rows"]:
+        q = ratios.get(r["method"], {})
+
+        def cell(key, value, fmt="{:.0f}", q=q, stock=r["method"] == "stock"):
+            ratio = q.get(key)
+            return fmt.format(value) + (f" ({ratio:.2f}x)" if ratio is not None and not stock else "")
+
+        lines.append(
+            f"| {r['method']} | {r['llm_image_tokens']} | {cell('vision_ms', r['vision_ms'])} | "
+            f"{cell('prefill_ms', r['prefill_ms'])} | {cell('ttft_ms', r['ttft_ms'])} | "
+            f"{cell('decode_ms_per_token', r['decode_ms_per_token'], '{:.1f}')} | {cell('e2e_ms', r['e2e_ms'])} | "
+            f"{cell('peak_mem_bytes', r['peak_mem_bytes'] / 2**20)} | {cell('kv_cache_bytes', r['kv_cache_bytes'] / 2**20, '{:.1f}')} | "
+            f"{r['extra_state_bytes'] / 1024:.0f} |"
+        )
+    out = head + "\n".join(lines) + "\n"
+    if m["batch"] == 1 and ratios:
+        out += "\n| target | measured | bound | holds |\n|---|---|---|---|\n"
+        for label, method, key, bound in TARGETS:
+            value = ratios.get(method, {}).get(key)
+            if value is not None:
+                out += f"| {label} | {value:.3f}{'x' if 'over' not in key else ''} | <= {bound} | {'yes' if value <= bound else 'NO'} |\n"
+    return out
+
+
+def chart(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("vision_ms", "vision"),
+        ("prefill_ms", "prefill"),
+        ("decode_ms_per_token", "decode/token"),
+        ("kv_cache_bytes", "KV cache"),
+    ]
+    methods = [r["method"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ax.bar(
+            [j + i * width for j in range(len(keys))], [result["ratios"][m][k] or 0 for k, _ in keys], width, label=m
+        )
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(keys))], [lbl for _, lbl in keys])
+    ax.set_ylabel("ratio to stock (lower is better)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"unclutter speed, preset {result['meta']['preset']}, batch {result['meta']['batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(result: dict, out: str | Path) -> tuple[Path, Path, Path]:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    md, png = out.with_suffix(".md"), out.with_suffix(".png")
+    md.write_text(to_markdown(result))
+    chart(result, png)
+    return out, md, png

@@ -1,0 +1,1 @@
+"""Evaluation harness: benchmark formats and converters, batched resumable runs, metrics, comparisons."""

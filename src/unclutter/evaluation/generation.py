@@ -1,0 +1,102 @@
+"""Loading LLaVA models and generating answers in batches (shared by the runner and the lmms-eval plugin)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA device is available; use --device cpu.")
+    return device
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """(model, processor) from a hub id or a local directory, safetensors weights only.
+
+    ``name`` may also be ``"unclutter-shapes"``, the small model shipped with the package.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if name == "unclutter-shapes":
+        from ..shapes.model import shipped_model_dir
+
+        name = str(shipped_model_dir())
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
+    device = resolve_device(device)
+    path = Path(name)
+    if path.exists() and not any(path.glob("*.safetensors")):
+        raise ValueError(f"{name} holds no .safetensors weights; unclutter never loads pickled checkpoints.")
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype == "auto" and device == "cpu":
+        torch_dtype = torch.float32  # half precision matmuls are slow or missing on many CPUs
+    model = LlavaForConditionalGeneration.from_pretrained(
+        name, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    ).to(device)
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "left"  # batched generation needs left padding
+    return model.eval(), processor
+
+
+def build_prompt(processor, question: str, with_image: bool = True) -> str:
+    """The processor's chat template when it has one, else the LLaVA-1.5 (Vicuna v1) conversation."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if template:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    image = f"{processor.image_token}\n" if with_image else ""
+    return f"{LLAVA_SYSTEM} USER: {image}{question} ASSISTANT:"
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    processor,
+    prompts: list[str],
+    images: list[Image.Image] | None,
+    *,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> list[str]:
+    """Answers for a batch of chat-formatted prompts (with one image each, or none)."""
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    tok = processor.tokenizer
+    kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    if do_sample:
+        kwargs["temperature"] = temperature
+    out = model.generate(**inputs, **kwargs)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def open_image(path: Path) -> Image.Image:
+    """An RGB image, or an error that names the file (corrupt and missing files alike)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises many types for broken files
+        raise ValueError(f"cannot read image {path}: {exc}") from None

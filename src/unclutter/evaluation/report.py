@@ -1,0 +1,93 @@
+"""`unclutter report`: compare evaluation runs side by side (Table 1 / Table 2 style)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..ifeval.report import bar_chart, table, to_markdown
+from ..ifeval.scoring import write_json_atomic
+
+COLUMNS = {  # (column title, bench, metric key)
+    "IF": ("if16", "if_avg_strict"),
+    "VQAv2": ("vqav2", "accuracy"),
+    "GQA": ("gqa", "accuracy"),
+    "TextVQA": ("textvqa", "accuracy"),
+    "MME": ("mme", "perception"),
+    "MMB": ("mmbench", "circular_accuracy"),
+}
+
+
+def load_metrics(run: str | Path) -> dict[str, Any]:
+    path = Path(run) / "metrics.json" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ValueError(f"{run}: no metrics.json (finish the run with `unclutter eval` first).")
+    m = json.loads(path.read_text(encoding="utf-8"))
+    m.setdefault("name", path.parent.name)
+    return m
+
+
+def compare(runs: list[str | Path]) -> dict[str, Any]:
+    """Rows keyed by method (each run contributes its benchmark's headline number)."""
+    rows: dict[str, dict[str, float]] = defaultdict(dict)
+    for run in runs:
+        m = load_metrics(run)
+        label = m.get("method") or m["name"]
+        for title, (bench, key) in COLUMNS.items():
+            if m["bench"] == bench and key in m:
+                rows[label][title] = m[key]
+    cols = [c for c in COLUMNS if any(c in r for r in rows.values())]
+    return {"columns": cols, "rows": [{"method": k, **v} for k, v in rows.items()]}
+
+
+def compare_markdown(tab: dict[str, Any]) -> str:
+    lines = ["| Method | " + " | ".join(tab["columns"]) + " |", "|---" * (len(tab["columns"]) + 1) + "|"]
+    for r in tab["rows"]:
+        lines.append(
+            f"| {r['method']} | " + " | ".join(f"{r[c]:.1f}" if c in r else "-" for c in tab["columns"]) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare_chart(tab: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = tab["columns"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3 * len(cols), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], cols, strict=True):
+        names = [r["method"] for r in tab["rows"] if col in r]
+        ax.bar(names, [r[col] for r in tab["rows"] if col in r], color="tab:blue")
+        ax.set_title(col)
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_comparison(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
+    """``comparison.{md,json,png}`` (headline metric per benchmark, one row per method) and, when
+    if16 runs are among them, Table 1's per-task layout (``if_table.{md,json,png}``)."""
+    if not runs:
+        raise ValueError("give at least one run directory.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tab = compare(runs)
+    (out / "comparison.md").write_text(compare_markdown(tab), encoding="utf-8")
+    write_json_atomic(out / "comparison.json", tab)
+    compare_chart(tab, out / "comparison.png")
+    if_runs = []
+    for run in runs:
+        m = load_metrics(run)
+        if m["bench"] == "if16" and "per_task" in m.get("if16", {}):
+            if_runs.append((m.get("method") or m["name"], m["if16"]))
+    if if_runs:
+        itab = table(if_runs)
+        (out / "if_table.md").write_text(to_markdown(itab), encoding="utf-8")
+        write_json_atomic(out / "if_table.json", itab)
+        bar_chart(itab, out / "if_table.png")
+    return tab

@@ -1,0 +1,266 @@
+"""`unclutter eval`: any method on any benchmark file, batched, resumable, with metrics at the end.
+
+A run directory holds ``config.json`` (the resolved settings; a rerun must match them),
+``predictions.jsonl`` (one line per record, appended, flushed and fsynced after every batch, so a
+killed run loses at most the batch in flight; a torn last line is cut off on resume),
+``metrics.json`` and ``metrics.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import apply
+from ..ifeval import follows
+from ..ifeval.scoring import summarize, write_json_atomic
+from ..methods import resolve, to_dict
+from ..metrics import circular_accuracy, gqa_match, mmbench_choice, mme_scores, vqa_accuracy
+from .data import load_records
+from .generation import build_prompt, generate, open_image
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+OPTION_ANSWER = "Answer with the option's letter from the given choices directly."
+DESCRIBE = "Describe the image in detail."
+DEFAULT_MAX_NEW_TOKENS = {"if16": 512}
+
+
+def question_text(bench: str, rec: dict) -> str:
+    """The question as LLaVA-1.5's evaluation asks it (with its answer-format suffix)."""
+    if bench == "if16":
+        return rec["prompt"]
+    if bench == "mmbench":
+        options = "\n".join(f"{k}. {v}" for k, v in rec["options"].items())
+        hint = f"{rec['hint']}\n" if rec.get("hint") else ""
+        return f"{hint}{rec['question']}\n{options}\n{OPTION_ANSWER}"
+    return f"{rec['question']}\n{SHORT_ANSWER}"
+
+
+def score_record(bench: str, rec: dict, prediction: str | None) -> dict[str, Any]:
+    """Per-record scores (an error row scores zero)."""
+    p = prediction or ""
+    if bench in ("vqav2", "textvqa"):
+        return {"accuracy": vqa_accuracy(p, rec["answers"])}
+    if bench == "gqa":
+        return {"accuracy": float(gqa_match(p, rec["answer"]))}
+    if bench == "mmbench":
+        choice = mmbench_choice(p, rec["options"])
+        return {"choice": choice, "correct": choice == rec["answer"]}
+    if bench == "if16":
+        verdicts = [
+            follows(i, kw, p, prompt=rec["prompt"], loose=loose)
+            for loose in (False, True)
+            for i, kw in zip(rec["instruction_id_list"], rec["kwargs"], strict=True)
+        ]
+        n = len(rec["instruction_id_list"])
+        return {"strict": verdicts[:n], "loose": verdicts[n:]}
+    return {}
+
+
+def compute_metrics(bench: str, records: list[dict], rows: dict[str, dict]) -> dict[str, Any]:
+    """Benchmark metrics over all records; error rows count as wrong and are counted."""
+    errors = sum(1 for r in rows.values() if r.get("error"))
+    m: dict[str, Any] = {"bench": bench, "num_records": len(records), "num_errors": errors}
+    preds = [(rec, rows[rec["id"]]) for rec in records]
+    if bench in ("vqav2", "textvqa", "gqa"):
+        scores = [score_record(bench, rec, row.get("prediction"))["accuracy"] for rec, row in preds]
+        m["accuracy"] = 100.0 * sum(scores) / len(scores)
+    elif bench == "mme":
+        m.update(mme_scores({**rec, "prediction": row.get("prediction") or ""} for rec, row in preds))
+    elif bench == "mmbench":
+        results = [(rec["group"], score_record(bench, rec, row.get("prediction"))["correct"]) for rec, row in preds]
+        m["circular_accuracy"] = 100.0 * circular_accuracy(results)
+        first = [ok for (rec, _), (_, ok) in zip(preds, results, strict=True) if rec["id"].endswith("@0")]
+        m["vanilla_accuracy"] = 100.0 * sum(first) / len(first)
+    elif bench == "if16":
+        strict, loose = [], []
+        for rec, row in preds:
+            s = score_record(bench, rec, row.get("prediction"))
+            base = (
+                {"instruction_id_list": rec["instruction_id_list"], "task": rec["task"]}
+                if "task" in rec
+                else {"instruction_id_list": rec["instruction_id_list"]}
+            )
+            strict.append({**base, "follow_instruction_list": s["strict"], "follow_all_instructions": all(s["strict"])})
+            loose.append({**base, "follow_instruction_list": s["loose"], "follow_all_instructions": all(s["loose"])})
+        m["if16"] = summarize(strict, loose)
+        per_task = m["if16"].get("per_task", {})
+        if per_task:
+            m["if_avg_strict"] = 100.0 * sum(v["strict_rate"] for v in per_task.values()) / len(per_task)
+            m["if_avg_loose"] = 100.0 * sum(v["loose_rate"] for v in per_task.values()) / len(per_task)
+    return m
+
+
+HEADLINE = {
+    "vqav2": ("accuracy",), "textvqa": ("accuracy",), "gqa": ("accuracy",),
+    "mme": ("perception", "cognition"), "mmbench": ("circular_accuracy", "vanilla_accuracy"),
+    "if16": ("if_avg_strict", "if_avg_loose"),
+}  # fmt: skip
+
+
+def metrics_markdown(name: str, m: dict) -> str:
+    keys = HEADLINE[m["bench"]]
+    lines = [f"# {name}: {m['bench']}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {m[k]:.2f} |" for k in keys if k in m]
+    lines += [f"| records | {m['num_records']} |", f"| errors | {m['num_errors']} |"]
+    if m["bench"] == "mme":
+        lines += ["", "| category | acc | acc+ | score |", "|---|---|---|---|"]
+        lines += [
+            f"| {c} | {v['acc']:.1f} | {v['acc_plus']:.1f} | {v['score']:.1f} |" for c, v in m["categories"].items()
+        ]
+    if m["bench"] == "if16" and "per_task" in m["if16"]:
+        lines += ["", "| task | strict | loose |", "|---|---|---|"]
+        lines += [
+            f"| {t} | {100 * v['strict_rate']:.1f} | {100 * v['loose_rate']:.1f} |"
+            for t, v in m["if16"]["per_task"].items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class PredictionLog:
+    """Append-only ``predictions.jsonl``: one fsynced write per batch, torn tails repaired on open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        good = data.rfind(b"\n") + 1  # a killed write leaves at most one partial line at the end
+        if good < len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(good)
+        for line in data[:good].decode("utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                self.rows[row["id"]] = row
+
+    def append(self, rows: list[dict]) -> None:
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in rows:
+            self.rows[r["id"]] = r
+
+
+def run_eval(
+    *,
+    model_name: str,
+    method: str,
+    bench: str,
+    data: str | Path,
+    images: str | Path,
+    out: str | Path,
+    batch_size: int = 8,
+    limit: int | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    max_new_tokens: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    model_and_processor=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``method`` on a benchmark file; resumes an interrupted run in ``out``. Returns metrics."""
+    configs = resolve(method, overrides)
+    records = load_records(bench, data, images)[: limit or None]
+    if bench == "mmbench" and limit:  # keep whole rotation groups
+        groups = {r["group"] for r in records}
+        records = [r for r in load_records(bench, data, images) if r["group"] in groups]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": model_name, "method": method, "overrides": list(overrides), "configs": to_dict(configs),
+        "bench": bench, "data": str(Path(data).resolve()), "images": str(Path(images).resolve()), "limit": limit,
+        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(bench, 128), "do_sample": False,
+    }  # fmt: skip
+    _check_or_write_config(out / "config.json", config)
+    log = PredictionLog(out / "predictions.jsonl")
+    todo = [r for r in records if r["id"] not in log.rows]
+
+    if todo:
+        if model_and_processor is None:
+            from .generation import load_model
+
+            model_and_processor = load_model(model_name, dtype=dtype, device=device)
+        model, processor = model_and_processor
+        patch = {k: v for k, v in configs.items() if v is not None}
+        with apply(model, processor, **patch):
+            done = len(records) - len(todo)
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                log.append(_run_batch(bench, method, batch, Path(images), model, processor, config["max_new_tokens"]))
+                done += len(batch)
+                if progress:
+                    progress(done, len(records))
+    metrics = compute_metrics(bench, records, log.rows)
+    metrics["name"] = out.name
+    metrics["method"] = method
+    write_json_atomic(out / "metrics.json", metrics)
+    (out / "metrics.md").write_text(metrics_markdown(out.name, metrics), encoding="utf-8")
+    return metrics
+
+
+def _check_or_write_config(path: Path, config: dict) -> None:
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if diff:
+            raise ValueError(f"{path.parent} holds a run with different settings ({', '.join(diff)}); use a new --out.")
+    else:
+        write_json_atomic(path, config)
+
+
+def _run_batch(bench, method, batch, images_dir, model, processor, max_new_tokens) -> list[dict]:
+    """Predictions for one batch; unreadable images become error rows."""
+    rows, good, pictures = [], [], []
+    for rec in batch:
+        try:
+            pictures.append(open_image(images_dir / str(rec["image"])))
+            good.append(rec)
+        except ValueError as exc:
+            rows.append(
+                {
+                    "id": rec["id"],
+                    "question_id": rec.get("question_id", rec.get("key")),
+                    "prediction": None,
+                    "error": str(exc),
+                }
+            )
+    if good:
+        questions = [question_text(bench, r) for r in good]
+        if method == "describe-then-answer":  # the paper's "upper limit": answer from a description alone
+            described = generate(
+                model,
+                processor,
+                [build_prompt(processor, DESCRIBE) for _ in good],
+                pictures,
+                max_new_tokens=max_new_tokens,
+            )
+            prompts = [
+                build_prompt(processor, f"Image description: {d}\n\n{q}", with_image=False)
+                for d, q in zip(described, questions, strict=True)
+            ]
+            answers = generate(model, processor, prompts, None, max_new_tokens=max_new_tokens)
+        else:
+            described = [None] * len(good)
+            answers = generate(
+                model,
+                processor,
+                [build_prompt(processor, q) for q in questions],
+                pictures,
+                max_new_tokens=max_new_tokens,
+            )
+        for rec, answer, desc in zip(good, answers, described, strict=True):
+            row = {"id": rec["id"], "question_id": rec.get("question_id", rec.get("key")), "prediction": answer}
+            if desc is not None:
+                row["description"] = desc
+            rows.append(row)
+    order = {r["id"]: i for i, r in enumerate(batch)}
+    return sorted(rows, key=lambda r: order[r["id"]])

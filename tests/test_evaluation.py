@@ -1,0 +1,268 @@
+"""The evaluation harness end to end on a tiny saved model and generated data for every benchmark format."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import random_image
+from typer.testing import CliRunner
+
+from unclutter.cli import app
+from unclutter.evaluation import data as D
+from unclutter.evaluation.runner import PredictionLog, run_eval
+from unclutter.ifeval.scoring import DataError
+from unclutter.models.tiny import tiny_llava, tiny_processor
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_model")
+    tiny_llava().save_pretrained(d)
+    tiny_processor().save_pretrained(d)
+    return d
+
+
+def write_bench(tmp_path, bench, n=4):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    recs = []
+    for i in range(n):
+        random_image(i).save(images / f"{i}.png")
+        base = {"question_id": f"q{i}", "image": f"{i}.png", "question": "what is the color ?"}
+        if bench in ("vqav2", "textvqa"):
+            recs.append({**base, "answers": ["red"] * 10})
+        elif bench == "gqa":
+            recs.append({**base, "answer": "red"})
+        elif bench == "mme":
+            recs.append(
+                {**base, "question_id": f"img{i // 2}", "answer": "Yes" if i % 2 else "No", "category": "color"}
+            )
+        elif bench == "mmbench":
+            recs.append({**base, "options": {"A": "red", "B": "blue"}, "answer": "A", "category": "color"})
+        elif bench == "if16":
+            recs.append({
+                "key": i, "image": f"{i}.png", "prompt": "what is the color ? In your entire response, refrain from the use of any commas.",
+                "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "task": "T1",
+            })  # fmt: skip
+    path = tmp_path / f"{bench}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path, images
+
+
+@pytest.mark.parametrize(
+    "bench, method, key",
+    [
+        ("vqav2", "stock", "accuracy"),
+        ("textvqa", "vmtc", "accuracy"),
+        ("gqa", "cmai", "accuracy"),
+        ("mme", "vmtc+cmai", "perception"),
+        ("mmbench", "spd", "circular_accuracy"),
+        ("if16", "describe-then-answer", "if_avg_strict"),
+    ],
+)
+def test_every_bench_format_runs(model_dir, tmp_path, bench, method, key):
+    data, images = write_bench(tmp_path, bench)
+    out = tmp_path / "run"
+    overrides = ["spd.grid=4"] if method == "spd" else []
+    m = run_eval(model_name=str(model_dir), method=method, bench=bench, data=data, images=images, out=out,
+                 batch_size=3, max_new_tokens=4, device="cpu", overrides=overrides)  # fmt: skip
+    assert key in m and m["num_errors"] == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
+    expected = 8 if bench == "mmbench" else 4  # mmbench: 2 rotations per question
+    assert len(rows) == expected == m["num_records"] and len({r["id"] for r in rows}) == expected
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and config["bench"] == bench
+    if method == "spd":
+        assert config["configs"]["spd"]["grid"] == 4
+    if method == "describe-then-answer":
+        assert all("description" in r for r in rows)
+    assert (out / "metrics.md").read_text().startswith(f"# run: {bench}")
+
+
+def test_corrupt_image_becomes_error_row(model_dir, tmp_path):
+    data, images = write_bench(tmp_path, "gqa")
+    (images / "2.png").write_bytes(b"not a png")
+    m = run_eval(model_name=str(model_dir), method="stock", bench="gqa", data=data, images=images, out=tmp_path / "r",
+                 batch_size=2, max_new_tokens=2, device="cpu")  # fmt: skip
+    assert m["num_errors"] == 1 and m["num_records"] == 4
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "r" / "predictions.jsonl").open())}
+    assert rows["q2"]["prediction"] is None and "cannot read image" in rows["q2"]["error"]
+
+
+def test_bad_data_fails_before_the_run(tmp_path, model_dir):
+    data, images = write_bench(tmp_path, "vqav2")
+    (images / "1.png").unlink()
+    with pytest.raises(DataError, match=r"vqav2.jsonl:2: image '1.png' not found"):
+        D.load_records("vqav2", data, images)
+    data.write_text(json.dumps({"question_id": 1, "image": "0.png", "question": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"lacks \['answers'\]"):
+        D.load_records("vqav2", data, images)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        D.load_records("coco", data, images)
+    result = runner.invoke(app, ["eval", "--model", str(model_dir), "--method", "nope", "--bench", "gqa",
+                                 "--data", str(data), "--images", str(images), "--out", str(tmp_path / "x")])  # fmt: skip
+    assert result.exit_code == 2
+
+
+def test_rerun_with_other_settings_is_refused(model_dir, tmp_path):
+    data, images = write_bench(tmp_path, "gqa", n=2)
+    kw = dict(
+        model_name=str(model_dir),
+        bench="gqa",
+        data=data,
+        images=images,
+        out=tmp_path / "r",
+        max_new_tokens=2,
+        device="cpu",
+    )
+    run_eval(method="stock", **kw)
+    with pytest.raises(ValueError, match="different settings"):
+        run_eval(method="vmtc", **kw)
+
+
+def test_killed_run_resumes_without_duplicates(model_dir, tmp_path):
+    data, images = write_bench(tmp_path, "gqa", n=40)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "unclutter.cli", "eval", "--model", str(model_dir), "--method", "vmtc+cmai",
+           "--bench", "gqa", "--data", str(data), "--images", str(images), "--out", str(out),
+           "--batch-size", "2", "--max-new-tokens", "3", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "predictions.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(log.read_text().splitlines())
+    assert 4 <= done_before < 40, "the run must be killed mid-way"
+    with log.open("a") as f:  # a write torn by the kill
+        f.write('{"id": "q39", "predic')
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ids = [json.loads(line)["id"] for line in log.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(40))  # every id exactly once
+    assert json.loads((out / "metrics.json").read_text())["num_records"] == 40
+
+
+def test_prediction_log_repairs_torn_tail(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "a", "prediction": "x"}\n{"id": "b", "pre')
+    log = PredictionLog(p)
+    assert set(log.rows) == {"a"} and p.read_text() == '{"id": "a", "prediction": "x"}\n'
+    log.append([{"id": "b", "prediction": "y"}])
+    assert set(PredictionLog(p).rows) == {"a", "b"}
+
+
+def test_report_compares_runs(model_dir, tmp_path):
+    runs = []
+    for bench, method in (("gqa", "stock"), ("gqa", "vmtc"), ("if16", "stock"), ("if16", "vmtc")):
+        data, images = (
+            write_bench(tmp_path / f"{bench}-{method}", bench, n=2)
+            if (tmp_path / f"{bench}-{method}").mkdir() is None
+            else None
+        )
+        out = tmp_path / "runs" / f"{bench}-{method}"
+        run_eval(
+            model_name=str(model_dir),
+            method=method,
+            bench=bench,
+            data=data,
+            images=images,
+            out=out,
+            max_new_tokens=2,
+            device="cpu",
+        )
+        runs.append(str(out))
+    result = runner.invoke(app, ["report", *runs, "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    tab = json.loads((tmp_path / "rep" / "comparison.json").read_text())
+    assert tab["columns"] == ["IF", "GQA"] and [r["method"] for r in tab["rows"]] == ["stock", "vmtc"]
+    assert (tmp_path / "rep" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    itab = json.loads((tmp_path / "rep" / "if_table.json").read_text())
+    assert itab["tasks"] == ["T1"] and len(itab["rows"]) == 2
+
+
+def test_converters(tmp_path):
+    import base64
+    import io
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(
+        json.dumps(
+            {
+                "question_id": 7,
+                "image": "a.jpg",
+                "text": "Is it red?\nAnswer the question using a single word or phrase.",
+            }
+        )
+        + "\n"
+    )
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"annotations": [{"question_id": 7, "answers": [{"answer": "yes"}] * 10}]}))
+    assert D.convert_llava("vqav2", q, ann, tmp_path / "v.jsonl") == 1
+    rec = json.loads((tmp_path / "v.jsonl").read_text())
+    assert rec == {"question_id": 7, "image": "a.jpg", "question": "Is it red?", "answers": ["yes"] * 10}
+    ann.write_text(json.dumps({"7": {"answer": "no"}}))
+    D.convert_llava("gqa", q, ann, tmp_path / "g.jsonl")
+    assert json.loads((tmp_path / "g.jsonl").read_text())["answer"] == "no"
+
+    mme = tmp_path / "MME" / "color"
+    mme.mkdir(parents=True)
+    random_image(0).save(mme / "0001.png")
+    (mme / "0001.txt").write_text(
+        "Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n"
+    )
+    assert D.convert_mme(tmp_path / "MME", tmp_path / "mme.jsonl") == 2
+    recs = D.load_records("mme", tmp_path / "mme.jsonl", tmp_path / "MME")
+    assert [r["id"] for r in recs] == ["color/0001.png#0", "color/0001.png#1"]
+
+    buf = io.BytesIO()
+    random_image(1).save(buf, format="PNG")
+    tsv = tmp_path / "mmb.tsv"
+    tsv.write_text("index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
+                   f"5\tWhat color?\tnan\tred\tblue\t\t\tB\tcolor\t{base64.b64encode(buf.getvalue()).decode()}\n")  # fmt: skip
+    assert D.convert_mmbench_tsv(tsv, tmp_path / "mmb.jsonl", tmp_path / "mmb_images") == 1
+    recs = D.load_records("mmbench", tmp_path / "mmb.jsonl", tmp_path / "mmb_images")
+    assert [(r["id"], r["answer"]) for r in recs] == [("5@0", "B"), ("5@1", "A")]
+
+
+def test_convert_hf_dataset(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({
+        "question_id": [1, 2], "question": ["q1", "q2"], "answers": [["a"] * 10, ["b"] * 10],
+        "image": [random_image(0), random_image(1)],
+    }).cast_column("image", datasets.Image())  # fmt: skip
+    ds.save_to_disk(str(tmp_path / "hf"))
+    assert D.convert_hf("textvqa", str(tmp_path / "hf"), tmp_path / "t.jsonl", tmp_path / "imgs") == 2
+    recs = D.load_records("textvqa", tmp_path / "t.jsonl", tmp_path / "imgs")
+    assert recs[1]["answers"] == ["b"] * 10
+
+
+def test_lmms_eval_plugin_resolves_and_generates(model_dir):
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    cls = get_model("unclutter")
+    assert cls.__name__ == "UnclutterLlava"
+    lm = cls.create_from_arg_string(
+        f"pretrained={model_dir},method=vmtc+cmai,set=vmtc.num_tokens=16,device=cpu,batch_size=2"
+    )
+    assert lm.handle.num_image_tokens == 16
+    docs = [{"image": random_image(i)} for i in range(3)]
+    lm.task_dict = {"toy": {"test": docs}}
+    reqs = [
+        Instance("generate_until", ("<image>\nwhat is the color ?", {"max_new_tokens": 3, "until": ["</s>"]}, lambda d: [d["image"]], i, "toy", "test"),
+                 idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
+        for i in range(3)
+    ]  # fmt: skip
+    outs = lm.generate_until(reqs)
+    assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+    with pytest.raises(NotImplementedError):
+        lm.loglikelihood(reqs)
