@@ -113,6 +113,22 @@ def test_cached_decode_equals_full_forward(model, processor, images, focus):
         torch.testing.assert_close(gen.logits[t], full[:, seq.shape[1] - steps + t], atol=2e-5, rtol=1e-4)
 
 
+def test_manual_decoding_loop_equals_generate(model, processor, images):
+    """A prefill that lets the model create its cache, then hand-written decode steps."""
+    batch = encode(processor, images)
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        gen = _generate(model, batch, steps=4)
+        out = model(**batch, use_cache=True)
+        cache, mask, logits = out.past_key_values, batch["attention_mask"], [out.logits[:, -1]]
+        for _ in range(3):
+            ids = logits[-1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    for t in range(4):
+        torch.testing.assert_close(logits[t], gen.logits[t], atol=2e-5, rtol=1e-4)
+
+
 def test_batch_equals_single(model, processor, images):
     batch = encode(processor, images)
     with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():

@@ -152,6 +152,12 @@ class CMAIState:
             self.text_count = self.text_count + added
         self.length = past + q_len
 
+    def adopt(self, cache) -> None:
+        """Take the cache a prefill created internally (called after each forward with its output cache)."""
+        if cache is not None and self._cache_ref is None and self.length and cache.get_seq_length() == self.length:
+            self._cache_ref = weakref.ref(cache)
+            self._follow_reorders(cache)
+
     def _follow_reorders(self, cache) -> None:
         """Beam search reorders the cache's batch rows in place; reorder CMAI's rows with it."""
         original = cache.reorder_cache

@@ -375,3 +375,9 @@ def _install(handle: Handle, llava: LlavaModel, geo: _Geometry) -> None:
             handle.cmai_state.begin(input_ids, kwargs.get("attention_mask"), kwargs.get("past_key_values"))
 
     handle._hooks.append(llava.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    if handle.cmai_state is not None:  # a prefill without past_key_values creates its cache inside
+
+        def post_forward(module, args, output):
+            handle.cmai_state.adopt(getattr(output, "past_key_values", None))
+
+        handle._hooks.append(llava.register_forward_hook(post_forward))
