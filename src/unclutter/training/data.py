@@ -1,0 +1,169 @@
+"""LLaVA-format training data: validation, the two prompt formats, label masking, pad-to-square.
+
+Records (LLaVA's JSON): ``{"id", "image" (optional: text-only samples have none), "conversations":
+[{"from": "human"|"gpt", "value": ...}, ...]}``; the first human turn of an image sample holds
+``<image>``. Stage 1 ("plain"): the image tokens then the caption (the first gpt turn), loss on the
+caption. Stage 2 (Vicuna v1): ``SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: ...``, loss on the
+assistant turns (and their ``</s>``) only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..evaluation.generation import LLAVA_SYSTEM
+from ..ifeval.scoring import DataError
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def load_llava_json(path: str | Path, images: str | Path | None) -> list[dict]:
+    """Read and validate every record before training; errors name the record."""
+    path = Path(path)
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read LLaVA JSON ({exc}).") from None
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path}: expected a non-empty JSON list of records.")
+    for i, rec in enumerate(records):
+        where = f"{path}: record {i} (id {rec.get('id', '?') if isinstance(rec, dict) else '?'})"
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or len(rec["conversations"]) < 2:
+            raise DataError(f"{where}: needs 'conversations', a list of at least one human and one gpt turn.")
+        for j, turn in enumerate(rec["conversations"]):
+            if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
+                raise DataError(f"{where}: turn {j} must be {{'from': 'human'|'gpt', 'value': str}}.")
+            if turn["from"] != ("human" if j % 2 == 0 else "gpt"):
+                raise DataError(f"{where}: turns must alternate human, gpt, ... (turn {j} is {turn['from']}).")
+        n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in rec["conversations"])
+        if rec.get("image"):
+            if n_placeholders != 1 or IMAGE_PLACEHOLDER not in rec["conversations"][0]["value"]:
+                raise DataError(f"{where}: an image sample needs exactly one '<image>', in the first human turn.")
+            if images is not None and not (Path(images) / rec["image"]).is_file():
+                raise DataError(f"{where}: image {rec['image']!r} not found under {images}.")
+        elif n_placeholders:
+            raise DataError(f"{where}: has '<image>' but no 'image' field.")
+    return records
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's preprocessing: paste the image centred on a square of the processor's mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def _segments(rec: dict, fmt: str, image_text: str, eos: str) -> list[tuple[str, bool]]:
+    """(text, is_target) pieces of one record in ``fmt`` ("plain" or "v1")."""
+    turns = rec["conversations"]
+    if fmt == "plain":
+        caption = turns[1]["value"]
+        return [(image_text if rec.get("image") else "", False), (caption + "\n", True)]
+    pieces: list[tuple[str, bool]] = [(LLAVA_SYSTEM + " ", False)]
+    for j in range(0, len(turns) - 1, 2):
+        question = turns[j]["value"].replace(IMAGE_PLACEHOLDER + "\n", image_text).replace(IMAGE_PLACEHOLDER, image_text)
+        pieces.append((f"USER: {question} ASSISTANT: ", False))
+        pieces.append((turns[j + 1]["value"] + eos, True))
+    return pieces
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    image: str | None
+
+
+def encode_record(rec: dict, tokenizer, fmt: str, image_tokens: int, max_length: int) -> Encoded:
+    """Token ids with labels masked to the target pieces; the image placeholder expanded to ``image_tokens``.
+
+    Pieces are tokenized separately so a label boundary never splits a token. Sequences longer than
+    ``max_length`` are cut at the end (never inside the image tokens: such a record is an error).
+    """
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    image_text = IMAGE_PLACEHOLDER * image_tokens + "\n" if rec.get("image") else ""
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels = [IGNORE_INDEX] * len(ids)
+    for text, target in _segments(rec, fmt, image_text, tokenizer.eos_token or ""):
+        if not text:
+            continue
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if target else [IGNORE_INDEX] * len(piece)
+    if len(ids) > max_length:
+        if sum(1 for t in ids[:max_length] if t == image_token) != sum(1 for t in ids if t == image_token):
+            raise DataError(f"record {rec.get('id')}: max_length {max_length} would cut its image tokens; raise --max-length.")
+        ids, labels = ids[:max_length], labels[:max_length]
+    return Encoded(ids, labels, rec.get("image"))
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Tokenized records; images are loaded, padded to square and processed lazily per item."""
+
+    def __init__(self, records, tokenizer, image_processor, images_dir, *, fmt, image_tokens, max_length):
+        self.items = [encode_record(r, tokenizer, fmt, image_tokens, max_length) for r in records]
+        self.image_processor = image_processor
+        self.images_dir = Path(images_dir) if images_dir is not None else None
+        mean = getattr(image_processor, "image_mean", [0.5, 0.5, 0.5])
+        self.fill = tuple(int(round(255 * m)) for m in mean)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def lengths(self) -> list[int]:
+        """Signed lengths: positive for image samples, negative for text-only (LLaVA's modality lengths)."""
+        return [len(it.input_ids) if it.image else -len(it.input_ids) for it in self.items]
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        out = {"input_ids": torch.tensor(it.input_ids), "labels": torch.tensor(it.labels)}
+        if it.image:
+            with Image.open(self.images_dir / it.image) as im:
+                image = pad_to_square(im.convert("RGB"), self.fill)
+            out["pixel_values"] = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return out
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-padded batch; ``pixel_values`` only for the samples that have an image, in order."""
+    longest = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = b["input_ids"], b["labels"], 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)
+    return out
+
+
+def modality_length_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """LLaVA's modality-length grouping: batches hold one modality and similar lengths, batch order random."""
+    rng = random.Random(seed)
+    batches = []
+    for sign in (1, -1):
+        idx = [i for i, n in enumerate(lengths) if (n > 0) == (sign > 0)]
+        rng.shuffle(idx)
+        mega = batch_size * 50
+        for s in range(0, len(idx), mega):
+            chunk = sorted(idx[s : s + mega], key=lambda i: -abs(lengths[i]))
+            batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [i for b in batches for i in b]
