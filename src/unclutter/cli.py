@@ -152,6 +152,54 @@ def eval_cmd(
     console.print(metrics_markdown(out.name, metrics))
 
 
+@app.command("train")
+def train_cmd(
+    stage: Annotated[
+        str | None, typer.Option(help="pretrain (projector, captions) or finetune (projector + LLM)")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="LLaVA JSON / JSONL")] = None,
+    images: Annotated[Path | None, typer.Option(help="image folder")] = None,
+    output: Annotated[Path | None, typer.Option(help="checkpoint directory (a rerun resumes)")] = None,
+    model: Annotated[str | None, typer.Option(help="existing LLaVA checkpoint (hub id or dir)")] = None,
+    vision: Annotated[str | None, typer.Option(help="CLIP vision tower to assemble from")] = None,
+    llm: Annotated[str | None, typer.Option(help="causal LM to assemble from")] = None,
+    method: Annotated[str | None, typer.Option(help="method active in training (default vmtc+cmai)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. vmtc.ratio=0.5")] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="global batch (default 256 / 128)")] = None,
+    per_device_batch_size: Annotated[int | None, typer.Option()] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--no-lora")] = None,
+    deepspeed: Annotated[str | None, typer.Option(help="DeepSpeed config JSON (configs/deepspeed/zero2.json)")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with the same fields")] = None,
+) -> None:
+    """Train a stage of the LLaVA-1.5 recipe with the method active; writes a HF checkpoint."""
+    from .ifeval.scoring import DataError
+    from .training.trainer import TrainConfig, train
+
+    given = {
+        "stage": stage, "data": str(data) if data else None, "images": str(images) if images else None,
+        "output": str(output) if output else None, "model": model, "vision": vision, "llm": llm, "method": method,
+        "overrides": set_ or None, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
+        "per_device_batch_size": per_device_batch_size, "lora": lora, "deepspeed": deepspeed, "bf16": bf16,
+        "gradient_checkpointing": gradient_checkpointing,
+    }  # fmt: skip
+    try:
+        cfg = (
+            TrainConfig.from_yaml(config, **given)
+            if config
+            else TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        )
+        out = train(cfg)
+    except (DataError, ValueError, TypeError) as exc:
+        fail(str(exc))
+    console.print(f"wrote checkpoint {out}")
+
+
 @app.command("report")
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(help="run directories of `unclutter eval`")],

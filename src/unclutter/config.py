@@ -24,7 +24,8 @@ class VMTCConfig:
 
     Budget: ``num_tokens`` (patch tokens reaching the LLM per image) or ``ratio`` of the patch grid
     (0.5 -> 288 of 576 on LLaVA-1.5). Placement: ``layers`` (0-based vision block indices) or
-    ``num_stages`` equally spaced blocks ending at the block whose output LLaVA feeds the projector.
+    ``num_stages`` equally spaced blocks ending at the block whose output LLaVA feeds the projector
+    (default 4, fewer when the tower has fewer blocks up to that one).
     ``stage_tokens`` optionally fixes the patch-token count after each stage (the last one must equal
     the budget); by default the count shrinks geometrically. ``clusters`` is the K-means cluster
     count per stage (int for all stages or one per stage); by default ``max(1, tokens_after // 8)``.
@@ -34,7 +35,7 @@ class VMTCConfig:
 
     ratio: float = 0.5
     num_tokens: int | None = None
-    num_stages: int = 4
+    num_stages: int | None = None  # None: 4, or every block up to the feature layer if fewer
     layers: tuple[int, ...] | None = None
     stage_tokens: tuple[int, ...] | None = None
     clusters: int | tuple[int, ...] | None = None
@@ -54,7 +55,7 @@ class VMTCConfig:
                 f"VMTCConfig.num_tokens must be >= 1, got {self.num_tokens}: at least one image token must "
                 "reach the LLM."
             )
-        if self.layers is None and self.num_stages < 1:
+        if self.layers is None and self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"VMTCConfig.num_stages must be >= 1, got {self.num_stages}.")
         if self.layers is not None and (len(self.layers) == 0 or list(self.layers) != sorted(set(self.layers))):
             raise ValueError(f"VMTCConfig.layers must be distinct ascending block indices, got {self.layers}.")

@@ -28,14 +28,20 @@ def _parse_value(text: str) -> Any:
         return text  # bare strings: --set vmtc.merge=drop
 
 
-def resolve(name: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def resolve(name: str, overrides: Iterable[str] = (), recorded: dict | None = None) -> dict[str, Any]:
     """The ``apply`` kwargs of method ``name`` with ``section.field=value`` overrides applied.
 
     An override may switch a method on: ``--set cmai.gamma_max=0.5`` on ``vmtc`` gives VMTC + CMAI.
+    ``name="checkpoint"`` takes the configs a checkpoint recorded in training (``recorded``).
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}.")
-    configs = dict(METHODS[name])
+    if name == "checkpoint":
+        if recorded is None:
+            raise ValueError("method 'checkpoint' needs a model trained by `unclutter train` (config.unclutter).")
+        configs = from_dict(recorded.get("configs", {}))
+    elif name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join([*METHODS, 'checkpoint'])}.")
+    else:
+        configs = dict(METHODS[name])
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, field = key.strip().partition(".")

@@ -168,7 +168,12 @@ def run_eval(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``method`` on a benchmark file; resumes an interrupted run in ``out``. Returns metrics."""
-    configs = resolve(method, overrides)
+    if method == "checkpoint" and model_and_processor is None:
+        from .generation import load_model
+
+        model_and_processor = load_model(model_name, dtype=dtype, device=device)
+    recorded = getattr(model_and_processor[0].config, "unclutter", None) if model_and_processor else None
+    configs = resolve(method, overrides, recorded)
     records = load_records(bench, data, images)[: limit or None]
     if bench == "mmbench" and limit:  # keep whole rotation groups
         groups = {r["group"] for r in records}

@@ -29,6 +29,7 @@ from ..config import CMAIConfig, SPDConfig, VMTCConfig
 from . import cmai_attention
 
 _HANDLE_ATTR = "_unclutter_handle"
+DEFAULT_STAGES = 4
 
 
 @dataclass
@@ -78,7 +79,8 @@ def plan_vmtc(cfg: VMTCConfig, num_patches: int, feature_block: int) -> list[VMT
             f"VMTC token budget {budget} is impossible for {num_patches} patches: choose num_tokens in "
             f"[1, {num_patches}] or ratio in (0, 1]."
         )
-    layers = list(cfg.layers) if cfg.layers is not None else vmtc_math.stage_layers(feature_block, cfg.num_stages)
+    n_stages = cfg.num_stages if cfg.num_stages is not None else min(DEFAULT_STAGES, feature_block + 1)
+    layers = list(cfg.layers) if cfg.layers is not None else vmtc_math.stage_layers(feature_block, n_stages)
     if layers[-1] > feature_block or layers[0] < 0:
         raise ValueError(
             f"VMTC layers {layers} must lie in [0, {feature_block}]: blocks after the feature layer never "

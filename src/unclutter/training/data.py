@@ -41,7 +41,11 @@ def load_llava_json(path: str | Path, images: str | Path | None) -> list[dict]:
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or len(rec["conversations"]) < 2:
             raise DataError(f"{where}: needs 'conversations', a list of at least one human and one gpt turn.")
         for j, turn in enumerate(rec["conversations"]):
-            if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
+            if (
+                not isinstance(turn, dict)
+                or turn.get("from") not in ("human", "gpt")
+                or not isinstance(turn.get("value"), str)
+            ):
                 raise DataError(f"{where}: turn {j} must be {{'from': 'human'|'gpt', 'value': str}}.")
             if turn["from"] != ("human" if j % 2 == 0 else "gpt"):
                 raise DataError(f"{where}: turns must alternate human, gpt, ... (turn {j} is {turn['from']}).")
@@ -75,7 +79,10 @@ def _segments(rec: dict, fmt: str, image_text: str, eos: str) -> list[tuple[str,
         return [(image_text if rec.get("image") else "", False), (caption + "\n", True)]
     pieces: list[tuple[str, bool]] = [(LLAVA_SYSTEM + " ", False)]
     for j in range(0, len(turns) - 1, 2):
-        question = turns[j]["value"].replace(IMAGE_PLACEHOLDER + "\n", image_text).replace(IMAGE_PLACEHOLDER, image_text)
+        value = turns[j]["value"]
+        question = value.replace(
+            IMAGE_PLACEHOLDER + "\n" if IMAGE_PLACEHOLDER + "\n" in value else IMAGE_PLACEHOLDER, image_text, 1
+        )
         pieces.append((f"USER: {question} ASSISTANT: ", False))
         pieces.append((turns[j + 1]["value"] + eos, True))
     return pieces
@@ -106,7 +113,9 @@ def encode_record(rec: dict, tokenizer, fmt: str, image_tokens: int, max_length:
         labels += piece if target else [IGNORE_INDEX] * len(piece)
     if len(ids) > max_length:
         if sum(1 for t in ids[:max_length] if t == image_token) != sum(1 for t in ids if t == image_token):
-            raise DataError(f"record {rec.get('id')}: max_length {max_length} would cut its image tokens; raise --max-length.")
+            raise DataError(
+                f"record {rec.get('id')}: max_length {max_length} would cut its image tokens; raise --max-length."
+            )
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels, rec.get("image"))
 
@@ -155,15 +164,21 @@ def collate(batch: list[dict], pad_id: int) -> dict:
 
 
 def modality_length_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
-    """LLaVA's modality-length grouping: batches hold one modality and similar lengths, batch order random."""
+    """LLaVA's modality-length grouping: batches hold one modality and similar lengths, batch order random.
+
+    Incomplete batches go last (so they cannot shift the alignment of full ones) and may mix.
+    """
     rng = random.Random(seed)
-    batches = []
+    batches, leftovers = [], []
     for sign in (1, -1):
         idx = [i for i, n in enumerate(lengths) if (n > 0) == (sign > 0)]
         rng.shuffle(idx)
         mega = batch_size * 50
         for s in range(0, len(idx), mega):
             chunk = sorted(idx[s : s + mega], key=lambda i: -abs(lengths[i]))
-            batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+            for k in range(0, len(chunk), batch_size):
+                (batches if len(chunk[k : k + batch_size]) == batch_size else leftovers).append(
+                    chunk[k : k + batch_size]
+                )
     rng.shuffle(batches)
-    return [i for b in batches for i in b]
+    return [i for b in batches + leftovers for i in b]

@@ -1,0 +1,221 @@
+"""The LLaVA-1.5 two-stage recipe with VMTC / CMAI active in the forward pass, on HF Trainer.
+
+Stage ``pretrain`` trains the projector only on captions ("plain" format); stage ``finetune`` trains
+projector + LLM (full, or LoRA through PEFT, merged at the end) on conversations (Vicuna v1), the
+vision tower frozen. The method's configs are written into the checkpoint's ``config.json``
+(``unclutter`` field) so that evaluation re-applies them (`unclutter eval --method checkpoint`).
+A rerun with the same ``output`` resumes from its last ``checkpoint-*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .. import apply
+from ..ifeval.scoring import DataError
+from ..methods import resolve, to_dict
+from .data import LlavaDataset, collate, load_llava_json, modality_length_order
+
+STAGE_DEFAULTS = {  # LLaVA-1.5: (learning rate, global batch, prompt format)
+    "pretrain": (1e-3, 256, "plain"),
+    "finetune": (2e-5, 128, "v1"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every `unclutter train` option (also the keys of its YAML config file)."""
+
+    stage: str
+    data: str
+    output: str
+    images: str | None = None
+    model: str | None = None  # an existing LLaVA checkpoint (hub id or dir) ...
+    vision: str | None = None  # ... or a CLIP vision tower ...
+    llm: str | None = None  # ... plus a causal LM, joined by a fresh 2-layer GELU projector
+    method: str = "vmtc+cmai"
+    overrides: list[str] = field(default_factory=list)
+    learning_rate: float | None = None
+    batch_size: int | None = None  # global batch; gradient accumulation makes up the difference
+    per_device_batch_size: int = 16
+    epochs: float = 1.0
+    max_steps: int = -1
+    max_length: int = 2048
+    warmup_ratio: float = 0.03  # a fraction of the total steps
+    weight_decay: float = 0.0
+    lora: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    deepspeed: str | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    group_by_modality_length: bool = False
+    save_steps: int = 500
+    logging_steps: int = 1
+    seed: int = 0
+    dataloader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}.")
+        if (self.model is None) == (self.vision is None or self.llm is None):
+            raise ValueError("give --model (a LLaVA checkpoint) or both --vision and --llm (to assemble one).")
+        if self.lora and self.stage != "finetune":
+            raise ValueError("--lora applies to the finetune stage (stage 1 trains only the projector).")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(names)}.")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+def assemble(vision: str, llm: str):
+    """A LLaVA-1.5 model from a CLIP vision tower and a causal LM, with a fresh 2-layer GELU projector."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tower = CLIPVisionModel.from_pretrained(vision, use_safetensors=True)
+    lm = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    config = LlavaConfig(
+        vision_config=tower.config, text_config=lm.config, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
+    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(vision), tokenizer=tokenizer,
+        patch_size=tower.config.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    return model, processor
+
+
+def _load(cfg: TrainConfig):
+    if cfg.model is not None:
+        from ..evaluation.generation import load_model
+
+        model, processor = load_model(cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", device="cpu")
+    else:
+        model, processor = assemble(cfg.vision, cfg.llm)
+    processor.tokenizer.padding_side = "right"
+    return model.train(), processor
+
+
+def _freeze(model, stage: str) -> None:
+    for p in model.parameters():
+        p.requires_grad = False
+    trainable = [model.model.multi_modal_projector]
+    if stage == "finetune":
+        trainable += [model.model.language_model, model.lm_head]
+    for module in trainable:
+        for p in module.parameters():
+            p.requires_grad = True
+
+
+class _LlavaTrainer(Trainer):
+    def __init__(self, *args, order_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._order_fn = order_fn
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self._order_fn is None:
+            return super()._get_train_sampler(*args, **kwargs)
+        order = self._order_fn(self.state.epoch or 0)
+        return order  # a list of indices is a valid sampler
+
+
+def train(cfg: TrainConfig, callbacks=None) -> Path:
+    """Run one stage; returns the output directory (a `from_pretrained`-loadable checkpoint)."""
+    lr_default, batch_default, fmt = STAGE_DEFAULTS[cfg.stage]
+    records = load_llava_json(cfg.data, cfg.images)  # every record validated before anything trains
+    if any(r.get("image") for r in records) and cfg.images is None:
+        raise DataError("the data has image samples: give --images.")
+    model, processor = _load(cfg)
+    configs = resolve(cfg.method, cfg.overrides)
+    handle = apply(model, processor, **{k: v for k, v in configs.items() if v is not None})
+    dataset = LlavaDataset(
+        records, processor.tokenizer, processor.image_processor, cfg.images,
+        fmt=fmt, image_tokens=handle.num_image_tokens, max_length=cfg.max_length,
+    )  # fmt: skip
+    _freeze(model, cfg.stage)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.05, task_type="CAUSAL_LM",
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+            modules_to_save=["multi_modal_projector"],
+        )  # fmt: skip
+        model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    world = max(torch.cuda.device_count(), 1)
+    global_batch = cfg.batch_size or batch_default
+    per_device = min(cfg.per_device_batch_size, global_batch)
+    accumulation = max(1, global_batch // (per_device * world))
+    args = TrainingArguments(
+        output_dir=cfg.output, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+        learning_rate=cfg.learning_rate or lr_default, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed,
+        deepspeed=cfg.deepspeed, report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=cfg.dataloader_workers, disable_tqdm=True,
+    )  # fmt: skip
+    pad_id = processor.tokenizer.pad_token_id
+    order_fn = None
+    if cfg.group_by_modality_length:
+        lengths = dataset.lengths()
+        order_fn = lambda epoch: modality_length_order(
+            lengths, per_device * world * accumulation, cfg.seed + int(epoch)
+        )  # noqa: E731
+    trainer = _LlavaTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=lambda b: collate(b, pad_id),
+        callbacks=callbacks, order_fn=order_fn,
+    )  # fmt: skip
+    resume = any(Path(cfg.output).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+
+    if cfg.lora:
+        model = model.merge_and_unload()
+    handle.remove()  # save the plain model; the configs travel in config.json
+    final = model if not hasattr(model, "module") else model.module
+    final.config.unclutter = {"method": cfg.method, "overrides": list(cfg.overrides), "configs": to_dict(configs)}
+    for p in final.parameters():
+        p.requires_grad = True
+    final.save_pretrained(cfg.output, safe_serialization=True)
+    processor.tokenizer.padding_side = "left"
+    processor.save_pretrained(cfg.output)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    (Path(cfg.output) / "train_log.json").write_text(
+        json.dumps({"config": dataclasses.asdict(cfg), "log": history}, indent=2)
+    )
+    return Path(cfg.output)

@@ -1,0 +1,241 @@
+"""The two-stage recipe at tiny scale on CPU, with VMTC + CMAI active."""
+
+import json
+
+import pytest
+import torch
+from conftest import random_image
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    TrainerCallback,
+)
+
+import unclutter
+from unclutter.ifeval.scoring import DataError
+from unclutter.models.tiny import tiny_llava, tiny_processor, tiny_tokenizer
+from unclutter.training.data import IGNORE_INDEX, encode_record, load_llava_json, modality_length_order
+from unclutter.training.trainer import TrainConfig, train
+
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def make_data(tmp_path, n=16, stage="pretrain"):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    recs = []
+    for i in range(n):
+        color = COLORS[i % 4]
+        rgb = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}[color]
+        from PIL import Image
+
+        Image.new("RGB", (70, 60), rgb).save(images / f"{i}.png")  # not square: exercises pad-to-square
+        if stage == "pretrain":
+            conv = [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": f"a {color} image"}]
+        else:
+            conv = [
+                {"from": "human", "value": "<image>\nwhat is the color ?"},
+                {"from": "gpt", "value": color},
+                {"from": "human", "value": "yes or no ?"},
+                {"from": "gpt", "value": "yes"},
+            ]
+        recs.append({"id": f"s{i}", "image": f"{i}.png", "conversations": conv})
+    recs.append(
+        {
+            "id": "text-only",
+            "conversations": [{"from": "human", "value": "what is red ?"}, {"from": "gpt", "value": "a color"}],
+        }
+    )
+    path = tmp_path / f"{stage}.json"
+    path.write_text(json.dumps(recs))
+    return path, images
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    tiny_llava().save_pretrained(d)
+    tiny_processor().save_pretrained(d)
+    return d
+
+
+def losses(out):
+    return [h["loss"] for h in json.loads((out / "train_log.json").read_text())["log"]]
+
+
+def test_two_stage_recipe_learns_reloads_and_generates(base_dir, tmp_path):
+    data1, images = make_data(tmp_path, stage="pretrain")
+    s1 = train(TrainConfig(stage="pretrain", model=str(base_dir), data=str(data1), images=str(images), output=str(tmp_path / "s1"),
+                           max_steps=12, batch_size=8, per_device_batch_size=8, learning_rate=5e-3, warmup_ratio=0.0))  # fmt: skip
+    l1 = losses(s1)
+    assert len(l1) == 12 and sum(l1[-3:]) / 3 < sum(l1[:3]) / 3
+    data2, _ = make_data(tmp_path, stage="finetune")
+    s2 = train(TrainConfig(stage="finetune", model=str(s1), data=str(data2), images=str(images), output=str(tmp_path / "s2"),
+                           max_steps=12, batch_size=8, per_device_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0,
+                           group_by_modality_length=True, overrides=["vmtc.num_tokens=16"]))  # fmt: skip
+    l2 = losses(s2)
+    assert sum(l2[-3:]) / 3 < sum(l2[:3]) / 3
+    # stage 2 trained the LLM, stage 1 did not touch it; the vision tower stays frozen throughout
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    m1 = LlavaForConditionalGeneration.from_pretrained(s1)
+    m2 = LlavaForConditionalGeneration.from_pretrained(s2)
+    lm_key = "model.language_model.layers.0.mlp.up_proj.weight"
+    sd0, sd1, sd2 = base.state_dict(), m1.state_dict(), m2.state_dict()
+    assert torch.equal(sd0[lm_key], sd1[lm_key]) and not torch.equal(sd1[lm_key], sd2[lm_key])
+    assert not torch.equal(
+        sd0["model.multi_modal_projector.linear_1.weight"], sd1["model.multi_modal_projector.linear_1.weight"]
+    )
+    vis = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(sd0[vis], sd2[vis])
+    # the method is recorded and evaluation can re-apply it
+    assert m2.config.unclutter["method"] == "vmtc+cmai"
+    cfgs = unclutter.methods.resolve("checkpoint", recorded=m2.config.unclutter)
+    assert cfgs["vmtc"].num_tokens == 16 and cfgs["cmai"].gamma_max == 0.6
+    from unclutter.evaluation.generation import load_model
+
+    model, processor = load_model(str(s2), device="cpu")
+    with unclutter.apply(model, processor, **cfgs) as h, torch.no_grad():
+        batch = processor(
+            images=[random_image(0)], text=["user : <image> what is the color ? assistant :"], return_tensors="pt"
+        )
+        out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert h.num_image_tokens == 16 and out.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_killed_training_resumes_from_last_checkpoint(base_dir, tmp_path):
+    data, images = make_data(tmp_path, n=8)
+    cfg = TrainConfig(stage="pretrain", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / "o"),
+                      max_steps=6, batch_size=2, per_device_batch_size=2, save_steps=2, method="vmtc")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[StopAt(5)])
+    assert (tmp_path / "o" / "checkpoint-4").is_dir() and not (tmp_path / "o" / "config.json").exists()
+    train(cfg)
+    steps = [h["step"] for h in json.loads((tmp_path / "o" / "train_log.json").read_text())["log"]]
+    assert steps[-1] == 6 and 5 in steps and (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_lora_finetune_merges_into_a_plain_checkpoint(base_dir, tmp_path):
+    data, images = make_data(tmp_path, n=4, stage="finetune")
+    out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / "l"),
+                            max_steps=2, batch_size=2, per_device_batch_size=2, lora=True, lora_r=4, lora_alpha=8, method="cmai"))  # fmt: skip
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert not any("lora" in k for k in model.state_dict())
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    key = "model.language_model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[key], base.state_dict()[key])
+
+
+def test_label_masking():
+    tok = tiny_tokenizer()
+    rec = {"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat is the color ?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "how many ?"}, {"from": "gpt", "value": "two"},
+    ]}  # fmt: skip
+    enc = encode_record(rec, tok, "v1", image_tokens=5, max_length=512)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert enc.input_ids.count(image_id) == 5
+    targets = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(targets) == "red</s> two</s>" or tok.convert_ids_to_tokens(targets) == [
+        "red",
+        "</s>",
+        "two",
+        "</s>",
+    ]
+    plain = encode_record(rec, tok, "plain", image_tokens=5, max_length=512)
+    assert (
+        tok.convert_ids_to_tokens(
+            [t for t, lab in zip(plain.input_ids, plain.labels, strict=True) if lab != IGNORE_INDEX]
+        )[0]
+        == "red"
+    )
+    with pytest.raises(DataError, match="would cut its image tokens"):
+        encode_record(rec, tok, "v1", image_tokens=5, max_length=10)
+
+
+@pytest.mark.parametrize(
+    "rec, match",
+    [
+        (
+            {
+                "id": "a",
+                "image": "0.png",
+                "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}],
+            },
+            "exactly one '<image>'",
+        ),
+        ({"id": "b", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}, "alternate"),
+        (
+            {"id": "c", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+            "no 'image' field",
+        ),
+        (
+            {
+                "id": "d",
+                "image": "missing.png",
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+            },
+            "not found",
+        ),
+        ({"id": "e"}, "needs 'conversations'"),
+    ],
+)
+def test_malformed_records_named_before_training(tmp_path, rec, match):
+    data, images = make_data(tmp_path, n=2)
+    recs = json.loads(data.read_text()) + [rec]
+    data.write_text(json.dumps(recs))
+    with pytest.raises(DataError, match=rf"record 3 \(id {rec['id']}\).*{match}"):
+        load_llava_json(data, images)
+
+
+def test_assemble_from_vision_tower_and_llm(tmp_path):
+    vision = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=3, num_attention_heads=2))  # fmt: skip
+    vision.save_pretrained(tmp_path / "vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "vision"
+    )
+    tok = tiny_tokenizer()
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) - 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, pad_token_id=0))  # fmt: skip
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    data, images = make_data(tmp_path, n=4)
+    out = train(TrainConfig(stage="pretrain", vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm"), data=str(data),
+                            images=str(images), output=str(tmp_path / "a"), max_steps=2, batch_size=2, per_device_batch_size=2))  # fmt: skip
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    theirs = next(v for k, v in vision.state_dict().items() if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    assert torch.equal(model.state_dict()["model.vision_tower.encoder.layers.0.mlp.fc1.weight"], theirs)
+    assert model.model.multi_modal_projector.linear_1.in_features == 16
+
+
+def test_modality_length_grouping():
+    lengths = [10, -5, 12, -7, 30, 31, -2, 11]
+    order = modality_length_order(lengths, 2, seed=0)
+    assert sorted(order) == list(range(8))
+    for k in range(0, 6, 2):  # 3 full batches (2 image, 1 text-only), then the 2 leftovers
+        pair = order[k : k + 2]
+        assert len({lengths[i] > 0 for i in pair}) == 1  # one modality per full batch
+    assert {order[6], order[7]} == {i for i in range(8) if i not in order[:6]}
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="give --model"):
+        TrainConfig(stage="pretrain", data="d", output="o")
+    with pytest.raises(ValueError, match="stage must be"):
+        TrainConfig(stage="sft", data="d", output="o", model="m")
+    (tmp_path / "c.yaml").write_text("stage: pretrain\nmodel: m\ndata: d\noutput: o\nlr: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
