@@ -193,10 +193,11 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     pad_id = processor.tokenizer.pad_token_id
     order_fn = None
     if cfg.group_by_modality_length:
-        lengths = dataset.lengths()
-        order_fn = lambda epoch: modality_length_order(
-            lengths, per_device * world * accumulation, cfg.seed + int(epoch)
-        )  # noqa: E731
+        lengths, group = dataset.lengths(), per_device * world * accumulation
+
+        def order_fn(epoch: float) -> list[int]:
+            return modality_length_order(lengths, group, cfg.seed + int(epoch))
+
     trainer = _LlavaTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=lambda b: collate(b, pad_id),
         callbacks=callbacks, order_fn=order_fn,
