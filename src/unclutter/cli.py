@@ -107,8 +107,8 @@ def ifeval_report(
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option(help="hub id or local dir (safetensors), or 'unclutter-shapes'")],
-    method: Annotated[str, typer.Option(help="stock, spd, vmtc, cmai, vmtc+cmai, describe-then-answer")],
+    model: Annotated[str, typer.Option(help="hub id or local dir (safetensors weights)")],
+    method: Annotated[str, typer.Option(help="stock, spd, vmtc, cmai, vmtc+cmai, describe-then-answer, checkpoint")],
     bench: Annotated[str, typer.Option(help="vqav2, textvqa, gqa, mme, mmbench, if16")],
     data: Annotated[Path, typer.Option(help="benchmark JSONL in unclutter's format")],
     images: Annotated[Path, typer.Option(help="image folder")],

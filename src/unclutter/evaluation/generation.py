@@ -31,16 +31,9 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """(model, processor) from a hub id or a local directory, safetensors weights only.
-
-    ``name`` may also be ``"unclutter-shapes"``, the small model shipped with the package.
-    """
+    """(model, processor) from a hub id or a local directory, safetensors weights only."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    if name == "unclutter-shapes":
-        from ..shapes.model import shipped_model_dir
-
-        name = str(shipped_model_dir())
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
     device = resolve_device(device)
