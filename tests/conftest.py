@@ -20,6 +20,15 @@ def images():
     return [random_image(0), random_image(1)]
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny LLaVA and its processor saved as a checkpoint directory (safetensors)."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    tiny_llava().save_pretrained(d)
+    tiny_processor().save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def model():
     torch.manual_seed(0)

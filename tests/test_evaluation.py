@@ -15,17 +15,8 @@ from unclutter.cli import app
 from unclutter.evaluation import data as D
 from unclutter.evaluation.runner import PredictionLog, run_eval
 from unclutter.ifeval.scoring import DataError
-from unclutter.models.tiny import tiny_llava, tiny_processor
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_model")
-    tiny_llava().save_pretrained(d)
-    tiny_processor().save_pretrained(d)
-    return d
 
 
 def write_bench(tmp_path, bench, n=4):

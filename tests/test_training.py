@@ -17,7 +17,7 @@ from transformers import (
 
 import unclutter
 from unclutter.ifeval.scoring import DataError
-from unclutter.models.tiny import tiny_llava, tiny_processor, tiny_tokenizer
+from unclutter.models.tiny import tiny_tokenizer
 from unclutter.training.data import IGNORE_INDEX, encode_record, load_llava_json, modality_length_order
 from unclutter.training.trainer import TrainConfig, train
 
@@ -55,12 +55,9 @@ def make_data(tmp_path, n=16, stage="pretrain"):
     return path, images
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    tiny_llava().save_pretrained(d)
-    tiny_processor().save_pretrained(d)
-    return d
+@pytest.fixture
+def base_dir(model_dir):
+    return model_dir
 
 
 def losses(out):
