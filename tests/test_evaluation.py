@@ -234,6 +234,14 @@ def test_convert_hf_dataset(tmp_path):
     assert D.convert_hf("textvqa", str(tmp_path / "hf"), tmp_path / "t.jsonl", tmp_path / "imgs") == 2
     recs = D.load_records("textvqa", tmp_path / "t.jsonl", tmp_path / "imgs")
     assert recs[1]["answers"] == ["b"] * 10
+    # GQA keeps images in a separate config, joined on imageId
+    questions = datasets.Dataset.from_dict({"id": ["g1"], "imageId": ["i9"], "question": ["left?"], "answer": ["yes"]})
+    pictures = datasets.Dataset.from_dict({"id": ["i9"], "image": [random_image(3)]}).cast_column(
+        "image", datasets.Image()
+    )
+    assert D.convert_hf("gqa", questions, tmp_path / "g.jsonl", tmp_path / "gimgs", image_dataset=pictures) == 1
+    (rec,) = D.load_records("gqa", tmp_path / "g.jsonl", tmp_path / "gimgs")
+    assert (rec["question_id"], rec["answer"]) == ("g1", "yes")
 
 
 def test_lmms_eval_plugin_resolves_and_generates(model_dir):

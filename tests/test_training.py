@@ -127,7 +127,8 @@ def test_killed_training_resumes_from_last_checkpoint(base_dir, tmp_path):
 def test_lora_finetune_merges_into_a_plain_checkpoint(base_dir, tmp_path):
     data, images = make_data(tmp_path, n=4, stage="finetune")
     out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / "l"),
-                            max_steps=2, batch_size=2, per_device_batch_size=2, lora=True, lora_r=4, lora_alpha=8, method="cmai"))  # fmt: skip
+                            max_steps=2, batch_size=2, per_device_batch_size=2, lora=True, lora_r=4, lora_alpha=8, method="vmtc+cmai",
+                            gradient_checkpointing=True))  # fmt: skip
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert not any("lora" in k for k in model.state_dict())
     base = LlavaForConditionalGeneration.from_pretrained(base_dir)

@@ -228,6 +228,9 @@ def data_convert(
     mmbench_tsv: Annotated[Path | None, typer.Option(help="MMBench TSV with base64 images")] = None,
     hf: Annotated[str | None, typer.Option(help="lmms-lab dataset id or save_to_disk dir")] = None,
     split: Annotated[str | None, typer.Option()] = None,
+    hf_images: Annotated[
+        str | None, typer.Option(help="GQA: the dataset/config holding the images (id, image)")
+    ] = None,
     images_out: Annotated[Path | None, typer.Option(help="where decoded images go (TSV / HF)")] = None,
 ) -> None:
     """Convert LLaVA eval files, MME/MMBench releases or lmms-lab datasets to unclutter's format."""
@@ -242,7 +245,7 @@ def data_convert(
         elif mmbench_tsv:
             n = D.convert_mmbench_tsv(mmbench_tsv, out, images_out or out.parent / "images")
         elif hf:
-            n = D.convert_hf(bench, hf, out, images_out or out.parent / "images", split=split)
+            n = D.convert_hf(bench, hf, out, images_out or out.parent / "images", split=split, image_dataset=hf_images)
         else:
             fail("give --llava-questions with --annotations, --mme-root, --mmbench-tsv or --hf.")
     except (DataError, ValueError, KeyError) as exc:
