@@ -153,11 +153,8 @@ def test_prediction_log_repairs_torn_tail(tmp_path):
 def test_report_compares_runs(model_dir, tmp_path):
     runs = []
     for bench, method in (("gqa", "stock"), ("gqa", "vmtc"), ("if16", "stock"), ("if16", "vmtc")):
-        data, images = (
-            write_bench(tmp_path / f"{bench}-{method}", bench, n=2)
-            if (tmp_path / f"{bench}-{method}").mkdir() is None
-            else None
-        )
+        (tmp_path / f"{bench}-{method}").mkdir()
+        data, images = write_bench(tmp_path / f"{bench}-{method}", bench, n=2)
         out = tmp_path / "runs" / f"{bench}-{method}"
         run_eval(
             model_name=str(model_dir),

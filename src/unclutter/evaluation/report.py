@@ -29,11 +29,10 @@ def load_metrics(run: str | Path) -> dict[str, Any]:
     return m
 
 
-def compare(runs: list[str | Path]) -> dict[str, Any]:
-    """Rows keyed by method (each run contributes its benchmark's headline number)."""
+def compare(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows keyed by method (each run's metrics contribute their benchmark's headline number)."""
     rows: dict[str, dict[str, float]] = defaultdict(dict)
-    for run in runs:
-        m = load_metrics(run)
+    for m in metrics:
         label = m.get("method") or m["name"]
         for title, (bench, key) in COLUMNS.items():
             if m["bench"] == bench and key in m:
@@ -76,15 +75,16 @@ def write_comparison(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
         raise ValueError("give at least one run directory.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tab = compare(runs)
+    metrics = [load_metrics(run) for run in runs]
+    tab = compare(metrics)
     (out / "comparison.md").write_text(compare_markdown(tab), encoding="utf-8")
     write_json_atomic(out / "comparison.json", tab)
     compare_chart(tab, out / "comparison.png")
-    if_runs = []
-    for run in runs:
-        m = load_metrics(run)
-        if m["bench"] == "if16" and "per_task" in m.get("if16", {}):
-            if_runs.append((m.get("method") or m["name"], m["if16"]))
+    if_runs = [
+        (m.get("method") or m["name"], m["if16"])
+        for m in metrics
+        if m["bench"] == "if16" and "per_task" in m.get("if16", {})
+    ]
     if if_runs:
         itab = table(if_runs)
         (out / "if_table.md").write_text(to_markdown(itab), encoding="utf-8")

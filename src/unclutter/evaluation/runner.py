@@ -174,10 +174,12 @@ def run_eval(
         model_and_processor = load_model(model_name, dtype=dtype, device=device)
     recorded = getattr(model_and_processor[0].config, "unclutter", None) if model_and_processor else None
     configs = resolve(method, overrides, recorded)
-    records = load_records(bench, data, images)[: limit or None]
-    if bench == "mmbench" and limit:  # keep whole rotation groups
-        groups = {r["group"] for r in records}
-        records = [r for r in load_records(bench, data, images) if r["group"] in groups]
+    records = load_records(bench, data, images)
+    if limit and bench == "mmbench":  # keep whole rotation groups
+        groups = {r["group"] for r in records[:limit]}
+        records = [r for r in records if r["group"] in groups]
+    elif limit:
+        records = records[:limit]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -241,27 +243,17 @@ def _run_batch(bench, method, batch, images_dir, model, processor, max_new_token
     if good:
         questions = [question_text(bench, r) for r in good]
         if method == "describe-then-answer":  # the paper's "upper limit": answer from a description alone
-            described = generate(
-                model,
-                processor,
-                [build_prompt(processor, DESCRIBE) for _ in good],
-                pictures,
-                max_new_tokens=max_new_tokens,
-            )
+            describe = [build_prompt(processor, DESCRIBE) for _ in good]
+            described = generate(model, processor, describe, pictures, max_new_tokens=max_new_tokens)
             prompts = [
                 build_prompt(processor, f"Image description: {d}\n\n{q}", with_image=False)
                 for d, q in zip(described, questions, strict=True)
             ]
-            answers = generate(model, processor, prompts, None, max_new_tokens=max_new_tokens)
+            pictures = None
         else:
             described = [None] * len(good)
-            answers = generate(
-                model,
-                processor,
-                [build_prompt(processor, q) for q in questions],
-                pictures,
-                max_new_tokens=max_new_tokens,
-            )
+            prompts = [build_prompt(processor, q) for q in questions]
+        answers = generate(model, processor, prompts, pictures, max_new_tokens=max_new_tokens)
         for rec, answer, desc in zip(good, answers, described, strict=True):
             row = {"id": rec["id"], "question_id": rec.get("question_id", rec.get("key")), "prediction": answer}
             if desc is not None:

@@ -74,14 +74,6 @@ class CMAIState:
         self.chunk: Chunk | None = None
 
     @property
-    def extra_state_bytes(self) -> int:
-        """Bytes held by the stored text->image rows (the used part, all layers)."""
-        if not self.rows or self.image_pos is None:
-            return 0
-        used = int(self.text_count.max().item()) if self.text_count.numel() else 0
-        return len(self.rows) * self.batch * used * self.image_pos.shape[1] * 4
-
-    @property
     def allocated_bytes(self) -> int:
         """Bytes CMAI holds in memory (stored rows with their spare capacity, plus bookkeeping)."""
         tensors = [*self.rows.values(), self.text_pos, self.text_count]

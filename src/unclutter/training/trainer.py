@@ -208,11 +208,8 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     if cfg.lora:
         model = model.merge_and_unload()
     handle.remove()  # save the plain model; the configs travel in config.json
-    final = model if not hasattr(model, "module") else model.module
-    final.config.unclutter = {"method": cfg.method, "overrides": list(cfg.overrides), "configs": to_dict(configs)}
-    for p in final.parameters():
-        p.requires_grad = True
-    final.save_pretrained(cfg.output, safe_serialization=True)
+    model.config.unclutter = {"method": cfg.method, "overrides": list(cfg.overrides), "configs": to_dict(configs)}
+    model.save_pretrained(cfg.output, safe_serialization=True)
     processor.tokenizer.padding_side = "left"
     processor.save_pretrained(cfg.output)
     history = [h for h in trainer.state.log_history if "loss" in h]
