@@ -17,7 +17,7 @@ from transformers import (
 
 import unclutter
 from unclutter.ifeval.scoring import DataError
-from unclutter.models.tiny import tiny_tokenizer
+from unclutter.models.tiny import tiny_llava, tiny_tokenizer
 from unclutter.training.data import IGNORE_INDEX, encode_record, load_llava_json, modality_length_order
 from unclutter.training.trainer import TrainConfig, train
 
@@ -237,3 +237,22 @@ def test_config_validation(tmp_path):
     (tmp_path / "c.yaml").write_text("stage: pretrain\nmodel: m\ndata: d\noutput: o\nlr: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_tune_selects_trained_modules():
+    from unclutter.training.trainer import _freeze
+
+    model = tiny_llava()
+
+    def trained(part):
+        return {p.requires_grad for p in part.parameters()}
+
+    _freeze(model, "pretrain", None)  # LLaVA-1.5: projector only
+    assert trained(model.model.multi_modal_projector) == {True}
+    assert trained(model.model.vision_tower) == trained(model.model.language_model) == {False}
+    _freeze(model, "finetune", None)
+    assert trained(model.model.language_model) == {True} and trained(model.model.vision_tower) == {False}
+    _freeze(model, "pretrain", ["vision", "projector", "llm"])  # a from-scratch tower (the shapes model)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="--tune takes"):
+        TrainConfig(stage="pretrain", data="d", output="o", model="m", tune=["vit"])

@@ -169,6 +169,10 @@ def train_cmd(
     learning_rate: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option(help="global batch (default 256 / 128)")] = None,
     per_device_batch_size: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    tune: Annotated[
+        str | None, typer.Option(help="modules to train, comma-separated from vision,projector,llm")
+    ] = None,
     lora: Annotated[bool | None, typer.Option("--lora/--no-lora")] = None,
     deepspeed: Annotated[str | None, typer.Option(help="DeepSpeed config JSON (configs/deepspeed/zero2.json)")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16")] = None,
@@ -185,7 +189,8 @@ def train_cmd(
         "stage": stage, "data": str(data) if data else None, "images": str(images) if images else None,
         "output": str(output) if output else None, "model": model, "vision": vision, "llm": llm, "method": method,
         "overrides": set_ or None, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
-        "per_device_batch_size": per_device_batch_size, "lora": lora, "deepspeed": deepspeed, "bf16": bf16,
+        "per_device_batch_size": per_device_batch_size, "epochs": epochs,
+        "tune": [t.strip() for t in tune.split(",")] if tune else None, "lora": lora, "deepspeed": deepspeed, "bf16": bf16,
         "gradient_checkpointing": gradient_checkpointing,
     }  # fmt: skip
     try:
@@ -251,6 +256,72 @@ def data_convert(
     except (DataError, ValueError, KeyError) as exc:
         fail(str(exc))
     console.print(f"wrote {n} records to {out}")
+
+
+@app.command("demo")
+def demo_cmd(
+    model: Annotated[str | None, typer.Option(help="hub id or LLaVA dir (default: the shipped shapes model)")] = None,
+    image: Annotated[list[Path] | None, typer.Option(help="your own image(s); default: bundled shapes images")] = None,
+    out: Annotated[Path, typer.Option(help="where pictures and demo.json go")] = Path("demo-output"),
+    bench_size: Annotated[int, typer.Option(help="VQA and IF prompts each in the chart's benchmark")] = 80,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+) -> None:
+    """Stock vs SPD vs VMTC+CMAI side by side, a small benchmark chart, and VMTC / CMAI pictures."""
+    from .demo import run_demo
+
+    for path in image or []:
+        if not path.is_file():
+            fail(f"--image {path}: no such file.")
+    try:
+        run_demo(model, image, out, bench_size=bench_size, max_new_tokens=max_new_tokens, console=console)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@app.command("visualize")
+def visualize_cmd(
+    image: Annotated[Path, typer.Option(help="image file")],
+    prompt: Annotated[str, typer.Option(help="question (with an instruction, if you like)")],
+    model: Annotated[str | None, typer.Option(help="hub id or LLaVA dir (default: the shipped shapes model)")] = None,
+    out: Annotated[Path, typer.Option()] = Path("demo-output"),
+    token_index: Annotated[int, typer.Option(help="which generated token's CMAI map to draw (0 = first)")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. vmtc.ratio=0.25")] = None,
+) -> None:
+    """Draw VMTC's kept / merged patches per stage and CMAI's inhibited patches per layer for one prompt."""
+    from .demo import load
+    from .evaluation.generation import open_image
+    from .methods import resolve
+    from .viz import visualize
+
+    try:
+        configs = resolve("vmtc+cmai", set_ or [])
+        llava, processor = load(model)
+        result = visualize(
+            llava, processor, open_image(image), prompt, out, vmtc=configs.get("vmtc"), cmai=configs.get("cmai"),
+            token_index=token_index,
+        )  # fmt: skip
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"answer: {result['answer']}")
+    for name, path in result["paths"].items():
+        console.print(f"{name}: {path}")
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Option(help="folder for images/, pretrain.json, finetune.json, vqa.jsonl, if16.jsonl")],
+    num: Annotated[int, typer.Option(help="number of images")] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+    if_per_task: Annotated[int | None, typer.Option(help="if16 records per task (default num // 16)")] = None,
+) -> None:
+    """Generate the shapes world: training data (LLaVA JSON) and benchmarks (vqa as gqa, if16)."""
+    from .shapes.dataset import build_shapes
+
+    try:
+        counts = build_shapes(out, num, seed, if_per_task=if_per_task)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 @bench_app.command("speed")

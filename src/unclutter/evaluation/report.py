@@ -33,7 +33,7 @@ def compare(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows keyed by method (each run's metrics contribute their benchmark's headline number)."""
     rows: dict[str, dict[str, float]] = defaultdict(dict)
     for m in metrics:
-        label = m.get("method") or m["name"]
+        label = m.get("label") or m.get("method") or m["name"]
         for title, (bench, key) in COLUMNS.items():
             if m["bench"] == bench and key in m:
                 rows[label][title] = m[key]
@@ -81,7 +81,7 @@ def write_comparison(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     write_json_atomic(out / "comparison.json", tab)
     compare_chart(tab, out / "comparison.png")
     if_runs = [
-        (m.get("method") or m["name"], m["if16"])
+        (m.get("label") or m.get("method") or m["name"], m["if16"])
         for m in metrics
         if m["bench"] == "if16" and "per_task" in m.get("if16", {})
     ]

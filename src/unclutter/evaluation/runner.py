@@ -209,6 +209,7 @@ def run_eval(
     metrics = compute_metrics(bench, records, log.rows)
     metrics["name"] = out.name
     metrics["method"] = method
+    metrics["label"] = " ".join([method, *overrides])  # report rows: one per method + overrides
     write_json_atomic(out / "metrics.json", metrics)
     (out / "metrics.md").write_text(metrics_markdown(out.name, metrics), encoding="utf-8")
     return metrics

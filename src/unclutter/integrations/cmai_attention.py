@@ -61,6 +61,7 @@ class CMAIState:
         self.focus = focus
         self.discount = discount
         self._cache_ref = None
+        self.tracing = False  # record each call's last-row inhibition (for pictures; see `trace`)
         self.reset(0)
 
     def reset(self, batch: int, device: torch.device | None = None) -> None:
@@ -72,6 +73,9 @@ class CMAIState:
         self.text_count = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity, n) float32
         self.chunk: Chunk | None = None
+        # layer -> one (B, n) bool per forward call: the image keys inhibited for the call's last row,
+        # i.e. for the query that predicts the next generated token (filled only while `tracing`).
+        self.trace: dict[int, list[torch.Tensor]] = {}
 
     @property
     def allocated_bytes(self) -> int:
@@ -267,6 +271,8 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     with torch.no_grad():
         a = _head_mean_probs(query[:, :, ch.start :], key, allowed[:, :, ch.start :], scaling)
         inhibit = _inhibited(state, layer, gamma, a)  # (B, q_new, n)
+        if state.tracing:
+            state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
         blocked = torch.zeros(bsz, q_len - ch.start, kv_len, dtype=torch.bool, device=query.device)
         n = state.image_pos.shape[1]
         blocked.scatter_(2, state.image_pos[:, None, :].expand(-1, q_len - ch.start, n), inhibit)

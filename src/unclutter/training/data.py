@@ -83,8 +83,10 @@ def _segments(rec: dict, fmt: str, image_text: str, eos: str) -> list[tuple[str,
         question = value.replace(
             IMAGE_PLACEHOLDER + "\n" if IMAGE_PLACEHOLDER + "\n" in value else IMAGE_PLACEHOLDER, image_text, 1
         )
-        pieces.append((f"USER: {question} ASSISTANT: ", False))
-        pieces.append((turns[j + 1]["value"] + eos, True))
+        # The separating space belongs to the answer: inference prompts end in "ASSISTANT:" (see
+        # `build_prompt`), so the first answer token must be the space-prefixed one the model saw in training.
+        pieces.append((f"USER: {question} ASSISTANT:", False))
+        pieces.append((" " + turns[j + 1]["value"] + eos, True))
     return pieces
 
 

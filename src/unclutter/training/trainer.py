@@ -22,6 +22,7 @@ from ..ifeval.scoring import DataError
 from ..methods import resolve, to_dict
 from .data import LlavaDataset, collate, load_llava_json, modality_length_order
 
+MODULES = ("vision", "projector", "llm")
 STAGE_DEFAULTS = {  # LLaVA-1.5: (learning rate, global batch, prompt format)
     "pretrain": (1e-3, 256, "plain"),
     "finetune": (2e-5, 128, "v1"),
@@ -49,6 +50,7 @@ class TrainConfig:
     max_length: int = 2048
     warmup_ratio: float = 0.03  # a fraction of the total steps
     weight_decay: float = 0.0
+    tune: list[str] | None = None  # modules trained; default: projector (pretrain), projector + llm (finetune)
     lora: bool = False
     lora_r: int = 128
     lora_alpha: int = 256
@@ -66,6 +68,9 @@ class TrainConfig:
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}.")
         if (self.model is None) == (self.vision is None or self.llm is None):
             raise ValueError("give --model (a LLaVA checkpoint) or both --vision and --llm (to assemble one).")
+        unknown = sorted(set(self.tune or ()) - set(MODULES))
+        if unknown or (self.tune is not None and not self.tune):
+            raise ValueError(f"--tune takes a non-empty subset of {', '.join(MODULES)}; got {self.tune}.")
         if self.lora and self.stage != "finetune":
             raise ValueError("--lora applies to the finetune stage (stage 1 trains only the projector).")
 
@@ -128,13 +133,18 @@ def _load(cfg: TrainConfig):
     return model.train(), processor
 
 
-def _freeze(model, stage: str) -> None:
+def _freeze(model, stage: str, tune: list[str] | None) -> None:
+    """LLaVA-1.5 trains the projector in stage 1 and projector + LLM in stage 2; ``tune`` overrides that
+    (a from-scratch vision tower, as in the shapes model, must be trained too)."""
+    tune = tune or (["projector"] if stage == "pretrain" else ["projector", "llm"])
     for p in model.parameters():
         p.requires_grad = False
-    trainable = [model.model.multi_modal_projector]
-    if stage == "finetune":
-        trainable += [model.model.language_model, model.lm_head]
-    for module in trainable:
+    parts = {
+        "vision": [model.model.vision_tower],
+        "projector": [model.model.multi_modal_projector],
+        "llm": [model.model.language_model, model.lm_head],
+    }
+    for module in (m for name in tune for m in parts[name]):
         for p in module.parameters():
             p.requires_grad = True
 
@@ -164,7 +174,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
         records, processor.tokenizer, processor.image_processor, cfg.images,
         fmt=fmt, image_tokens=handle.num_image_tokens, max_length=cfg.max_length,
     )  # fmt: skip
-    _freeze(model, cfg.stage)
+    _freeze(model, cfg.stage, cfg.tune)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

@@ -1,0 +1,99 @@
+"""`unclutter data shapes`: the shapes world written as training data and benchmarks.
+
+Layout of ``out``::
+
+    images/000000.png ...   the pictures (96x96 RGB)
+    scenes.jsonl            ground truth: objects with colour, shape, cell, centre, radius
+    pretrain.json           stage 1, LLaVA JSON: one caption per image
+    finetune.json           stage 2, LLaVA JSON: multi-turn conversations (short answers, sentences,
+                            instruction-following turns)
+    vqa.jsonl               benchmark, the harness's "gqa" format (question, answer), one per image
+    if16.jsonl              benchmark, the 16-task suite built from vqa.jsonl's questions
+    questions.jsonl         vqa.jsonl's questions in LLaVA's question format (for `ifeval build`)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..evaluation.runner import SHORT_ANSWER
+from ..ifeval.scoring import write_jsonl_atomic
+from ..ifeval.suite import TASKS, build_suite
+from .text import QUESTION_TYPES, ask, caption, instructed_turn
+from .world import render, sample_scene
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _conversation(scene, rng: random.Random, turns: int, if_rate: float) -> list[dict]:
+    """Alternating human/gpt turns: short answers, a sentence answer, maybe one instruction turn."""
+    kinds = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
+    conv = []
+    if_turn = rng.randrange(turns) if rng.random() < if_rate else -1
+    for t in range(turns):
+        qa = ask(scene, kinds[t % len(kinds)], rng)
+        if t == if_turn:
+            prompt, answer = instructed_turn(rng.choice(list(TASKS)), qa, scene, rng)
+        elif rng.random() < 0.2:
+            prompt, answer = qa.question, qa.sentence
+        else:
+            prompt, answer = f"{qa.question}\n{SHORT_ANSWER}", qa.short
+        if t == 0:
+            prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
+        conv += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    return conv
+
+
+def build_shapes(
+    out: str | Path,
+    num: int,
+    seed: int = 0,
+    *,
+    turns: tuple[int, int] = (3, 5),
+    if_rate: float = 0.7,
+    if_per_task: int | None = None,
+) -> dict[str, int]:
+    """Write ``num`` images and every file above under ``out``; returns counts per file.
+
+    ``if_per_task`` (default ``max(1, num // 16)``) sizes the if16 suite. Deterministic for ``seed``.
+    """
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}.")
+    if not 0 <= if_rate <= 1:
+        raise ValueError(f"if_rate must be in [0, 1], got {if_rate}.")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    scenes, pretrain, finetune, vqa = [], [], [], []
+    for i in range(num):
+        rng = random.Random(f"unclutter-shapes:{seed}:{i}")  # per image: any prefix of a run is reproducible
+        scene = sample_scene(rng)
+        name = f"{i:06d}.png"
+        render(scene).save(out / "images" / name)
+        scenes.append({"image": name, **scene.to_dict()})
+        pretrain.append(
+            {"id": f"cap-{i:06d}", "image": name, "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nDescribe the image briefly."},
+                {"from": "gpt", "value": caption(scene, rng)},
+            ]}
+        )  # fmt: skip
+        finetune.append(
+            {"id": f"conv-{i:06d}", "image": name, "conversations": _conversation(scene, rng, rng.randint(*turns), if_rate)}
+        )  # fmt: skip
+        qa = ask(scene, QUESTION_TYPES[i % len(QUESTION_TYPES)], rng)
+        vqa.append(
+            {"question_id": f"{i:06d}", "image": name, "question": qa.question, "answer": qa.short, "kind": qa.kind}
+        )
+    write_jsonl_atomic(out / "scenes.jsonl", scenes)
+    (out / "pretrain.json").write_text(json.dumps(pretrain, indent=1), encoding="utf-8")
+    (out / "finetune.json").write_text(json.dumps(finetune, indent=1), encoding="utf-8")
+    write_jsonl_atomic(out / "vqa.jsonl", vqa)
+    questions = [{"question_id": r["question_id"], "image": r["image"], "question": r["question"]} for r in vqa]
+    write_jsonl_atomic(
+        out / "questions.jsonl",
+        [{"question_id": q["question_id"], "image": q["image"], "text": q["question"]} for q in questions],
+    )
+    suite = build_suite(questions, per_task=if_per_task or max(1, num // 16), seed=seed)
+    write_jsonl_atomic(out / "if16.jsonl", suite)
+    return {"images": num, "pretrain": len(pretrain), "finetune": len(finetune), "vqa": len(vqa), "if16": len(suite)}

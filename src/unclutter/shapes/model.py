@@ -1,0 +1,159 @@
+"""The shapes model's starting point: a byte-level BPE tokenizer trained on the world's text, and
+from-scratch CLIP-ViT and LLaMA checkpoints that `unclutter train --vision --llm` assembles into a LLaVA.
+
+Sizes (``SIZES``) are chosen for CPU training in minutes: a 96x96 image in 8x8 patches (12x12 = 144
+patch tokens, so VMTC has redundancy to remove), a 5-block ViT (LLaVA reads block 4, `vision_feature_layer=-2`)
+and a 4-layer LLaMA.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..evaluation.generation import LLAVA_SYSTEM
+from ..evaluation.runner import SHORT_ANSWER
+from ..ifeval.suite import END_PHRASES, KEYWORDS, START_PHRASES
+from .world import IMAGE_SIZE
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+SIZES = {
+    "patch_size": 8,
+    "vision_hidden": 128,
+    "vision_layers": 5,
+    "vision_heads": 4,
+    "text_hidden": 256,
+    "text_layers": 4,
+    "text_heads": 4,
+    "vocab_size": 1024,
+}
+
+
+def world_texts(data_dir: str | Path) -> Iterable[str]:
+    """Every string the model will read or write: the LLaVA JSON turns, prompts, fixed phrases."""
+    data_dir = Path(data_dir)
+    yield from (LLAVA_SYSTEM, SHORT_ANSWER, "USER: ASSISTANT:", *KEYWORDS, *END_PHRASES, *START_PHRASES)
+    for name in ("pretrain.json", "finetune.json"):
+        for rec in json.loads((data_dir / name).read_text(encoding="utf-8")):
+            for turn in rec["conversations"]:
+                yield turn["value"].replace("<image>", "")
+    for line in (data_dir / "if16.jsonl").read_text(encoding="utf-8").splitlines():
+        yield json.loads(line)["prompt"]
+
+
+def add_bos(backend) -> None:
+    """Prepend ``<s>`` on encode, as LLaMA tokenizers do (training adds it itself; inference relies on this)."""
+    from tokenizers import processors
+
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = SIZES["vocab_size"]):
+    """Byte-level BPE (exact round trip of any text, so formats like JSON and ``<<title>>`` survive)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    backend.train_from_iterator(texts, trainer=trainer)
+    add_bos(backend)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tok
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) 2D sin-cos position codes, row-major, unit RMS."""
+    quarter = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    parts = [f(c.reshape(-1, 1) * freq) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1) * (2**0.5)
+
+
+def write_init(data_dir: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Random-init ``out/vision`` (CLIP ViT + image processor) and ``out/llm`` (LLaMA + tokenizer)."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    tok = train_tokenizer(world_texts(data_dir))
+    torch.manual_seed(seed)
+    s = SIZES
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=IMAGE_SIZE, patch_size=s["patch_size"], hidden_size=s["vision_hidden"],
+            intermediate_size=4 * s["vision_hidden"], num_hidden_layers=s["vision_layers"],
+            num_attention_heads=s["vision_heads"], projection_dim=s["vision_hidden"],
+        )
+    )  # fmt: skip
+    with torch.no_grad():  # a fixed 2D sin-cos init (as in MAE) makes "where" learnable in minutes
+        pos = vision.embeddings.position_embedding.weight
+        pos[1:] = sincos_2d(IMAGE_SIZE // s["patch_size"], s["vision_hidden"]) * pos[1:].std() * 10
+        pos[0] = 0
+    vision.save_pretrained(out / "vision", safe_serialization=True)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(out / "vision")
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok), hidden_size=s["text_hidden"], intermediate_size=int(2.75 * s["text_hidden"]),
+            num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
+            num_key_value_heads=s["text_heads"], max_position_embeddings=1024, tie_word_embeddings=True,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        )
+    )  # fmt: skip
+    llm.save_pretrained(out / "llm", safe_serialization=True)
+    tok.save_pretrained(out / "llm")
+    return out / "vision", out / "llm"
+
+
+def ship(checkpoint: str | Path, dest: str | Path | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a trained checkpoint into the package (half-precision safetensors + processor files).
+
+    fp16 halves the size; `load_model` casts back to float32 on CPU.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dest = Path(dest) if dest is not None else Path(__file__).parent / "weights"
+    dest.mkdir(parents=True, exist_ok=True)
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, use_safetensors=True, dtype=dtype)
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoProcessor.from_pretrained(checkpoint).save_pretrained(dest)
+    for name in ("train_log.json",):
+        src = Path(checkpoint) / name
+        if src.is_file():
+            (dest / "stage2_train_log.json").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m unclutter.shapes.model init DATA OUT`` | ``ship CHECKPOINT [DEST]``."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) >= 3 and args[0] == "init":
+        print(*write_init(args[1], args[2]))
+    elif len(args) in (2, 3) and args[0] == "ship":
+        print(ship(args[1], args[2] if len(args) == 3 else None))
+    else:
+        raise SystemExit("usage: python -m unclutter.shapes.model init DATA_DIR OUT_DIR | ship CHECKPOINT [DEST]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The shapes world's language: questions with ground-truth answers, captions, and instruction-following
+answers built to satisfy IFEval's checkers exactly.
+
+A question has a short answer (for VQA-style scoring) and a one-sentence answer (the base that the
+instruction answers are built from). No template contains a comma, so "no commas" holds by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from ..ifeval import describe, follows
+from ..ifeval.suite import TASKS, _draw
+from .world import COLORS, NUMBER_WORDS, SHAPES, Scene
+
+QUESTION_TYPES = ("color", "shape", "count", "exist", "position")
+
+
+@dataclass(frozen=True)
+class QA:
+    kind: str  # one of QUESTION_TYPES
+    question: str
+    short: str  # the VQA answer
+    sentence: str  # the same fact as a sentence
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _count_sentence(n: int, what: str) -> str:
+    if n == 1:
+        return f"There is one {what}."
+    return f"There are {NUMBER_WORDS[n]} {_plural(what)}." if n else f"There are no {_plural(what)}."
+
+
+def ask(scene: Scene, kind: str, rng: random.Random) -> QA:
+    """One question of ``kind`` with an unambiguous answer for ``scene``."""
+    objs = scene.objects
+    if kind == "color":
+        shapes = [s for s in SHAPES if sum(o.shape == s for o in objs) == 1]
+        if shapes:
+            pick = rng.choice(shapes)
+            o = next(o for o in objs if o.shape == pick)
+            return QA(kind, f"What color is the {o.shape}?", o.color, f"The {o.shape} is {o.color}.")
+        kind = "count"
+    if kind == "shape":
+        colors = [c for c in COLORS if sum(o.color == c for o in objs) == 1]
+        if colors:
+            pick = rng.choice(colors)
+            o = next(o for o in objs if o.color == pick)
+            return QA(kind, f"What shape is the {o.color} object?", o.shape, f"The {o.color} object is a {o.shape}.")
+        kind = "count"
+    if kind == "count":
+        mode = rng.choice(("all", "color", "shape"))
+        if mode == "all":
+            n = len(objs)
+            return QA(kind, "How many shapes are there?", str(n), _count_sentence(n, "shape"))
+        if mode == "color":
+            c = rng.choice([o.color for o in objs] + list(COLORS))
+            n = sum(o.color == c for o in objs)
+            return QA(kind, f"How many {c} shapes are there?", str(n), _count_sentence(n, f"{c} shape"))
+        s = rng.choice([o.shape for o in objs] + list(SHAPES))
+        n = sum(o.shape == s for o in objs)
+        return QA(kind, f"How many {_plural(s)} are there?", str(n), _count_sentence(n, s))
+    if kind == "exist":
+        present = {(o.color, o.shape) for o in objs}
+        if rng.random() < 0.5:
+            c, s = rng.choice(sorted(present))
+        else:
+            near = [(o.color, s) for o in objs for s in SHAPES] + [(c, o.shape) for o in objs for c in COLORS]
+            absent = [p for p in near if p not in present]
+            c, s = rng.choice(absent)
+        q = f"Is there a {c} {s}?"
+        if (c, s) in present:
+            return QA(kind, q, "yes", f"Yes there is a {c} {s}.")
+        return QA(kind, q, "no", f"No there is no {c} {s}.")
+    if kind == "position":
+        o = rng.choice(objs)
+        return QA(kind, f"Where is the {o.name}?", o.position, f"The {o.name} is at the {o.position}.")
+    raise ValueError(f"unknown question type {kind!r}; choose from {QUESTION_TYPES}.")
+
+
+def facts(scene: Scene) -> list[str]:
+    """Sentences true of the scene (for bullets, sections, highlights and longer answers)."""
+    out = [_count_sentence(len(scene.objects), "shape")]
+    out += [f"The {o.name} is at the {o.position}." for o in scene.objects]
+    out += ["The background is textured.", "The shapes are easy to see."]
+    return out
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """A stage-1 caption naming every object and where it is, in reading order."""
+    parts = [f"a {o.name} at the {o.position}" for o in scene.objects]
+    listing = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+    n = len(scene.objects)
+    lead = rng.choice(("There is", "The image shows", "We see")) if n == 1 else f"There are {NUMBER_WORDS[n]} shapes:"
+    if n == 1 and lead == "There is":
+        return f"There is {listing}."
+    return f"{lead} {listing}."
+
+
+_PLACEHOLDERS = ("[location]", "[name]", "[date]")
+_TITLE = "<<About the Image>>"
+
+
+def instructed_answer(task: str, kwargs: dict, qa: QA, scene: Scene, more: int = 0) -> str:
+    """An answer to ``qa`` that follows the suite task ``task`` with ``kwargs`` (checked by the caller).
+
+    ``more`` adds that many scene facts to the case tasks: IFEval's case checkers also ask langdetect
+    for English, which short all-caps sentences can fail.
+    """
+    base = qa.sentence
+    extra = [f for f in facts(scene) if f != base]
+    if task == "T1":
+        return f"{base} {extra[0]}"
+    if task == "T2":
+        return " ".join([base, *extra[:more]]).lower()
+    if task == "T3":
+        return " ".join([base, *extra[:more]]).upper()
+    if task == "T4":
+        return f"{base} Fill in {' and '.join(_PLACEHOLDERS[: kwargs['num_placeholders']])}."
+    if task == "T5":
+        return f"{base}\n\n{kwargs['postscript_marker']} I hope this helps."
+    if task == "T6":
+        return f"{_TITLE}\n\n{base}"
+    if task == "T7":
+        return f"{base} This answer mentions {' and '.join(kwargs['keywords'])}."
+    if task == "T8":
+        return " ".join(f"*{s}*" for s in [base, *extra][: kwargs["num_highlights"]])
+    if task == "T9":
+        return json.dumps({"answer": qa.short})
+    if task == "T10":
+        parts = [base, *extra][: kwargs["num_sections"]]
+        return "\n\n".join(f"{kwargs['section_spliter']} {i + 1}\n{s}" for i, s in enumerate(parts))
+    if task == "T11":
+        return "\n".join(f"* {s}" for s in [base, *extra][: kwargs["num_bullets"]])
+    if task == "T12":
+        n = kwargs["num_sentences"] - 1 if kwargs["relation"] == "less than" else kwargs["num_sentences"]
+        return " ".join([base, *extra][: max(n, 1)])
+    if task == "T13":
+        if kwargs["relation"] == "less than":
+            return base
+        sentences = [base]
+        for s in extra * 4:
+            if len(" ".join(sentences).split()) >= kwargs["num_words"]:
+                break
+            sentences.append(s)
+        return " ".join(sentences)
+    if task == "T14":
+        return f"{base}\n******\n{qa.short.capitalize()}."
+    if task == "T15":
+        return f"{base} {kwargs['end_phrase']}"
+    if task == "T16":
+        phrase = kwargs["start_phrase"]
+        return f"{phrase} {base}" if phrase.endswith(".") else f"{phrase} {base[0].lower()}{base[1:]}"
+    raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}.")
+
+
+def instructed_turn(task: str, qa: QA, scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """(prompt, answer) for one instruction-following turn, phrased like the if16 suite; the answer is
+    verified with `unclutter.ifeval.follows` (a template that breaks a checker fails loudly here)."""
+    instruction_id = TASKS[task][0]
+    kwargs = _draw(task, rng)
+    prompt = f"{qa.question} {describe(instruction_id, kwargs)}"
+    for more in range(4 if task in ("T2", "T3") else 1):
+        answer = instructed_answer(task, kwargs, qa, scene, more)
+        if follows(instruction_id, kwargs, answer, prompt=prompt):
+            return prompt, answer
+    raise AssertionError(f"built answer fails {instruction_id} {kwargs}: {answer!r}")

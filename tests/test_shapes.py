@@ -1,0 +1,199 @@
+"""The shapes world: determinism, ground truth that matches the pixels, answers that pass IFEval's checkers,
+files the trainer and the harness accept, and the model starting point (tokenizer, random init)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from unclutter import ifeval
+from unclutter.evaluation.data import load_records
+from unclutter.ifeval.suite import TASKS
+from unclutter.shapes.dataset import build_shapes
+from unclutter.shapes.text import QUESTION_TYPES, ask, caption, instructed_turn
+from unclutter.shapes.world import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, render, sample_scene
+from unclutter.training.data import load_llava_json
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    counts = build_shapes(out, 40, seed=3, if_per_task=2)
+    return out, counts
+
+
+def _files(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
+    out, _ = world
+    build_shapes(tmp_path / "again", 40, seed=3, if_per_task=2)
+    build_shapes(tmp_path / "other", 40, seed=4, if_per_task=2)
+    assert _files(out) == _files(tmp_path / "again")
+    assert (out / "images/000000.png").read_bytes() != (tmp_path / "other/images/000000.png").read_bytes()
+
+
+def test_counts_and_formats_accepted_by_trainer_and_harness(world):
+    out, counts = world
+    assert counts == {"images": 40, "pretrain": 40, "finetune": 40, "vqa": 40, "if16": 32}
+    assert len(load_llava_json(out / "pretrain.json", out / "images")) == 40
+    assert len(load_llava_json(out / "finetune.json", out / "images")) == 40
+    vqa = load_records("gqa", out / "vqa.jsonl", out / "images")
+    assert {r["kind"] for r in vqa} == set(QUESTION_TYPES)
+    suite = load_records("if16", out / "if16.jsonl", out / "images")
+    assert sorted({r["task"] for r in suite}) == sorted(TASKS)
+
+
+def test_scenes_are_valid_and_pixels_match_ground_truth():
+    for seed in range(60):
+        scene = sample_scene(random.Random(seed))
+        objs = scene.objects
+        assert 1 <= len(objs) <= 4
+        assert len({(o.row, o.col) for o in objs}) == len(objs)  # distinct cells: positions are unambiguous
+        assert len({(o.color, o.shape) for o in objs}) == len(objs)
+        pixels = np.asarray(render(scene)).astype(int)
+        assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        for o in objs:
+            assert POSITIONS[int(o.cy // 32)][int(o.cx // 32)] == o.position  # the centre lies in its cell
+            centre = pixels[round(o.cy) - 1 : round(o.cy) + 2, round(o.cx) - 1 : round(o.cx) + 2].reshape(-1, 3)
+            # every shape covers its centre (the star's inner radius too) in its pure colour
+            assert np.abs(centre - np.array(COLORS[o.color])).max() <= 3, (seed, o)
+
+
+def test_background_has_no_saturated_colour():
+    scene = sample_scene(random.Random(0))
+    empty = type(scene)((), scene.background_seed)
+    px = np.asarray(render(empty)).astype(int)
+    saturation = px.max(axis=2) - px.min(axis=2)
+    assert np.percentile(saturation, 99) < 90  # shapes' colours have a spread of 130 or more
+    assert min(max(c) - min(c) for c in COLORS.values()) >= 130
+
+
+def test_answers_are_ground_truth():
+    for seed in range(80):
+        rng = random.Random(seed)
+        scene = sample_scene(rng)
+        objs = scene.objects
+        for kind in QUESTION_TYPES:
+            qa = ask(scene, kind, rng)
+            if qa.kind == "color":
+                shape = qa.question.split()[-1].rstrip("?")
+                assert [o.color for o in objs if o.shape == shape] == [qa.short]
+            elif qa.kind == "shape":
+                color = qa.question.split()[4]
+                assert [o.shape for o in objs if o.color == color] == [qa.short]
+            elif qa.kind == "count":
+                words = qa.question.split()
+                if words[2] == "shapes":
+                    assert int(qa.short) == len(objs)
+                elif words[2] in COLORS:
+                    assert int(qa.short) == sum(o.color == words[2] for o in objs)
+                else:
+                    shape = next(s for s in SHAPES if words[2].startswith(s))
+                    assert int(qa.short) == sum(o.shape == shape for o in objs)
+            elif qa.kind == "exist":
+                _, _, _, color, shape = qa.question.rstrip("?").split()
+                assert qa.short == ("yes" if any(o.color == color and o.shape == shape for o in objs) else "no")
+            else:
+                name = qa.question[len("Where is the ") : -1]
+                assert [o.position for o in objs if o.name == name] == [qa.short]
+            assert "," not in qa.sentence
+        text = caption(scene, rng)
+        assert all(f"{o.name} at the {o.position}" in text for o in objs)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_instructed_answers_follow_their_instruction(task):
+    for seed in range(25):
+        rng = random.Random(seed)
+        scene = sample_scene(rng)
+        qa = ask(scene, QUESTION_TYPES[seed % 5], rng)
+        prompt, answer = instructed_turn(task, qa, scene, rng)
+        assert prompt.startswith(qa.question)
+        iid = TASKS[task][0]
+        # re-derive the kwargs the way the checker would see them: from the prompt's instruction sentence
+        assert any(
+            ifeval.describe(iid, kw) in prompt and ifeval.follows(iid, kw, answer, prompt=prompt)
+            for kw in _kwarg_candidates(task, prompt)
+        ), (prompt, answer)
+
+
+def _kwarg_candidates(task, prompt):
+    """Every kwargs the suite can draw for ``task`` (small spaces), to find the one in ``prompt``."""
+    from itertools import product
+
+    from unclutter.ifeval.suite import END_PHRASES, KEYWORDS, START_PHRASES
+
+    spaces = {
+        "T4": [{"num_placeholders": n} for n in range(1, 4)],
+        "T5": [{"postscript_marker": m} for m in ("P.S.", "P.P.S")],
+        "T7": [{"keywords": [a]} for a in KEYWORDS] + [{"keywords": [a, b]} for a, b in product(KEYWORDS, KEYWORDS)],
+        "T8": [{"num_highlights": n} for n in range(1, 4)],
+        "T10": [{"section_spliter": s, "num_sections": n} for s in ("Section", "SECTION") for n in (2, 3)],
+        "T11": [{"num_bullets": n} for n in range(2, 5)],
+        "T12": [{"num_sentences": n, "relation": r} for n in range(1, 5) for r in ("less than", "at least")],
+        "T13": [{"num_words": n, "relation": r} for n in range(10, 51) for r in ("less than", "at least")],
+        "T15": [{"end_phrase": p} for p in END_PHRASES],
+        "T16": [{"start_phrase": p} for p in START_PHRASES],
+    }
+    return spaces.get(task, [{}])
+
+
+def test_finetune_conversations_mix_short_answers_and_instructions(world):
+    out, _ = world
+    records = json.loads((out / "finetune.json").read_text())
+    human = [t["value"] for r in records for t in r["conversations"] if t["from"] == "human"]
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+    assert sum("single word or phrase" in h for h in human) > len(human) / 3
+    assert sum(any(ifeval.describe(TASKS[t][0], {}) in h for t in ("T1", "T2", "T3", "T6", "T9", "T14")) for h in human)
+
+
+def test_data_shapes_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from unclutter.cli import app
+
+    res = CliRunner().invoke(app, ["data", "shapes", "--out", str(tmp_path / "w"), "--num", "5", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "w" / "images").glob("*.png"))) == 5
+    bad = CliRunner().invoke(app, ["data", "shapes", "--out", str(tmp_path / "x"), "--num", "0"])
+    assert bad.exit_code != 0 and "--num must be >= 1" in " ".join(bad.output.split())
+
+
+def test_tokenizer_round_trips_and_init_assembles(world, tmp_path):
+    from unclutter.shapes.model import write_init
+    from unclutter.training.trainer import assemble
+
+    out, _ = world
+    vision, llm = write_init(out, tmp_path / "init")
+    model, processor = assemble(str(vision), str(llm))
+    tok = processor.tokenizer
+    for text in ('{"answer": "red"}', "<<About the Image>>\n\nP.P.S ok", "* The red circle is at the top left."):
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert grid >= 12
+
+
+def test_inference_prompt_is_a_prefix_of_the_training_sequence(world, tmp_path):
+    """The v1 training sequence and `build_prompt` + processor agree token for token up to the answer,
+    and the answer's first token is the one generation starts with (no stray separator token)."""
+    from unclutter.evaluation.generation import build_prompt
+    from unclutter.shapes.model import write_init
+    from unclutter.training.data import encode_record
+    from unclutter.training.trainer import assemble
+
+    out, _ = world
+    _, processor = assemble(*map(str, write_init(out, tmp_path / "init")))
+    rec = json.loads((out / "finetune.json").read_text())[0]
+    enc = encode_record(rec, processor.tokenizer, "v1", image_tokens=144, max_length=2048)
+    question = rec["conversations"][0]["value"].replace("<image>\n", "")
+    image = __import__("PIL.Image").Image.open(out / "images" / rec["image"])
+    ids = processor(images=[image], text=[build_prompt(processor, question)])["input_ids"][0]
+    ids = list(ids)
+    assert enc.input_ids[: len(ids)] == ids
+    assert enc.labels[len(ids) - 1] == -100 and enc.labels[len(ids)] != -100  # the answer starts right there
+    first = processor.tokenizer.convert_ids_to_tokens(enc.input_ids[len(ids)])
+    assert first.startswith("Ġ") and len(first) > 1

@@ -1,0 +1,53 @@
+"""The shipped shapes model: present, safetensors only, small, and still good at its world.
+
+The numbers checked here are floors on a fresh held-out sample (the model card reports the full
+500-question / 400-prompt benchmark); they catch a broken checkpoint, tokenizer or prompt format.
+"""
+
+import random
+
+import pytest
+
+from unclutter.demo import SHIPPED, Item, correct, load, run_methods
+from unclutter.evaluation.runner import SHORT_ANSWER
+from unclutter.ifeval import describe
+from unclutter.ifeval.suite import TASKS, _draw
+from unclutter.shapes.text import QUESTION_TYPES, ask
+from unclutter.shapes.world import render, sample_scene
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load(None)
+
+
+def test_weights_are_safetensors_and_small():
+    files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
+    assert "model.safetensors" in files and not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in files)
+    assert sum(files.values()) < 25 * 2**20
+    assert "README.md" in files  # the model card
+
+
+def _items(n: int, seed: str):
+    vqa, ifs = [], []
+    for i in range(n):
+        rng = random.Random(f"{seed}:{i}")
+        scene = sample_scene(rng)
+        image = render(scene)
+        qa = ask(scene, QUESTION_TYPES[i % 5], rng)
+        vqa.append(Item(image, f"v{i}", f"{qa.question}\n{SHORT_ANSWER}", answer=qa.short))
+        task = list(TASKS)[i % 16]
+        iid, kw = TASKS[task][0], _draw(task, rng)
+        ifs.append(Item(image, f"i{i}", f"{qa.question} {describe(iid, kw)}", iid, kw, qa.short))
+    return vqa, ifs
+
+
+def test_shipped_model_answers_and_follows(shipped):
+    model, processor = shipped
+    vqa, ifs = _items(48, "shipped-model-test")
+    res = run_methods(model, processor, vqa + ifs, {"stock": {}}, max_new_tokens=64, batch=16)["stock"]
+    vqa_acc = sum(res["correct"][:48]) / 48
+    if_rate = sum(res["followed"][48:]) / 48
+    assert vqa_acc >= 0.3, vqa_acc  # measured 0.51 on 500 held-out; the target (0.9) is not met yet
+    assert if_rate >= 0.45, if_rate  # measured 0.68 on the 160-prompt suite
+    assert correct("The circle is red.", "red") and not correct("The circle is blue.", "red")
