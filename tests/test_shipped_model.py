@@ -1,19 +1,12 @@
 """The shipped shapes model: present, safetensors only, small, and still good at its world.
 
 The numbers checked here are floors on a fresh held-out sample (the model card reports the full
-500-question / 400-prompt benchmark); they catch a broken checkpoint, tokenizer or prompt format.
+500-question / 160-prompt benchmark); they catch a broken checkpoint, tokenizer or prompt format.
 """
-
-import random
 
 import pytest
 
-from unclutter.demo import SHIPPED, Item, correct, load, run_methods
-from unclutter.evaluation.runner import SHORT_ANSWER
-from unclutter.ifeval import describe
-from unclutter.ifeval.suite import TASKS, _draw
-from unclutter.shapes.text import QUESTION_TYPES, ask
-from unclutter.shapes.world import render, sample_scene
+from unclutter.demo import SHIPPED, bench_items, correct, load, run_methods
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +21,9 @@ def test_weights_are_safetensors_and_small():
     assert "README.md" in files  # the model card
 
 
-def _items(n: int, seed: str):
-    vqa, ifs = [], []
-    for i in range(n):
-        rng = random.Random(f"{seed}:{i}")
-        scene = sample_scene(rng)
-        image = render(scene)
-        qa = ask(scene, QUESTION_TYPES[i % 5], rng)
-        vqa.append(Item(image, f"v{i}", f"{qa.question}\n{SHORT_ANSWER}", answer=qa.short))
-        task = list(TASKS)[i % 16]
-        iid, kw = TASKS[task][0], _draw(task, rng)
-        ifs.append(Item(image, f"i{i}", f"{qa.question} {describe(iid, kw)}", iid, kw, qa.short))
-    return vqa, ifs
-
-
 def test_shipped_model_answers_and_follows(shipped):
     model, processor = shipped
-    vqa, ifs = _items(48, "shipped-model-test")
+    vqa, ifs = bench_items(48, "shipped-model-test")
     res = run_methods(model, processor, vqa + ifs, {"stock": {}}, max_new_tokens=64, batch=16)["stock"]
     vqa_acc = sum(res["correct"][:48]) / 48
     if_rate = sum(res["followed"][48:]) / 48

@@ -28,6 +28,11 @@ DEMO_SEED = 2026
 DEMO_TASKS = ("T3", "T9", "T11", "T15", "T6", "T2")  # visible formats: caps, JSON, bullets, end phrase...
 
 
+def _instruction(task: str, rng: random.Random) -> tuple[str, dict]:
+    """(instruction id, kwargs) of suite task ``task``, kwargs drawn as the if16 suite draws them."""
+    return TASKS[task][0], _draw(task, rng)
+
+
 @dataclass
 class Item:
     image: Image.Image
@@ -48,8 +53,7 @@ def shapes_items(num: int, seed: int = DEMO_SEED) -> list[Item]:
         rng = random.Random(f"unclutter-demo:{seed}:{i}")
         scene = sample_scene(rng)
         qa = ask(scene, QUESTION_TYPES[i % len(QUESTION_TYPES)], rng)
-        task = DEMO_TASKS[i % len(DEMO_TASKS)]
-        iid, kwargs = TASKS[task][0], _draw(task, rng)
+        iid, kwargs = _instruction(DEMO_TASKS[i % len(DEMO_TASKS)], rng)
         items.append(
             Item(render(scene), f"shapes-{i}", f"{qa.question} {describe(iid, kwargs)}", iid, kwargs, qa.short)
         )
@@ -63,8 +67,7 @@ def image_items(paths: list[Path], seed: int = DEMO_SEED) -> list[Item]:
     items = []
     for i, path in enumerate(paths):
         rng = random.Random(f"unclutter-demo:{seed}:{i}")
-        task = DEMO_TASKS[i % len(DEMO_TASKS)]
-        iid, kwargs = TASKS[task][0], _draw(task, rng)
+        iid, kwargs = _instruction(DEMO_TASKS[i % len(DEMO_TASKS)], rng)
         prompt = f"What objects are in the image? {describe(iid, kwargs)}"
         items.append(Item(open_image(Path(path)), Path(path).stem, prompt, iid, kwargs))
     return items
@@ -96,8 +99,7 @@ def run_methods(model, processor, items: list[Item], methods: dict[str, dict], m
 
     results = {}
     for name, configs in methods.items():
-        handle = apply(model, processor, **configs) if configs else None
-        try:
+        with apply(model, processor, **configs) as handle:  # stock ({}) too: the handle knows the token count
             start = time.perf_counter()
             answers: list[str] = []
             for s in range(0, len(items), batch):
@@ -107,10 +109,7 @@ def run_methods(model, processor, items: list[Item], methods: dict[str, dict], m
                     model, processor, prompts, [it.image for it in chunk], max_new_tokens=max_new_tokens
                 )
             seconds = time.perf_counter() - start
-            tokens = handle.num_image_tokens if handle else _stock_tokens(model)
-        finally:
-            if handle:
-                handle.remove()
+            tokens = handle.num_image_tokens
         results[name] = {
             "answers": answers,
             "followed": [
@@ -122,11 +121,6 @@ def run_methods(model, processor, items: list[Item], methods: dict[str, dict], m
             "seconds": seconds,
         }
     return results
-
-
-def _stock_tokens(model) -> int:
-    v = model.config.vision_config
-    return (v.image_size // v.patch_size) ** 2 + (1 if model.config.vision_feature_select_strategy == "full" else 0)
 
 
 def chart(summary: dict[str, dict], path: Path) -> Path:
@@ -152,7 +146,7 @@ def chart(summary: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def bench_items(num: int) -> tuple[list[Item], list[Item]]:
+def bench_items(num: int, seed: str = "unclutter-demo-bench") -> tuple[list[Item], list[Item]]:
     """The chart's benchmark: ``num`` short-answer VQA items and ``num`` instruction items (all 16 tasks)."""
     from .evaluation.runner import SHORT_ANSWER
     from .shapes.text import QUESTION_TYPES, ask
@@ -160,13 +154,12 @@ def bench_items(num: int) -> tuple[list[Item], list[Item]]:
 
     vqa, ifs = [], []
     for i in range(num):
-        rng = random.Random(f"unclutter-demo-bench:{i}")
+        rng = random.Random(f"{seed}:{i}")
         scene = sample_scene(rng)
         image = render(scene)
         qa = ask(scene, QUESTION_TYPES[i % len(QUESTION_TYPES)], rng)
         vqa.append(Item(image, f"vqa-{i}", f"{qa.question}\n{SHORT_ANSWER}", answer=qa.short))
-        task = list(TASKS)[i % len(TASKS)]
-        iid, kwargs = TASKS[task][0], _draw(task, rng)
+        iid, kwargs = _instruction(list(TASKS)[i % len(TASKS)], rng)
         ifs.append(Item(image, f"if-{i}", f"{qa.question} {describe(iid, kwargs)}", iid, kwargs))
     return vqa, ifs
 

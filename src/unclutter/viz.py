@@ -177,15 +177,15 @@ def visualize(
         answer = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
         infos = list(handle.stage_infos)
         state = handle.cmai_state
-        trace = {layer: steps for layer, steps in state.trace.items()}
+        trace = dict(state.trace)
         gammas = dict(state.gammas)
-        stages_meta = [(st.layer, st.tokens_in) for st in handle.stages]
+        blocks = [st.layer for st in handle.stages]
     finally:
         handle.remove()
 
-    grid = int(math.isqrt(infos[0].importance.shape[1])) if infos else None
-    if grid is None:
+    if not infos:
         raise ValueError("VMTC ran no stage on this model; nothing to draw.")
+    grid = math.isqrt(infos[0].importance.shape[1])
     img = shown_image(processor, image)
     stages = trace_groups(infos, grid * grid)
     paths = {
@@ -194,7 +194,7 @@ def visualize(
             stages,
             grid,
             out_dir / f"{prefix}vmtc_tokens.png",
-            titles=[f"block {layer}" for layer, _ in stages_meta],
+            titles=[f"block {layer}" for layer in blocks],
         )  # fmt: skip
     }
     token_index = min(token_index, len(new) - 1)

@@ -135,10 +135,9 @@ def ship(checkpoint: str | Path, dest: str | Path | None = None, dtype: torch.dt
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, use_safetensors=True, dtype=dtype)
     model.save_pretrained(dest, safe_serialization=True)
     AutoProcessor.from_pretrained(checkpoint).save_pretrained(dest)
-    for name in ("train_log.json",):
-        src = Path(checkpoint) / name
-        if src.is_file():
-            (dest / "stage2_train_log.json").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    log = Path(checkpoint) / "train_log.json"
+    if log.is_file():
+        (dest / "stage2_train_log.json").write_text(log.read_text(encoding="utf-8"), encoding="utf-8")
     return dest
 
 

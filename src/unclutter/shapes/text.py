@@ -36,21 +36,26 @@ def _count_sentence(n: int, what: str) -> str:
     return f"There are {NUMBER_WORDS[n]} {_plural(what)}." if n else f"There are no {_plural(what)}."
 
 
+def _unique(objs, attr: str, values, rng: random.Random):
+    """An object picked by a value of ``attr`` that exactly one object has (None if no value is unique)."""
+    unique = [v for v in values if sum(getattr(o, attr) == v for o in objs) == 1]
+    if not unique:
+        return None
+    pick = rng.choice(unique)
+    return next(o for o in objs if getattr(o, attr) == pick)
+
+
 def ask(scene: Scene, kind: str, rng: random.Random) -> QA:
     """One question of ``kind`` with an unambiguous answer for ``scene``."""
     objs = scene.objects
     if kind == "color":
-        shapes = [s for s in SHAPES if sum(o.shape == s for o in objs) == 1]
-        if shapes:
-            pick = rng.choice(shapes)
-            o = next(o for o in objs if o.shape == pick)
+        o = _unique(objs, "shape", SHAPES, rng)
+        if o is not None:
             return QA(kind, f"What color is the {o.shape}?", o.color, f"The {o.shape} is {o.color}.")
         kind = "count"
     if kind == "shape":
-        colors = [c for c in COLORS if sum(o.color == c for o in objs) == 1]
-        if colors:
-            pick = rng.choice(colors)
-            o = next(o for o in objs if o.color == pick)
+        o = _unique(objs, "color", COLORS, rng)
+        if o is not None:
             return QA(kind, f"What shape is the {o.color} object?", o.shape, f"The {o.color} object is a {o.shape}.")
         kind = "count"
     if kind == "count":
