@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from unclutter import CMAIConfig, VMTCConfig, apply
 from unclutter.cli import app
+from unclutter.demo import correct
 from unclutter.evaluation.generation import build_prompt
 from unclutter.viz import inhibition_grid, trace_groups
 from unclutter.vmtc import VMTCInfo
@@ -81,3 +82,9 @@ def test_demo_on_a_given_model_and_image(model_dir, tmp_path, images):
         assert (tmp_path / "d" / name).is_file()
     missing = CliRunner().invoke(app, ["demo", "--image", str(tmp_path / "nope.png")])
     assert missing.exit_code != 0 and "no such file" in " ".join(missing.output.split())
+
+
+def test_correct_matches_whole_words():
+    assert correct("red", "red") and correct("The circle is red.", "red") and not correct("The circle is blue.", "red")
+    assert correct("It is at the top left.", "top left") and not correct("There are 12 shapes.", "2")
+    assert not correct("I am tired.", "red")

@@ -89,7 +89,8 @@ def correct(prediction: str, answer: str) -> bool:
     if gqa_match(prediction, answer):
         return True
     words = "".join(ch.lower() if ch.isalnum() else " " for ch in prediction).split()
-    return answer.lower() in words or " ".join(answer.lower().split()) in " ".join(words)
+    # whole words only: "2" must not match "12", "red" must not match "tired"
+    return f" {' '.join(answer.lower().split())} " in f" {' '.join(words)} "
 
 
 def run_methods(model, processor, items: list[Item], methods: dict[str, dict], max_new_tokens: int, batch: int = 8):
