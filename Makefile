@@ -25,12 +25,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/unclutter demo
 
-# Rebuild the shipped model from nothing (about 35 min on 2 CPU cores): world -> tokenizer and
-# random init -> stage 1 (captions) -> stage 2 (conversations) -> fp16 copy into the package.
+# Rebuild the shipped model from nothing (about 30 min on 2 CPU cores): world -> tokenizer and random
+# init -> ViT pretrained on the world's ground truth -> stage 1 (captions) -> stage 2 (conversations)
+# -> fp16 copy into the package.
 shapes-model: $(STAMP)
 	$(BIN)/unclutter data shapes --out build/shapes/train --num 8000 --seed 0
 	$(BIN)/unclutter data shapes --out build/shapes/test --num 500 --seed 1 --if-per-task 10
 	$(BIN)/python -m unclutter.shapes.model init build/shapes/train build/shapes/init
+	$(BIN)/python -m unclutter.shapes.model vision build/shapes/train build/shapes/init/vision build/shapes/vision
 	$(BIN)/unclutter train --config configs/shapes/pretrain.yaml
 	$(BIN)/unclutter train --config configs/shapes/finetune.yaml
 	$(BIN)/python -m unclutter.shapes.model ship build/shapes/stage2

@@ -28,13 +28,13 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 def _conversation(scene, rng: random.Random, turns: int, if_rate: float) -> list[dict]:
-    """Alternating human/gpt turns: short answers, a sentence answer, maybe one instruction turn."""
+    """Alternating human/gpt turns: short answers, sentence answers, instruction turns (each turn is one
+    with probability ``if_rate``)."""
     kinds = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
     conv = []
-    if_turn = rng.randrange(turns) if rng.random() < if_rate else -1
     for t in range(turns):
         qa = ask(scene, kinds[t % len(kinds)], rng)
-        if t == if_turn:
+        if rng.random() < if_rate:
             prompt, answer = instructed_turn(rng.choice(list(TASKS)), qa, scene, rng)
         elif rng.random() < 0.2:
             prompt, answer = qa.question, qa.sentence
@@ -51,8 +51,8 @@ def build_shapes(
     num: int,
     seed: int = 0,
     *,
-    turns: tuple[int, int] = (3, 5),
-    if_rate: float = 0.7,
+    turns: tuple[int, int] = (6, 10),
+    if_rate: float = 0.2,
     if_per_task: int | None = None,
 ) -> dict[str, int]:
     """Write ``num`` images and every file above under ``out``; returns counts per file.
@@ -75,7 +75,7 @@ def build_shapes(
         pretrain.append(
             {"id": f"cap-{i:06d}", "image": name, "conversations": [
                 {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nDescribe the image briefly."},
-                {"from": "gpt", "value": caption(scene, rng)},
+                {"from": "gpt", "value": caption(scene)},
             ]}
         )  # fmt: skip
         finetune.append(

@@ -96,15 +96,15 @@ def facts(scene: Scene) -> list[str]:
     return out
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A stage-1 caption naming every object and where it is, in reading order."""
-    parts = [f"a {o.name} at the {o.position}" for o in scene.objects]
-    listing = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+def caption(scene: Scene) -> str:
+    """A stage-1 caption: the count, then every object in reading order, position first.
+
+    Position first lets the LLM look up a cell before it names what is there, so every colour and shape
+    word is a direct read-out of that cell's patches: the strongest signal for a from-scratch ViT.
+    """
     n = len(scene.objects)
-    lead = rng.choice(("There is", "The image shows", "We see")) if n == 1 else f"There are {NUMBER_WORDS[n]} shapes:"
-    if n == 1 and lead == "There is":
-        return f"There is {listing}."
-    return f"{lead} {listing}."
+    head = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
+    return " ".join([head, *(f"{o.position.capitalize()}: a {o.name}." for o in scene.objects)])
 
 
 _PLACEHOLDERS = ("[location]", "[name]", "[date]")

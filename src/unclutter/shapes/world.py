@@ -76,7 +76,7 @@ def sample_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
             if pair not in pairs:
                 pairs.add(pair)
                 break
-        radius = rng.uniform(0.28, 0.42) * cell
+        radius = rng.uniform(0.40, 0.48) * cell
         slack = cell / 2 - radius
         row, col = divmod(c, 3)
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
