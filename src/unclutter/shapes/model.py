@@ -24,7 +24,7 @@ import torch
 from ..evaluation.generation import LLAVA_SYSTEM
 from ..evaluation.runner import SHORT_ANSWER
 from ..ifeval.suite import END_PHRASES, KEYWORDS, START_PHRASES
-from .world import COLORS, IMAGE_SIZE, SHAPES
+from .world import COLORS, IMAGE_SIZE, POSITIONS, SHAPES
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 SIZES = {
@@ -130,11 +130,14 @@ def write_init(data_dir: str | Path, out: str | Path, seed: int = 0) -> tuple[Pa
     return out / "vision", out / "llm"
 
 
-def _cell_labels(scene: dict, grid: int = 3) -> tuple[list[int], list[int]]:
+CELLS = len(POSITIONS)  # the world's grid is CELLS x CELLS
+
+
+def _cell_labels(scene: dict) -> tuple[list[int], list[int]]:
     """Per grid cell (row-major): shape and colour class, 0 = empty cell."""
-    shapes, colors = [0] * grid * grid, [0] * grid * grid
+    shapes, colors = [0] * CELLS * CELLS, [0] * CELLS * CELLS
     for o in scene["objects"]:
-        cell = o["row"] * grid + o["col"]
+        cell = o["row"] * CELLS + o["col"]
         shapes[cell], colors[cell] = 1 + SHAPES.index(o["shape"]), 1 + list(COLORS).index(o["color"])
     return shapes, colors
 
@@ -146,7 +149,7 @@ def pretrain_vision(
     """Train the ViT so that every patch token says where it is and what its grid cell holds.
 
     Three linear heads read each patch token at ``hidden_states[-2]`` (what LLaVA reads,
-    ``vision_feature_layer=-2``) and classify its cell (9), the cell's shape and the cell's colour (empty
+    ``vision_feature_layer=-2``) and classify its cell, the cell's shape and the cell's colour (empty
     is a class); they are thrown away afterwards. Cell-level labels on every patch make a cell's tokens
     agree, so the LLM can count by attention mass and find an object from any of its tokens. The last
     ``holdout`` scenes are held out for the per-patch accuracies written to ``out/vision_pretrain.json``,
@@ -165,13 +168,13 @@ def pretrain_vision(
     torch.manual_seed(seed)
     tower = CLIPVisionModel.from_pretrained(vision_dir, use_safetensors=True)
     grid = tower.config.image_size // tower.config.patch_size
-    rows = torch.arange(grid * grid) // grid
-    cell_of_patch = (rows * 3 // grid) * 3 + (torch.arange(grid * grid) % grid) * 3 // grid  # (P,)
-    per_cell = torch.tensor([_cell_labels(s) for s in scenes])  # (N, 2, 9)
+    rows, cols = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    cell_of_patch = (rows * CELLS // grid) * CELLS + cols * CELLS // grid  # (P,)
+    per_cell = torch.tensor([_cell_labels(s) for s in scenes])  # (N, 2, CELLS*CELLS)
     labels = torch.cat([per_cell[:, :, cell_of_patch], cell_of_patch.expand(len(scenes), 1, -1)], dim=1)  # (N, 3, P)
     names = ("shape", "color", "cell")
     heads = torch.nn.ModuleList(
-        [torch.nn.Linear(tower.config.hidden_size, n) for n in (1 + len(SHAPES), 1 + len(COLORS), 9)]
+        [torch.nn.Linear(tower.config.hidden_size, n) for n in (1 + len(SHAPES), 1 + len(COLORS), CELLS * CELLS)]
     )
 
     def logits(x: torch.Tensor) -> list[torch.Tensor]:
