@@ -1,4 +1,4 @@
-# `make test` creates .venv on first use. CPU torch is installed first so that no
+# `make test` and `make demo` create .venv on first use. CPU torch is installed first so that no
 # CUDA wheels are pulled on machines without a GPU (set TORCH_SPEC to override).
 PYTHON ?= python3
 VENV := .venv
