@@ -216,7 +216,7 @@ def test_cell_labels_match_the_scene(world):
 
 
 def test_pretrain_vision_learns_and_writes_a_loadable_tower(world, tmp_path):
-    """A few steps on 40 images: the loss falls, the tower loads in `assemble`, and only it changed shape-wise."""
+    """A few steps on 40 images: the loss falls, the weights change, and `assemble` loads the new tower."""
     from transformers import CLIPVisionModel
 
     from unclutter.shapes.model import pretrain_vision, write_init
