@@ -23,6 +23,7 @@ import torch
 
 from ..evaluation.generation import LLAVA_SYSTEM
 from ..evaluation.runner import SHORT_ANSWER
+from ..ifeval.scoring import read_jsonl
 from ..ifeval.suite import END_PHRASES, KEYWORDS, START_PHRASES
 from .world import COLORS, IMAGE_SIZE, POSITIONS, SHAPES
 
@@ -159,7 +160,7 @@ def pretrain_vision(
     from transformers import AutoImageProcessor, CLIPVisionModel
 
     data_dir, out = Path(data_dir), Path(out)
-    scenes = [json.loads(line) for line in (data_dir / "scenes.jsonl").read_text(encoding="utf-8").splitlines()]
+    scenes = [scene for _, scene in read_jsonl(data_dir / "scenes.jsonl")]
     if len(scenes) <= holdout:
         raise ValueError(f"{data_dir}: {len(scenes)} scenes; need more than the {holdout} held out.")
     processor = AutoImageProcessor.from_pretrained(vision_dir)
