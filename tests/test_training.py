@@ -136,6 +136,25 @@ def test_lora_finetune_merges_into_a_plain_checkpoint(base_dir, tmp_path):
     assert not torch.equal(model.state_dict()[key], base.state_dict()[key])
 
 
+def test_bf16_mixed_precision_trains_on_cpu_over_fp32_weights(base_dir, tmp_path):
+    """``bf16: true`` is autocast over fp32 master weights (the Trainer refused bf16 on CPU without use_cpu,
+    and bf16 weights would drop AdamW's small updates); the checkpoint stays fp32."""
+    from safetensors import safe_open
+
+    data, images = make_data(tmp_path, n=8, stage="finetune")
+    out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / "b"),
+                            max_steps=6, batch_size=4, per_device_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0,
+                            bf16=True))  # fmt: skip
+    history = losses(out)
+    assert all(torch.isfinite(torch.tensor(history))) and history[-1] < history[0]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        assert {f.get_slice(name).get_dtype() for name in names} == {"F32"}
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    key = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(LlavaForConditionalGeneration.from_pretrained(out).state_dict()[key], base.state_dict()[key])
+
+
 def test_label_masking():
     tok = tiny_tokenizer()
     rec = {"id": "x", "image": "a.png", "conversations": [

@@ -268,7 +268,8 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
         q_pos = ch.past + torch.arange(q_len, device=query.device)
         attention_mask = (torch.arange(kv_len, device=query.device)[None] <= q_pos[:, None])[None, None]
     allowed = attention_mask.expand(bsz, 1, q_len, kv_len)
-    with torch.no_grad():
+    # autocast off: under bf16 mixed precision the matmuls below would drop to bf16 and shift the quantile
+    with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
         a = _head_mean_probs(query[:, :, ch.start :], key, allowed[:, :, ch.start :], scaling)
         inhibit = _inhibited(state, layer, gamma, a)  # (B, q_new, n)
         if state.tracing:

@@ -133,17 +133,19 @@ def _vmtc_block_forward(stage: VMTCStage, handle: Handle):
         b, t, _ = grab["q"].shape
         q = grab["q"][:, :1].view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k = grab["k"].view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        importance = vmtc_math.cls_importance(q, k, attn.scale)
-        if importance.shape[1] != stage.tokens_in:
+        if k.shape[2] - 1 != stage.tokens_in:
             raise ValueError(
                 f"VMTC stage at block {stage.layer} expected {stage.tokens_in} patch tokens, got "
-                f"{importance.shape[1]}: the image size does not match the vision config."
+                f"{k.shape[2] - 1}: the image size does not match the vision config."
             )
         cfg = handle.vmtc
-        hidden_states, info = vmtc_math.compress(
-            hidden_states, importance, stage.keep, stage.clusters,
-            merge=cfg.merge, normalize=cfg.normalize, iters=cfg.kmeans_iters,
-        )  # fmt: skip
+        # autocast off: importance, K-means and merges run in float32 even under bf16 mixed precision
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            importance = vmtc_math.cls_importance(q, k, attn.scale)
+            hidden_states, info = vmtc_math.compress(
+                hidden_states, importance, stage.keep, stage.clusters,
+                merge=cfg.merge, normalize=cfg.normalize, iters=cfg.kmeans_iters,
+            )  # fmt: skip
         if stage is handle.stages[0]:
             handle.stage_infos = []
         handle.stage_infos.append(info)

@@ -126,7 +126,9 @@ def _load(cfg: TrainConfig):
     if cfg.model is not None:
         from ..evaluation.generation import load_model
 
-        model, processor = load_model(cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", device="cpu")
+        # fp32 weights even with bf16: the Trainer's autocast (or DeepSpeed's bf16 engine) does mixed precision
+        # over fp32 master weights; AdamW steps on bf16 weights would lose small updates
+        model, processor = load_model(cfg.model, dtype="float32", device="cpu")
     else:
         model, processor = assemble(cfg.vision, cfg.llm)
     processor.tokenizer.padding_side = "right"
@@ -196,6 +198,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
         output_dir=cfg.output, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate or lr_default, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),  # also what lets bf16 autocast run on CPU
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed,
         deepspeed=cfg.deepspeed, report_to=[], remove_unused_columns=False,
         dataloader_num_workers=cfg.dataloader_workers, disable_tqdm=True,
