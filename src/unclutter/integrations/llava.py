@@ -133,10 +133,11 @@ def _vmtc_block_forward(stage: VMTCStage, handle: Handle):
         b, t, _ = grab["q"].shape
         q = grab["q"][:, :1].view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k = grab["k"].view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        if k.shape[2] - 1 != stage.tokens_in:
+        patches = t - 1  # tokens after CLS
+        if patches != stage.tokens_in:
             raise ValueError(
                 f"VMTC stage at block {stage.layer} expected {stage.tokens_in} patch tokens, got "
-                f"{k.shape[2] - 1}: the image size does not match the vision config."
+                f"{patches}: the image size does not match the vision config."
             )
         cfg = handle.vmtc
         # autocast off: importance, K-means and merges run in float32 even under bf16 mixed precision
