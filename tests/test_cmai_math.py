@@ -103,3 +103,11 @@ def test_gamma_schedule_linear_over_depth():
         cmai.gamma_schedule(4, layers=[1, 2], gammas=[0.2])
     with pytest.raises(ValueError, match="do not exist"):
         cmai.gamma_schedule(4, layers=[7])
+
+
+def test_focus_scores_ignore_a_callers_bf16_autocast():
+    a_t2t, a_t2i = (a.float() for a in random_attention(9, 20, 4))
+    reference = cmai.focus_scores(a_t2t, a_t2i)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = cmai.focus_scores(a_t2t, a_t2i)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, reference)

@@ -128,3 +128,22 @@ def test_stage_layers_and_counts():
     assert vmtc.stage_token_counts(576, 36, 4) == [288, 144, 72, 36]
     with pytest.raises(ValueError, match="exceeds"):
         vmtc.stage_layers(2, 5)
+
+
+def test_pure_functions_ignore_a_callers_bf16_autocast():
+    """Ranking, K-means and merging give bit-identical results inside ``torch.autocast(bf16)``."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 33, 16, generator=g), torch.randn(2, 4, 33, 16, generator=g)
+    x = torch.randn(2, 33, 24, generator=g)
+
+    def run():
+        imp = vmtc.cls_importance(q, k, 0.25)
+        tokens, info = vmtc.compress(x, imp, keep=12, clusters=5)
+        return imp, tokens, info.cluster, kmeans.cosine_kmeans(x[:, 1:], 6)
+
+    reference = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run()
+        assert (q @ k.transpose(-1, -2)).dtype == torch.bfloat16  # autocast is really on here
+    for want, got in zip(reference, mixed, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)

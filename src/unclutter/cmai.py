@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._amp import autocast_off
 from .config import check_gamma
 
 FOCUS_MODES = ("paper", "tia", "sum", "discounted")
@@ -43,6 +44,7 @@ def text_weights(
     raise ValueError(f"focus must be one of {FOCUS_MODES}, got {mode!r}.")
 
 
+@autocast_off
 def focus_scores(
     a_t2t: torch.Tensor, a_t2i: torch.Tensor, *, mode: str = "paper", discount: float = 0.9
 ) -> torch.Tensor:

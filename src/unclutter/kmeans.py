@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._amp import autocast_off
+
 
 def _fill_empty_clusters(assign: torch.Tensor, sim_to_own: torch.Tensor, c: int) -> torch.Tensor:
     """Move the worst-fitting point of a multi-member cluster into each empty cluster.
@@ -37,6 +39,7 @@ def _fill_empty_clusters(assign: torch.Tensor, sim_to_own: torch.Tensor, c: int)
     return assign
 
 
+@autocast_off
 def cosine_kmeans(x: torch.Tensor, c: int, iters: int = 10) -> torch.Tensor:
     """Cluster points by cosine similarity.
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._amp import autocast_off
 from .kmeans import cosine_kmeans
 
 
@@ -35,6 +36,7 @@ class VMTCInfo:
         return int(self.cluster.max().item()) + 1 if self.cluster.numel() else 0
 
 
+@autocast_off
 def cls_importance(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """Head-averaged softmax attention of the CLS query (position 0) to every patch key.
 
@@ -45,6 +47,7 @@ def cls_importance(query: torch.Tensor, key: torch.Tensor, scale: float) -> torc
     return logits.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
 
 
+@autocast_off
 def compress(
     x: torch.Tensor,
     importance: torch.Tensor,

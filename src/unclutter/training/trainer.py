@@ -198,7 +198,8 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
         output_dir=cfg.output, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate or lr_default, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
-        use_cpu=not torch.cuda.is_available(),  # also what lets bf16 autocast run on CPU
+        # only without any accelerator (CUDA, MPS, XPU...): also what lets bf16 autocast run on CPU
+        use_cpu=not torch.accelerator.is_available(),
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed,
         deepspeed=cfg.deepspeed, report_to=[], remove_unused_columns=False,
         dataloader_num_workers=cfg.dataloader_workers, disable_tqdm=True,

@@ -1,0 +1,30 @@
+"""One decorator shared by the pure method functions (vmtc, cmai, kmeans)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+
+def autocast_off(fn: F) -> F:
+    """Run ``fn`` with autocast disabled on the device of its first tensor argument.
+
+    Rankings, quantiles, K-means and weighted merges must not drop to bf16/fp16 under a caller's
+    mixed-precision context: a rounded score reorders ties and moves a quantile. Inputs keep their
+    dtype; the functions cast to float32 themselves where it matters.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if tensor is None:
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=tensor.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
