@@ -120,8 +120,10 @@ def test_killed_training_resumes_from_last_checkpoint(base_dir, tmp_path):
         train(cfg, callbacks=[StopAt(5)])
     assert (tmp_path / "o" / "checkpoint-4").is_dir() and not (tmp_path / "o" / "config.json").exists()
     train(cfg)
-    steps = [h["step"] for h in json.loads((tmp_path / "o" / "train_log.json").read_text())["log"]]
+    log = json.loads((tmp_path / "o" / "train_log.json").read_text())
+    steps = [h["step"] for h in log["log"]]
     assert steps[-1] == 6 and 5 in steps and (tmp_path / "o" / "model.safetensors").is_file()
+    assert log["summary"]["train_runtime"] > 0  # wall time of the (resumed) run, for recipes' time budgets
 
 
 def test_lora_finetune_merges_into_a_plain_checkpoint(base_dir, tmp_path):

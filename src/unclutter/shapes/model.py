@@ -146,6 +146,7 @@ def _cell_labels(scene: dict) -> tuple[list[int], list[int]]:
 def pretrain_vision(
     data_dir: str | Path, vision_dir: str | Path, out: str | Path, *,
     steps: int = 400, batch_size: int = 32, lr: float = 1e-3, holdout: int = 500, seed: int = 0,
+    shape_weight: float = 1.0,
 ) -> dict:  # fmt: skip
     """Train the ViT so that every patch token says where it is and what its grid cell holds.
 
@@ -154,7 +155,9 @@ def pretrain_vision(
     is a class); they are thrown away afterwards. Cell-level labels on every patch make a cell's tokens
     agree, so the LLM can count by attention mass and find an object from any of its tokens. The last
     ``holdout`` scenes are held out for the per-patch accuracies written to ``out/vision_pretrain.json``,
-    which is also returned.
+    which is also returned. ``shape_weight`` scales the shape loss (1 as shipped). At 3, shape takes 57% of the
+    occupied patches' feature variance instead of 33% (colour 18% instead of 39%), and the trained LLM then
+    finds objects by shape well and by colour badly: the model card's run K.
     """
     from PIL import Image
     from transformers import AutoImageProcessor, CLIPVisionModel
@@ -193,8 +196,8 @@ def pretrain_vision(
     for step in range(steps):
         idx = torch.randint(0, train_n, (batch_size,))
         loss = sum(
-            torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[idx, k].flatten())
-            for k, lg in enumerate(logits(pixels[idx]))
+            weight * torch.nn.functional.cross_entropy(lg.flatten(0, 1), labels[idx, k].flatten())
+            for k, (lg, weight) in enumerate(zip(logits(pixels[idx]), (shape_weight, 1.0, 1.0), strict=True))
         )
         opt.zero_grad()
         loss.backward()
@@ -206,7 +209,7 @@ def pretrain_vision(
     tower.eval()
     with torch.no_grad():
         preds = [logits(pixels[i : i + 64]) for i in range(train_n, len(scenes), 64)]
-    result = {"steps": steps, "batch_size": batch_size, "lr": lr, "log": log}
+    result = {"steps": steps, "batch_size": batch_size, "lr": lr, "shape_weight": shape_weight, "log": log}
     occupied = labels[train_n:, 0] > 0
     for k, name in enumerate(names):
         right = torch.cat([p[k].argmax(-1) for p in preds]) == labels[train_n:, k]
@@ -241,20 +244,32 @@ def ship(checkpoint: str | Path, dest: str | Path | None = None, dtype: torch.dt
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m unclutter.shapes.model init DATA OUT`` | ``vision DATA INIT_VISION OUT`` | ``ship CKPT [DEST]``."""
-    import sys
+    import argparse
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) >= 3 and args[0] == "init":
-        print(*write_init(args[1], args[2]))
-    elif len(args) == 4 and args[0] == "vision":
-        print(json.dumps(pretrain_vision(args[1], args[2], args[3])))
-    elif len(args) in (2, 3) and args[0] == "ship":
-        print(ship(args[1], args[2] if len(args) == 3 else None))
-    else:
-        raise SystemExit(
-            "usage: python -m unclutter.shapes.model init DATA_DIR OUT_DIR | vision DATA_DIR INIT_VISION_DIR OUT_DIR"
-            " | ship CHECKPOINT [DEST]"
+    parser = argparse.ArgumentParser(prog="python -m unclutter.shapes.model")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("init", help="tokenizer + random-init ViT and LLaMA")
+    p.add_argument("data_dir")
+    p.add_argument("out_dir")
+    p = sub.add_parser("vision", help="pretrain the ViT on the world's ground truth")
+    p.add_argument("data_dir")
+    p.add_argument("init_vision_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps (batch 32)")
+    p.add_argument("--shape-weight", type=float, default=1.0, help="weight of the shape loss (1 as shipped)")
+    p = sub.add_parser("ship", help="copy a checkpoint into the package (fp16 safetensors)")
+    p.add_argument("checkpoint")
+    p.add_argument("dest", nargs="?")
+    args = parser.parse_args(argv)
+    if args.cmd == "init":
+        print(*write_init(args.data_dir, args.out_dir))
+    elif args.cmd == "vision":
+        result = pretrain_vision(
+            args.data_dir, args.init_vision_dir, args.out_dir, steps=args.steps, shape_weight=args.shape_weight
         )
+        print(json.dumps(result))
+    else:
+        print(ship(args.checkpoint, args.dest))
 
 
 if __name__ == "__main__":

@@ -227,7 +227,8 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     processor.tokenizer.padding_side = "left"
     processor.save_pretrained(cfg.output)
     history = [h for h in trainer.state.log_history if "loss" in h]
+    summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     (Path(cfg.output) / "train_log.json").write_text(
-        json.dumps({"config": dataclasses.asdict(cfg), "log": history}, indent=2)
+        json.dumps({"config": dataclasses.asdict(cfg), "log": history, "summary": summary}, indent=2)
     )
     return Path(cfg.output)
