@@ -140,13 +140,12 @@ def _vmtc_block_forward(stage: VMTCStage, handle: Handle):
                 f"{patches}: the image size does not match the vision config."
             )
         cfg = handle.vmtc
-        # autocast off: importance, K-means and merges run in float32 even under bf16 mixed precision
-        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            importance = vmtc_math.cls_importance(q, k, attn.scale)
-            hidden_states, info = vmtc_math.compress(
-                hidden_states, importance, stage.keep, stage.clusters,
-                merge=cfg.merge, normalize=cfg.normalize, iters=cfg.kmeans_iters,
-            )  # fmt: skip
+        # both run with autocast off themselves: float32 ranking and merging even under bf16 mixed precision
+        importance = vmtc_math.cls_importance(q, k, attn.scale)
+        hidden_states, info = vmtc_math.compress(
+            hidden_states, importance, stage.keep, stage.clusters,
+            merge=cfg.merge, normalize=cfg.normalize, iters=cfg.kmeans_iters,
+        )  # fmt: skip
         if stage is handle.stages[0]:
             handle.stage_infos = []
         handle.stage_infos.append(info)
