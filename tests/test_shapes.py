@@ -89,11 +89,11 @@ def test_answers_are_ground_truth():
                 words = qa.question.split()
                 if words[2] == "shapes":
                     assert int(qa.short) == len(objs)
-                elif words[2] in COLORS:
-                    assert int(qa.short) == sum(o.color == words[2] for o in objs)
-                else:
-                    shape = next(s for s in SHAPES if words[2].startswith(s))
-                    assert int(qa.short) == sum(o.shape == shape for o in objs)
+                else:  # the attribute as an adjective, never a plural noun ("square shapes", not "squares")
+                    assert words[3] == "shapes" and words[2] in (*COLORS, *SHAPES)
+                    attr = "color" if words[2] in COLORS else "shape"
+                    assert int(qa.short) == sum(getattr(o, attr) == words[2] for o in objs)
+                    assert qa.sentence.split()[-2] == words[2] and qa.sentence.endswith(("shape.", "shapes."))
             elif qa.kind == "exist":
                 _, _, _, color, shape = qa.question.rstrip("?").split()
                 assert qa.short == ("yes" if any(o.color == color and o.shape == shape for o in objs) else "no")
@@ -189,16 +189,15 @@ def test_inference_prompt_is_a_prefix_of_the_training_sequence(world, tmp_path):
 
     out, _ = world
     _, processor = assemble(*map(str, write_init(out, tmp_path / "init")))
-    rec = json.loads((out / "finetune.json").read_text())[0]
-    enc = encode_record(rec, processor.tokenizer, "v1", image_tokens=144, max_length=2048)
-    question = rec["conversations"][0]["value"].replace("<image>\n", "")
-    image = __import__("PIL.Image").Image.open(out / "images" / rec["image"])
-    ids = processor(images=[image], text=[build_prompt(processor, question)])["input_ids"][0]
-    ids = list(ids)
-    assert enc.input_ids[: len(ids)] == ids
-    assert enc.labels[len(ids) - 1] == -100 and enc.labels[len(ids)] != -100  # the answer starts right there
-    answer = processor.tokenizer(" " + rec["conversations"][1]["value"], add_special_tokens=False)["input_ids"]
-    assert enc.input_ids[len(ids) : len(ids) + len(answer)] == answer  # space-prefixed, as generation continues
+    for rec in json.loads((out / "finetune.json").read_text())[:12]:
+        enc = encode_record(rec, processor.tokenizer, "v1", image_tokens=144, max_length=2048)
+        question = rec["conversations"][0]["value"].replace("<image>\n", "")
+        image = __import__("PIL.Image").Image.open(out / "images" / rec["image"])
+        ids = list(processor(images=[image], text=[build_prompt(processor, question)])["input_ids"][0])
+        assert enc.input_ids[: len(ids)] == ids, rec["id"]
+        assert enc.labels[len(ids) - 1] == -100 and enc.labels[len(ids)] != -100  # the answer starts right there
+        answer = processor.tokenizer(" " + rec["conversations"][1]["value"], add_special_tokens=False)["input_ids"]
+        assert enc.input_ids[len(ids) : len(ids) + len(answer)] == answer  # space-prefixed, as generation continues
 
 
 def test_cell_labels_match_the_scene(world):

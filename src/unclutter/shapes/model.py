@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.generation import LLAVA_SYSTEM
 from ..evaluation.runner import SHORT_ANSWER
 from ..ifeval.scoring import read_jsonl
 from ..ifeval.suite import END_PHRASES, KEYWORDS, START_PHRASES
@@ -41,15 +40,22 @@ SIZES = {
 
 
 def world_texts(data_dir: str | Path) -> Iterable[str]:
-    """Every string the model will read or write: the LLaVA JSON turns, prompts, fixed phrases."""
+    """Every string the model will read or write, cut into the pieces training tokenizes one by one.
+
+    Training tokenizes a record piece by piece (`training.data.segments`: the system prompt, each
+    "USER: ... ASSISTANT:", each answer), so the BPE learns merges only inside pieces. Trained on joined
+    text it learns merges across piece boundaries ("ĠUSER"), which training never produces but a prompt
+    tokenized whole at inference does: every inference prompt then differs from its training prefix.
+    """
+    from ..training.data import segments
+
     data_dir = Path(data_dir)
-    yield from (LLAVA_SYSTEM, SHORT_ANSWER, "USER: ASSISTANT:", *KEYWORDS, *END_PHRASES, *START_PHRASES)
-    for name in ("pretrain.json", "finetune.json"):
+    yield from (SHORT_ANSWER, *KEYWORDS, *END_PHRASES, *START_PHRASES)
+    for name, fmt in (("pretrain.json", "plain"), ("finetune.json", "v1")):
         for rec in json.loads((data_dir / name).read_text(encoding="utf-8")):
-            for turn in rec["conversations"]:
-                yield turn["value"].replace("<image>", "")
+            yield from (text for text, _ in segments(rec, fmt, "", "") if text)
     for line in (data_dir / "if16.jsonl").read_text(encoding="utf-8").splitlines():
-        yield json.loads(line)["prompt"]
+        yield f"USER: {json.loads(line)['prompt']} ASSISTANT:"
 
 
 def add_bos(backend) -> None:

@@ -3,6 +3,11 @@ answers built to satisfy IFEval's checkers exactly.
 
 A question has a short answer (for VQA-style scoring) and a one-sentence answer (the base that the
 instruction answers are built from). No template contains a comma, so "no commas" holds by construction.
+
+Counts name the attribute as an adjective ("How many square shapes are there?", like "How many red
+shapes are there?"), never as a plural noun: a tokenizer trained on this world would make "squares" a
+token of its own, seen only in count questions. (That was a suspect for the shipped models' weak count
+by shape; the rephrasing did not fix it: see the model card, run L.)
 """
 
 from __future__ import annotations
@@ -26,14 +31,11 @@ class QA:
     sentence: str  # the same fact as a sentence
 
 
-def _plural(shape: str) -> str:
-    return shape + ("es" if shape.endswith("s") else "s")
-
-
 def _count_sentence(n: int, what: str) -> str:
+    """``what`` ends in "shape" ("red shape", "square shape"), so its plural is always "shapes"."""
     if n == 1:
         return f"There is one {what}."
-    return f"There are {NUMBER_WORDS[n]} {_plural(what)}." if n else f"There are no {_plural(what)}."
+    return f"There are {NUMBER_WORDS[n]} {what}s." if n else f"There are no {what}s."
 
 
 def _unique(objs, attr: str, values, rng: random.Random):
@@ -69,7 +71,7 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> QA:
             return QA(kind, f"How many {c} shapes are there?", str(n), _count_sentence(n, f"{c} shape"))
         s = rng.choice([o.shape for o in objs] + list(SHAPES))
         n = sum(o.shape == s for o in objs)
-        return QA(kind, f"How many {_plural(s)} are there?", str(n), _count_sentence(n, s))
+        return QA(kind, f"How many {s} shapes are there?", str(n), _count_sentence(n, f"{s} shape"))
     if kind == "exist":
         present = {(o.color, o.shape) for o in objs}
         if rng.random() < 0.5:

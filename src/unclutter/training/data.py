@@ -71,7 +71,7 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-def _segments(rec: dict, fmt: str, image_text: str, eos: str) -> list[tuple[str, bool]]:
+def segments(rec: dict, fmt: str, image_text: str, eos: str) -> list[tuple[str, bool]]:
     """(text, is_target) pieces of one record in ``fmt`` ("plain" or "v1")."""
     turns = rec["conversations"]
     if fmt == "plain":
@@ -107,7 +107,7 @@ def encode_record(rec: dict, tokenizer, fmt: str, image_tokens: int, max_length:
     image_text = IMAGE_PLACEHOLDER * image_tokens + "\n" if rec.get("image") else ""
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     labels = [IGNORE_INDEX] * len(ids)
-    for text, target in _segments(rec, fmt, image_text, tokenizer.eos_token or ""):
+    for text, target in segments(rec, fmt, image_text, tokenizer.eos_token or ""):
         if not text:
             continue
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
