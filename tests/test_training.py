@@ -239,6 +239,20 @@ def test_assemble_from_vision_tower_and_llm(tmp_path):
     assert torch.equal(model.state_dict()["model.vision_tower.encoder.layers.0.mlp.fc1.weight"], theirs)
     assert model.model.multi_modal_projector.linear_1.in_features == 16
 
+    # the fresh projector's init is seeded: the same config gives the same weights whatever the global RNG did
+    def run(name: str, seed: int) -> dict:
+        torch.rand(97)  # move the global RNG between runs
+        out = train(TrainConfig(stage="pretrain", vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm"), data=str(data),
+                                images=str(images), output=str(tmp_path / name), max_steps=2, batch_size=2,
+                                per_device_batch_size=2, seed=seed))  # fmt: skip
+        return LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+
+    again, other = run("b", 0), run("c", 1)
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(
+        other["model.multi_modal_projector.linear_1.weight"], again["model.multi_modal_projector.linear_1.weight"]
+    )
+
 
 def test_modality_length_grouping():
     lengths = [10, -5, 12, -7, 30, 31, -2, 11]

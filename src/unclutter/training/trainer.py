@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from .. import apply
 from ..ifeval.scoring import DataError
@@ -169,6 +169,9 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
     records = load_llava_json(cfg.data, cfg.images)  # every record validated before anything trains
     if any(r.get("image") for r in records) and cfg.images is None:
         raise DataError("the data has image samples: give --images.")
+    # Seed before the model exists: a freshly assembled projector is initialised here, before the Trainer
+    # would seed anything, and an unseeded init made two runs of the same config differ from the first step.
+    set_seed(cfg.seed)
     model, processor = _load(cfg)
     configs = resolve(cfg.method, cfg.overrides)
     handle = apply(model, processor, **{k: v for k, v in configs.items() if v is not None})
