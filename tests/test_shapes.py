@@ -13,7 +13,7 @@ from unclutter.evaluation.data import load_records
 from unclutter.ifeval.suite import TASKS
 from unclutter.shapes.dataset import build_shapes
 from unclutter.shapes.text import QUESTION_TYPES, ask, caption, instructed_turn
-from unclutter.shapes.world import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, render, sample_scene
+from unclutter.shapes.world import COLORS, IMAGE_SIZE, NUMBER_WORDS, POSITIONS, SHAPES, render, sample_scene
 from unclutter.training.data import load_llava_json
 
 
@@ -104,6 +104,49 @@ def test_answers_are_ground_truth():
         text = caption(scene)
         assert all(f"{o.position.capitalize()}: a {o.name}." in text for o in objs)
         assert text.count(": a ") == len(objs)
+
+
+def test_captions_come_in_two_orders_and_name_every_object():
+    styles = []
+    for seed in range(60):
+        scene = sample_scene(random.Random(seed))
+        text = caption(scene, random.Random(f"caption-{seed}"))
+        n = len(scene.objects)
+        head = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
+        assert text.startswith(head + " ")
+        if ": a " in text:  # position first, reading order
+            assert text == caption(scene)
+            styles.append("position")
+        else:  # object first: every object once, with its own cell
+            body = text[len(head) + 1 :]
+            said = sorted(x.rstrip(".") for x in body.split(". "))
+            assert said == sorted(f"The {o.name} is at the {o.position}" for o in scene.objects)
+            styles.append("object")
+    assert 15 < styles.count("object") < 45
+
+
+def test_training_turns_favour_the_hard_question_types():
+    from unclutter.shapes.dataset import _conversation
+
+    kinds, counts = [], []
+    for seed in range(300):
+        rng = random.Random(seed)
+        scene = sample_scene(rng)
+        questions = [t["value"] for t in _conversation(scene, rng, 8, 0.0)[::2]]
+        kinds += ["position" if "Where is" in q else "color" if "What color" in q else "other" for q in questions]
+        counts += [q.split()[2] for q in questions if "How many" in q]
+    share = {k: kinds.count(k) / len(kinds) for k in ("position", "color")}
+    # weights 2 and 1 of 7; colour questions fall back to counts when no shape is unique
+    assert 0.25 < share["position"] < 0.32 and share["color"] < 0.15
+    assert sum(w in SHAPES for w in counts) > 1.8 * counts.count("shapes")  # by shape 2.5, all shapes 1
+
+
+def test_changing_the_conversations_leaves_images_captions_and_benchmark_alone(world, tmp_path):
+    out, _ = world
+    build_shapes(tmp_path / "short", 40, seed=3, turns=(2, 3), if_per_task=2)
+    for name in ("scenes.jsonl", "pretrain.json", "vqa.jsonl", "if16.jsonl", "images/000007.png"):
+        assert (out / name).read_bytes() == (tmp_path / "short" / name).read_bytes(), name
+    assert (out / "finetune.json").read_bytes() != (tmp_path / "short" / "finetune.json").read_bytes()
 
 
 @pytest.mark.parametrize("task", list(TASKS))

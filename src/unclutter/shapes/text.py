@@ -47,8 +47,9 @@ def _unique(objs, attr: str, values, rng: random.Random):
     return next(o for o in objs if getattr(o, attr) == pick)
 
 
-def ask(scene: Scene, kind: str, rng: random.Random) -> QA:
-    """One question of ``kind`` with an unambiguous answer for ``scene``."""
+def ask(scene: Scene, kind: str, rng: random.Random, count_mix: tuple[float, float, float] = (1, 1, 1)) -> QA:
+    """One question of ``kind`` with an unambiguous answer for ``scene``; counts are of all shapes, of a
+    colour or of a shape in the proportions ``count_mix``."""
     objs = scene.objects
     if kind == "color":
         o = _unique(objs, "shape", SHAPES, rng)
@@ -61,7 +62,7 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> QA:
             return QA(kind, f"What shape is the {o.color} object?", o.shape, f"The {o.color} object is a {o.shape}.")
         kind = "count"
     if kind == "count":
-        mode = rng.choice(("all", "color", "shape"))
+        mode = rng.choices(("all", "color", "shape"), weights=count_mix)[0]
         if mode == "all":
             n = len(objs)
             return QA(kind, "How many shapes are there?", str(n), _count_sentence(n, "shape"))
@@ -98,14 +99,20 @@ def facts(scene: Scene) -> list[str]:
     return out
 
 
-def caption(scene: Scene) -> str:
-    """A stage-1 caption: the count, then every object in reading order, position first.
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """A stage-1 caption: the count, then every object.
 
-    Position first lets the LLM look up a cell before it names what is there, so every colour and shape
-    word is a direct read-out of that cell's patches: the strongest signal for a from-scratch ViT.
+    Two orders, half the captions each when ``rng`` is given (reading order, position first, without it):
+    position first ("Top left: a red square.") makes every colour and shape word a direct read-out of a
+    cell's patches, the strongest signal for a from-scratch ViT; object first in shuffled order ("The red
+    square is at the top left.") makes every position a lookup of the object just named, the skill
+    "where is ..." and "is there ..." questions need among several objects.
     """
     n = len(scene.objects)
     head = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
+    if rng is not None and rng.random() < 0.5:
+        objs = rng.sample(scene.objects, n)
+        return " ".join([head, *(f"The {o.name} is at the {o.position}." for o in objs)])
     return " ".join([head, *(f"{o.position.capitalize()}: a {o.name}." for o in scene.objects)])
 
 
