@@ -33,6 +33,14 @@ TURN_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 1.5, "exist": 1.5, "positio
 COUNT_MIX = (1.0, 1.5, 2.5)  # all shapes, a colour, a shape: total counts come easiest, counts by shape last
 
 
+def _stream(seed: int, i: int, purpose: str | None = None) -> random.Random:
+    """Image ``i``'s random stream for one purpose. One stream per purpose keeps any prefix of a run
+    reproducible, and changing how one file is drawn leaves the others (the held-out questions above all)
+    as they were. The scene's stream (``purpose=None``) keeps the key it had before there were others."""
+    key = f"unclutter-shapes:{seed}:{i}"
+    return random.Random(key if purpose is None else f"{key}:{purpose}")
+
+
 def _conversation(scene, rng: random.Random, turns: int, if_rate: float) -> list[dict]:
     """Alternating human/gpt turns: short answers, sentence answers, instruction turns (each turn is one
     with probability ``if_rate``); question types drawn with ``TURN_WEIGHTS``."""
@@ -73,26 +81,21 @@ def build_shapes(
     (out / "images").mkdir(parents=True, exist_ok=True)
     scenes, pretrain, finetune, vqa = [], [], [], []
     for i in range(num):
-        # Per image, one stream per purpose: any prefix of a run is reproducible, and changing how one
-        # file is drawn leaves the others (the held-out questions above all) as they were.
-        def stream(purpose: str, i: int = i) -> random.Random:
-            return random.Random(f"unclutter-shapes:{seed}:{i}:{purpose}")
-
-        scene = sample_scene(random.Random(f"unclutter-shapes:{seed}:{i}"))
+        scene = sample_scene(_stream(seed, i))
         name = f"{i:06d}.png"
         render(scene).save(out / "images" / name)
         scenes.append({"image": name, **scene.to_dict()})
         pretrain.append(
             {"id": f"cap-{i:06d}", "image": name, "conversations": [
                 {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nDescribe the image briefly."},
-                {"from": "gpt", "value": caption(scene, stream("caption"))},
+                {"from": "gpt", "value": caption(scene, _stream(seed, i, "caption"))},
             ]}
         )  # fmt: skip
-        conv_rng = stream("conversation")
+        conv_rng = _stream(seed, i, "conversation")
         finetune.append(
             {"id": f"conv-{i:06d}", "image": name, "conversations": _conversation(scene, conv_rng, conv_rng.randint(*turns), if_rate)}
         )  # fmt: skip
-        qa = ask(scene, QUESTION_TYPES[i % len(QUESTION_TYPES)], stream("vqa"))
+        qa = ask(scene, QUESTION_TYPES[i % len(QUESTION_TYPES)], _stream(seed, i, "vqa"))
         vqa.append(
             {"question_id": f"{i:06d}", "image": name, "question": qa.question, "answer": qa.short, "kind": qa.kind}
         )
