@@ -37,7 +37,8 @@ def test_probe_finds_the_first_layer_colour_head(tmp_path):
     from unclutter.evaluation.generation import load_model
     from unclutter.ifeval.scoring import read_jsonl
     from unclutter.shapes.dataset import build_shapes
-    from unclutter.shapes.probe import cell_of_patch, lookup_attention
+    from unclutter.shapes.model import cell_of_patch
+    from unclutter.shapes.probe import lookup_attention
 
     assert cell_of_patch(12).view(12, 12)[::4, ::4].flatten().tolist() == list(range(9))
     build_shapes(tmp_path, 40, seed=11, if_per_task=1)

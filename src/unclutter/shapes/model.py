@@ -140,6 +140,12 @@ def write_init(data_dir: str | Path, out: str | Path, seed: int = 0) -> tuple[Pa
 CELLS = len(POSITIONS)  # the world's grid is CELLS x CELLS
 
 
+def cell_of_patch(grid: int) -> torch.Tensor:
+    """(grid*grid,) the world's grid cell (row-major) that each patch of a grid x grid ViT (row-major) lies in."""
+    rows, cols = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    return (rows * CELLS // grid) * CELLS + cols * CELLS // grid
+
+
 def _cell_labels(scene: dict) -> tuple[list[int], list[int]]:
     """Per grid cell (row-major): shape and colour class, 0 = empty cell."""
     shapes, colors = [0] * CELLS * CELLS, [0] * CELLS * CELLS
@@ -180,10 +186,9 @@ def pretrain_vision(
     torch.manual_seed(seed)
     tower = CLIPVisionModel.from_pretrained(vision_dir, use_safetensors=True)
     grid = tower.config.image_size // tower.config.patch_size
-    rows, cols = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
-    cell_of_patch = (rows * CELLS // grid) * CELLS + cols * CELLS // grid  # (P,)
+    cells = cell_of_patch(grid)  # (P,)
     per_cell = torch.tensor([_cell_labels(s) for s in scenes])  # (N, 2, CELLS*CELLS)
-    labels = torch.cat([per_cell[:, :, cell_of_patch], cell_of_patch.expand(len(scenes), 1, -1)], dim=1)  # (N, 3, P)
+    labels = torch.cat([per_cell[:, :, cells], cells.expand(len(scenes), 1, -1)], dim=1)  # (N, 3, P)
     names = ("shape", "color", "cell")
     heads = torch.nn.ModuleList(
         [torch.nn.Linear(tower.config.hidden_size, n) for n in (1 + len(SHAPES), 1 + len(COLORS), CELLS * CELLS)]

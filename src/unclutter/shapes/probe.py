@@ -7,7 +7,7 @@ grid cell, against the mean over each other object's cell. A head that finds obj
 gives the named cell far more than the others. The shipped model (run R) has such a head for colour in
 its first layer, at the colour word; for shape, only in its last layer, at the last token (model card).
 
-``python -m unclutter.shapes.probe [--model DIR] [--data DIR] [--num N]``
+``python -m unclutter.shapes.probe --data DIR [--model DIR] [--num N]``
 """
 
 from __future__ import annotations
@@ -20,17 +20,12 @@ import torch
 from ..evaluation.generation import build_prompt, load_model, open_image
 from ..evaluation.runner import SHORT_ANSWER
 from ..ifeval.scoring import read_jsonl
+from .model import CELLS, cell_of_patch
 
 KEYS = {  # attribute that names the object -> (question, the word that names it)
     "color": lambda o: (f"What shape is the {o['color']} object?", o["color"]),
     "shape": lambda o: (f"What color is the {o['shape']}?", o["shape"]),
 }
-
-
-def cell_of_patch(grid: int, cells: int = 3) -> torch.Tensor:
-    """(grid*grid,) the world cell (row-major) that each patch (row-major) lies in."""
-    patch = torch.arange(grid * grid)
-    return (patch // grid * cells // grid) * cells + patch % grid * cells // grid
 
 
 @torch.no_grad()
@@ -58,8 +53,8 @@ def lookup_attention(
                 word_pos = len(ids) - 1 - ids[::-1].index(tokenizer.convert_tokens_to_ids("Ġ" + word))
                 attentions = model(**inputs, output_attentions=True).attentions  # each (1, H, T, T)
                 image_pos = torch.tensor([i for i, t in enumerate(ids) if t == image_id])
-                target = cells == o["row"] * 3 + o["col"]
-                others = [cells == p["row"] * 3 + p["col"] for p in objects if p is not o]
+                target = cells == o["row"] * CELLS + o["col"]
+                others = [cells == p["row"] * CELLS + p["col"] for p in objects if p is not o]
                 for where, pos in (("word", word_pos), ("last", len(ids) - 1)):
                     rows = torch.stack([a[0, :, pos, image_pos] for a in attentions])  # (L, H, P)
                     other = torch.stack([rows[..., m].sum(-1) for m in others]).mean(0)
