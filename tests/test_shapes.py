@@ -106,23 +106,28 @@ def test_answers_are_ground_truth():
         assert text.count(": a ") == len(objs)
 
 
-def test_captions_come_in_two_orders_and_name_every_object():
+def test_captions_come_in_three_forms_and_name_every_object():
     styles = []
-    for seed in range(60):
+    for seed in range(90):
         scene = sample_scene(random.Random(seed))
         text = caption(scene, random.Random(f"caption-{seed}"))
         n = len(scene.objects)
         head = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
         assert text.startswith(head + " ")
+        body = text[len(head) + 1 :]
         if ": a " in text:  # position first, reading order
             assert text == caption(scene)
             styles.append("position")
-        else:  # object first: every object once, with its own cell
-            body = text[len(head) + 1 :]
+        elif " is at the " in text:  # object first: every object once, with its own cell
             said = sorted(x.rstrip(".") for x in body.split(". "))
             assert said == sorted(f"The {o.name} is at the {o.position}" for o in scene.objects)
             styles.append("object")
-    assert 15 < styles.count("object") < 45
+        else:  # terse, shape first: "square red top left, circle blue center."
+            assert body.endswith(".") and body == body.lower()
+            said = sorted(body.rstrip(".").split(", "))
+            assert said == sorted(f"{o.shape} {o.color} {o.position}" for o in scene.objects)
+            styles.append("terse")
+    assert all(15 < styles.count(s) < 45 for s in ("position", "object", "terse"))
 
 
 def test_training_turns_favour_the_hard_question_types():

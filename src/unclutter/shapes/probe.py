@@ -4,8 +4,10 @@ For benchmark-phrased questions that name one object by a single attribute ("Wha
 object?" names it by colour, "What color is the square?" by shape), this measures, in every LLM layer
 and head, the attention that the attribute word and the last prompt token pay to the named object's
 grid cell, against the mean over each other object's cell. A head that finds objects by that attribute
-gives the named cell far more than the others. The shipped model (run R) has such a head for colour in
-its first layer, at the colour word; for shape, only in its last layer, at the last token (model card).
+gives the named cell far more than the others. Run R (a trained projector) had such a head for colour
+in its first layer, at the colour word, but for shape only in its last layer, at the last token, too late
+to count shapes or check a "red star"; the shipped model (run AC, the projector frozen at its random init)
+finds objects by shape from the last token in its second layer (model card).
 
 ``python -m unclutter.shapes.probe --data DIR [--model DIR] [--num N]``
 """

@@ -100,20 +100,26 @@ def facts(scene: Scene) -> list[str]:
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
-    """A stage-1 caption: the count, then every object.
+    """A stage-1 caption: the count, then every object, in one of three forms (a third each when ``rng`` is
+    given; reading order, position first, without it).
 
-    Two orders, half the captions each when ``rng`` is given (reading order, position first, without it):
-    position first ("Top left: a red square.") makes every colour and shape word a direct read-out of a
-    cell's patches, the strongest signal for a from-scratch ViT; object first in shuffled order ("The red
-    square is at the top left.") makes every position a lookup of the object just named, the skill
-    "where is ..." and "is there ..." questions need among several objects.
+    - Position first in reading order ("Top left: a red square."): every colour and shape word is a direct
+      read-out of a cell's patches, the strongest signal for a from-scratch ViT.
+    - Object first in shuffled order ("The red square is at the top left."): every position is a lookup of
+      the object just named, the skill "where is ..." and "is there ..." questions need among several objects.
+    - A terse list, shape first, in shuffled order ("square red top left, circle blue center."): the colour
+      after a shape word is a lookup by shape, which "What color is the square?", "Is there a red star?" and
+      counts of one shape need and the other two forms never ask for (colour is the easier cue to learn).
     """
     n = len(scene.objects)
     head = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
-    if rng is not None and rng.random() < 0.5:
-        objs = rng.sample(scene.objects, n)
+    form = rng.random() if rng is not None else 0.0
+    if form < 1 / 3:
+        return " ".join([head, *(f"{o.position.capitalize()}: a {o.name}." for o in scene.objects)])
+    objs = rng.sample(scene.objects, n)
+    if form < 2 / 3:
         return " ".join([head, *(f"The {o.name} is at the {o.position}." for o in objs)])
-    return " ".join([head, *(f"{o.position.capitalize()}: a {o.name}." for o in scene.objects)])
+    return f"{head} {', '.join(f'{o.shape} {o.color} {o.position}' for o in objs)}."
 
 
 _PLACEHOLDERS = ("[location]", "[name]", "[date]")
