@@ -28,7 +28,7 @@ def test_shipped_model_answers_and_follows(shipped):
     vqa_acc = sum(res["correct"][:48]) / 48
     if_rate = sum(res["followed"][48:]) / 48
     assert vqa_acc >= 0.75, vqa_acc  # measured 0.918 on 500 held-out (the target is 0.9)
-    assert if_rate >= 0.6, if_rate  # measured 0.900 on the 160-prompt suite
+    assert if_rate >= 0.6, if_rate  # measured 0.875 on the 160-prompt suite
 
 
 def test_probe_finds_colour_and_shape_lookups_before_the_last_layer(tmp_path):
