@@ -1,25 +1,55 @@
-# `make test` and `make demo` create .venv on first use. CPU torch is installed first so that no
-# CUDA wheels are pulled on machines without a GPU (set TORCH_SPEC to override).
+# `make test` and `make demo` create .venv on first use. torch and torchvision are pinned as a pair
+# first: several families' processors (Qwen-VL, InternVL, SmolVLM, LLaVA-OneVision) need torchvision,
+# and PyPI's torchvision only imports beside the torch it was built for (set TORCH_SPEC to override).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# The transformers range we admit is exactly what CI tests: the newest admitted release is what pip
+# resolves into .venv (pyproject caps it), the lowest runs the exactness suite from an overlay folder.
+# Both ends live in src/unclutter/compat.py (TESTED); tests check that pyproject and this line agree.
+LOWEST_TRANSFORMERS := 5.23.0
+OVERLAY := build/transformers
 
-.PHONY: test lint demo shapes-model shapes-miniature bench-speed clean
+.PHONY: test test-lowest test-published compat lint demo shapes-model shapes-miniature bench-speed clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# the optional lmms-eval plugin is tested too; its torchvision pin has no CPU wheel, hence --no-deps
 	$(BIN)/python -m pip install -q --no-deps "lmms-eval==0.7.3" loguru pytz
 	touch $(STAMP)
 
+# The whole suite on the newest admitted transformers, then the exactness suite on the lowest.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-lowest
+
+# The exactness suite (pytest -m exact) on the lowest admitted transformers, installed with its own
+# dependencies into an overlay folder that shadows .venv's copy (no second torch install).
+test-lowest: $(STAMP)
+	test -f $(OVERLAY)-$(LOWEST_TRANSFORMERS)/.installed || ( \
+		$(BIN)/python -m pip install -q --upgrade --target $(OVERLAY)-$(LOWEST_TRANSFORMERS) \
+			"transformers==$(LOWEST_TRANSFORMERS)" && touch $(OVERLAY)-$(LOWEST_TRANSFORMERS)/.installed )
+	PYTHONPATH=$(OVERLAY)-$(LOWEST_TRANSFORMERS) UNCLUTTER_EXPECT_TRANSFORMERS=$(LOWEST_TRANSFORMERS) \
+		$(BIN)/python -m pytest -m exact -p no:cacheprovider
+
+# IFEval's published GPT-4 data (not shipped with the repo): the scorer must reproduce the published row.
+IFEVAL_DATA ?= ../shared/ifeval
+test-published: $(STAMP)
+	$(BIN)/python -m pytest tests_published --ifeval-data $(IFEVAL_DATA) -p no:cacheprovider
+
+# Checking a new upstream release is one command: the newest transformers on PyPI (ignoring our cap)
+# in a scratch overlay, then the exactness suite on it. Green: raise TESTED and the cap (README).
+compat: $(STAMP)
+	rm -rf $(OVERLAY)-newest
+	$(BIN)/python -m pip install -q --upgrade --target $(OVERLAY)-newest transformers
+	PYTHONPATH=$(OVERLAY)-newest $(BIN)/python -c "import transformers; print('exactness suite on transformers', transformers.__version__)"
+	PYTHONPATH=$(OVERLAY)-newest $(BIN)/python -m pytest -m exact -p no:cacheprovider
 
 # The main job: the shipped shapes model with and without the method, pictures in demo-output/.
 demo: $(STAMP)

@@ -3,7 +3,22 @@ import pytest
 import torch
 from PIL import Image
 
+import unclutter
 from unclutter.models.tiny import tiny_llava, tiny_processor
+
+def pytest_configure(config):
+    """`make test-lowest` / `make compat` run the suite on another transformers: make sure it is the one imported."""
+    import os
+
+    import transformers
+
+    expected = os.environ.get("UNCLUTTER_EXPECT_TRANSFORMERS")
+    if expected and transformers.__version__ != expected:
+        raise pytest.UsageError(
+            f"expected transformers {expected} (overlay on PYTHONPATH) but imported {transformers.__version__} "
+            f"from {transformers.__file__}"
+        )
+
 
 PROMPTS = [
     "user : <image> what is the color of the shape ? please answer in one word . assistant :",
@@ -42,3 +57,8 @@ def processor():
 
 def encode(processor, images, prompts=PROMPTS):
     return processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+
+
+def image_features(model, batch) -> torch.Tensor:
+    """(images, tokens, hidden) projected features, through the public `get_image_features` of both releases."""
+    return torch.stack(unclutter.compat.image_features(model.model, batch["pixel_values"]))

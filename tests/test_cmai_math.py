@@ -67,7 +67,8 @@ def test_focus_shape_error():
 @pytest.mark.parametrize("n", [1, 2, 7, 576])
 def test_inhibition_mask_equals_quantile_threshold(gamma, n):
     focus = torch.rand(3, 5, n, generator=torch.Generator().manual_seed(n))
-    expected = focus < torch.quantile(focus, gamma, dim=-1, keepdim=True)
+    # the definition in float64 (torch >= 2.14 rounds its float32 quantile past tied elements)
+    expected = focus.double() < torch.quantile(focus.double(), gamma, dim=-1, keepdim=True)
     assert torch.equal(cmai.inhibition_mask(focus, gamma), expected)
     # roughly gamma of the keys are inhibited (exactly floor-ish for distinct values)
     if n > 1:
@@ -78,8 +79,22 @@ def test_inhibition_mask_equals_quantile_threshold(gamma, n):
 def test_row_quantile_equals_torch_quantile_with_ties():
     x = torch.tensor([[1.0, 1.0, 1.0, 2.0], [3.0, 0.0, 0.0, 3.0]])
     for q in (0.0, 0.25, 0.3, 0.6, 0.99):
-        assert torch.equal(cmai.row_quantile(x, q), torch.quantile(x, q, dim=-1, keepdim=True))
+        assert torch.equal(cmai.row_quantile(x, q), torch.quantile(x.double(), q, dim=-1, keepdim=True).float())
     assert not cmai.inhibition_mask(torch.ones(2, 8), 0.6).any()  # ties at the threshold are kept
+
+
+def test_masked_row_quantile_equals_quantile_of_each_rows_valid_entries():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 9, generator=g)
+    valid = torch.rand(6, 9, generator=g) > 0.4
+    valid[0] = False  # a row with no valid entry: nothing can lie below its threshold
+    valid[1] = True
+    for q in (0.0, 0.3, 0.6, 0.95):
+        got = cmai.masked_row_quantile(x, valid, q)
+        assert got[0].item() == float("inf")
+        for r in range(1, 6):
+            ref = torch.quantile(x[r][valid[r]].double(), q).float()
+            torch.testing.assert_close(got[r, 0], ref, atol=0, rtol=1e-6)
 
 
 def test_gamma_zero_inhibits_nothing():

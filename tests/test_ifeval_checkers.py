@@ -1,8 +1,5 @@
 """Checker edge cases, each from the IFEval reference's semantics."""
 
-import json
-from pathlib import Path
-
 import pytest
 
 from unclutter import ifeval
@@ -119,15 +116,24 @@ def test_sentences_use_punkt_abbreviations():
     assert not F("length_constraints:number_sentences", kw, "One. Two. Three.")
 
 
-def test_sentence_counts_agree_with_independent_punkt_on_gpt4_responses():
+@pytest.mark.parametrize(
+    "response",
+    [
+        "The U.S. economy grew by 3.5% in Q2, e.g. in services. Prices rose... Then they fell!",
+        "# Title\n\n* First point. Still first.\n* Second point\n\n1. Step one. 2. Step two.",
+        '"Is it over?" she asked. "Yes." He left at approx. 10 a.m. on Jan. 5th.',
+        "P.S. Thanks for reading!!! See you soon?! Bye.",
+        "<<My poem>>\nRoses are red,\nviolets are blue.\n\nSugar is sweet; and so are you.",
+        "Section 1\nThe end of the i.e. clause. Mt. Everest is tall. St. Louis too.",
+        "No punctuation at all here",
+        "",
+    ],
+)
+def test_sentence_counts_agree_with_independent_punkt(response):
+    """Shapes of GPT-4-style answers; all 541 published responses are compared in tests_published/."""
     import punkt
 
-    path = Path(__file__).resolve().parents[2] / "shared" / "ifeval" / "input_response_data_gpt4_20231107_145030.jsonl"
-    with path.open(encoding="utf-8") as f:
-        responses = [json.loads(line)["response"] for line in f]
-    assert len(responses) == 541
-    mismatches = [r for r in responses if text.count_sentences(r) != len(punkt.sent_tokenize(r))]
-    assert not mismatches
+    assert text.count_sentences(response) == len(punkt.sent_tokenize(response))
 
 
 def test_words_and_capitals():

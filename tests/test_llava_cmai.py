@@ -10,6 +10,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import unclutter
 from unclutter import CMAIConfig
+from unclutter.compat import cache_argument, output_cache
+
+pytestmark = pytest.mark.exact  # the exactness suite CI runs on both ends of the transformers range
 
 
 class NaiveReference:
@@ -119,11 +122,11 @@ def test_manual_decoding_loop_equals_generate(model, processor, images):
     with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
         gen = _generate(model, batch, steps=4)
         out = model(**batch, use_cache=True)
-        cache, mask, logits = out.past_key_values, batch["attention_mask"], [out.logits[:, -1]]
+        cache, mask, logits = output_cache(out), batch["attention_mask"], [out.logits[:, -1]]
         for _ in range(3):
             ids = logits[-1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(ids)], 1)
-            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_argument(model): cache})
             logits.append(out.logits[:, -1])
     for t in range(4):
         torch.testing.assert_close(logits[t], gen.logits[t], atol=2e-5, rtol=1e-4)

@@ -10,7 +10,7 @@ inhibition) from Yang et al., AAAI 2025, as a one-line plug-in for Hugging Face 
 
 from . import cmai, kmeans, vmtc
 from .config import CMAIConfig, SPDConfig, VMTCConfig
-from .integrations.llava import Handle, apply
+from .integrations import Handle, apply
 
 __version__ = "0.1.0"
 

@@ -71,12 +71,23 @@ def focus_scores(
 
 def row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(x, q, dim=-1, keepdim=True)`` (linear interpolation), without its size limit."""
-    n = x.shape[-1]
-    s = x.sort(dim=-1).values
-    rank = torch.tensor(q * (n - 1), dtype=torch.float64)
-    lo, hi = int(rank.floor()), int(rank.ceil())
+    return masked_row_quantile(x, torch.ones_like(x, dtype=torch.bool), q)
+
+
+def masked_row_quantile(x: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row q-quantile of the entries where ``valid`` is True, interpolated linearly as `torch.quantile`.
+
+    x, valid: (..., n). Returns (..., 1); +inf for a row with no valid entry (so nothing lies below it
+    that is not masked out by ``valid`` anyway). Rows may hold different numbers of valid entries, e.g.
+    samples of a batch with different image token counts.
+    """
+    count = valid.sum(dim=-1, keepdim=True)  # (..., 1)
+    s = x.masked_fill(~valid, float("inf")).sort(dim=-1).values  # valid entries first, ascending
+    rank = q * (count - 1).clamp_min(0).to(torch.float64)
+    lo, hi = rank.floor(), rank.ceil()
     weight = (rank - lo).to(x.dtype)
-    return torch.lerp(s[..., lo : lo + 1], s[..., hi : hi + 1], weight)
+    value = torch.lerp(s.gather(-1, lo.long()), s.gather(-1, hi.long()), weight)
+    return torch.where(count > 0, value, torch.full_like(value, float("inf")))
 
 
 def inhibition_mask(focus: torch.Tensor, gamma: float) -> torch.Tensor:

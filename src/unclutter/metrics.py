@@ -1,19 +1,22 @@
-"""Benchmark metrics, from the official definitions (as lmms-eval computes them).
+"""Benchmark metrics, computed as lmms-eval computes them (tests/test_metrics.py checks against its own code).
 
-- `vqa_accuracy`: VQAv2 / TextVQA accuracy. Prediction and the 10 human answers are normalised like
-  the EvalAI answer processor; each human answer is left out in turn, the prediction scores
-  ``min(#matches among the other 9 / 3, 1)``, and the 10 scores are averaged.
-- `gqa_match`: exact match after LLaVA's GQA normalisation (strip, trailing '.', lowercase).
-- `mme_scores`: yes/no parsing, per-category acc and acc+ (both questions of an image right), category
-  score = 100 * (acc + acc+), perception (10 categories) and cognition (4 categories) totals.
-- `mmbench_choice` / `circular_accuracy`: option extraction without an LLM judge; CircularEval
-  counts a question right only if every rotation of its options is answered right.
+- `vqa_accuracy`: VQAv2 / TextVQA accuracy. Each human answer is left out in turn, the prediction scores
+  ``min(#matches among the others / 3, 1)``, and the scores are averaged. TextVQA normalises with the whole
+  EvalAI answer processor (`normalize_vqa_answer`); lmms-eval's VQAv2 scoring skips its first step
+  (`normalize_vqav2_answer`).
+- `gqa_match`: lmms-eval's generic exact match with ignore_case and ignore_punctuation.
+- `mme_scores`: Otter's yes/no parsing, per-image acc and acc+ (both questions of an image right), category
+  score = acc + acc+, perception (10 categories) and cognition (every other category) totals.
+- `mmbench_choice` / `circular_accuracy`: lmms-eval's judge-free ("static") MMBench option extraction;
+  CircularEval counts a question right only if every rotation of its options is answered right.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections import defaultdict
+import statistics
+import string
 from collections.abc import Iterable, Mapping, Sequence
 
 # ---- VQA (EvalAI answer processor) ------------------------------------------------------------
@@ -91,34 +94,50 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_vqa_answer(answer: str) -> str:
-    """The EvalAI answer processor (used by the VQAv2 / TextVQA evaluation servers and lmms-eval)."""
+    """The whole EvalAI answer processor; lmms-eval's TextVQA scoring applies it to prediction and answers."""
     text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _process_digit_article(_process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy in [0, 1] of one prediction against the human answers (usually 10)."""
+def normalize_vqav2_answer(answer: str) -> str:
+    """What lmms-eval's VQAv2 scoring applies (as the official VQA evaluation does): tabs and newlines become
+    spaces, then only the processor's punctuation and digit/article/contraction steps. Unlike TextVQA there is no
+    lowercasing first, no deletion of ',' and '?' and no "'s" split: "red,white" -> "red white", "man's" stays."""
+    return _process_digit_article(_process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, bench: str = "vqav2") -> float:
+    """VQA accuracy in [0, 1] of one prediction against the human answers (usually 10), as lmms-eval's
+    ``vqav2`` / ``textvqa`` process_results score it (``bench`` picks the normalisation). lmms-eval's VQAv2 drops
+    answer records equal to the left-out one; the dataset's records carry distinct answer ids, so that is one each."""
+    normalizers = {"vqav2": normalize_vqav2_answer, "textvqa": normalize_vqa_answer}
+    if bench not in normalizers:
+        raise ValueError(f"vqa_accuracy scores bench 'vqav2' or 'textvqa', got {bench!r}.")
+    normalize = normalizers[bench]
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer.")
-    pred = normalize_vqa_answer(prediction)
-    gts = [normalize_vqa_answer(a) for a in answers]
-    scores = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1 :]
-        scores.append(min(1.0, sum(a == pred for a in others) / 3))
-    return sum(scores) / len(scores)
+    pred = normalize(prediction)
+    gts = [normalize(a) for a in answers]
+    matches = [sum(g == pred for j, g in enumerate(gts) if j != i) for i in range(len(gts))]
+    return float(statistics.mean(min(1.0, m / 3) for m in matches))  # exact mean, as lmms-eval
 
 
 # ---- GQA --------------------------------------------------------------------------------------
 
+_DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
 
 def normalize_gqa_answer(answer: str) -> str:
-    return answer.strip().rstrip(".").strip().lower()
+    """lmms-eval's GQA metric (HF evaluate's exact_match, ignore_case + ignore_punctuation) on one string:
+    lowercase, delete ASCII punctuation anywhere. Its numpy arrays add two quirks kept here: a lowercase that grows
+    (only 'İ' does) is cut back to the string's length, and trailing NUL characters vanish."""
+    return answer.lower()[: len(answer)].translate(_DROP_PUNCTUATION).rstrip("\x00")
 
 
 def gqa_match(prediction: str, answer: str) -> bool:
-    return normalize_gqa_answer(prediction) == normalize_gqa_answer(answer)
+    """GQA exact match; the harness strips the generation (not the reference) before the metric."""
+    return normalize_gqa_answer(prediction.strip()) == normalize_gqa_answer(answer)
 
 
 # ---- MME --------------------------------------------------------------------------------------
@@ -130,58 +149,124 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def parse_yes_no(prediction: str) -> str:
-    """'yes', 'no' or 'other', as lmms-eval's MME parser (exact word, else within the first 4 chars)."""
+    """'yes', 'no' or 'other', as lmms-eval's MME parser (Otter's). After lowercasing, stripping and deleting every
+    '.': the exact word; a lone 'y' / 'n'; else 'yes' (checked first) or 'no' anywhere in the first 4 characters.
+    So "Yesterday" and "eyes" are yes, "nope", "not sure" and "a no" are no, "The answer is yes" is other."""
     text = prediction.lower().strip().replace(".", "")
     if text in ("yes", "no"):
         return text
+    if len(text) == 1:
+        return {"y": "yes", "n": "no"}.get(text, "other")
     head = text[:4]
-    if "yes" in head:
-        return "yes"
-    if "no" in head:
-        return "no"
-    return "other"
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
 
 
 def mme_scores(records: Iterable[Mapping]) -> dict:
     """MME scores from records with ``question_id`` (the image id), ``category``, ``answer``, ``prediction``.
 
-    Returns {"perception", "cognition", "total", "categories": {cat: {"acc", "acc_plus", "score"}}};
-    acc and acc_plus in percent, score = acc + acc_plus (max 200 per category).
+    Returns {"perception", "cognition", "total", "categories": {cat: {"acc", "acc_plus", "score"}}}, acc and
+    acc_plus in percent. As lmms-eval: per image acc = % right, acc+ = 100 if both right; category score = mean over
+    its images of acc + acc+ (max 200); perception sums the 10 perception categories, cognition every other one.
+    lmms-eval refuses images without exactly 2 questions; here acc+ is then 100 when all are right.
     """
-    per_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    per_cat: dict = {}  # category -> image -> [1.0 right / 0.0 wrong], in order of first appearance
     for r in records:
-        ok = parse_yes_no(str(r["prediction"])) == str(r["answer"]).strip().lower()
-        per_cat[r["category"]][str(r["question_id"])].append(ok)
-    categories = {}
-    for cat, images in sorted(per_cat.items()):
-        answers = [ok for oks in images.values() for ok in oks]
-        acc = 100.0 * sum(answers) / len(answers)
-        acc_plus = 100.0 * sum(all(oks) for oks in images.values()) / len(images)
-        categories[cat] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
-    perception = sum(v["score"] for k, v in categories.items() if k in MME_PERCEPTION)
-    cognition = sum(v["score"] for k, v in categories.items() if k in MME_COGNITION)
-    return {"perception": perception, "cognition": cognition, "total": perception + cognition, "categories": categories}
+        answer = str(r["answer"]).lower().strip().replace(".", "")
+        if answer not in ("yes", "no"):
+            raise ValueError(f"MME answers are yes or no, got {r['answer']!r}.")
+        right = 1.0 if parse_yes_no(str(r["prediction"])) == answer else 0.0
+        per_cat.setdefault(r["category"], {}).setdefault(r["question_id"], []).append(right)
+    categories, perception, cognition = {}, 0, 0
+    for cat, images in per_cat.items():
+        accs = [sum(s) / len(s) * 100.0 for s in images.values()]
+        pluses = [100.0 * all(s) for s in images.values()]
+        score = sum(p + a for p, a in zip(pluses, accs, strict=True)) / len(images)  # lmms-eval's float order
+        categories[cat] = {"acc": sum(accs) / len(images), "acc_plus": sum(pluses) / len(images), "score": score}
+        if cat in MME_PERCEPTION:
+            perception += score
+        else:
+            cognition += score
+    return {
+        "perception": perception, "cognition": cognition, "total": perception + cognition,
+        "categories": dict(sorted(categories.items())),
+    }  # fmt: skip
 
 
 # ---- MMBench ----------------------------------------------------------------------------------
 
+_WRAPPED_LETTER = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+                   (":", ","), (":", "."), (":", ")"), (":", ")."))  # fmt: skip
+_ANSWER_PHRASES = (
+    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select", "i pick",
+    "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは",
+)  # fmt: skip
+_LETTER_FORMS = ((6, "({})"), (5, "{}."), (4, "{}:"), (3, "{})"), (2, "{} "))  # (priority, form)
+
+
+def _missing(text: object) -> bool:
+    return text is None or (isinstance(text, float) and math.isnan(text))
+
+
+def _letter_alone(answer: str) -> str | None:
+    """lmms-eval's first rule: exactly one of A-E as a whitespace-separated token (unless it is "A" in a text of
+    more than 3 tokens, maybe the article), else exactly one in one wrapping ("B.", "(C)", ":D", ...), tried in turn."""
+    if "Failed to obtain answer via API" in answer:  # lmms-eval's marker of a failed judge call
+        return None
+    tokens = answer.split()
+    alone = [c for c in "ABCDE" if c in tokens]
+    if len(alone) == 1 and not (alone == ["A"] and len(tokens) > 3):
+        return alone[0]
+    for before, after in _WRAPPED_LETTER:
+        wrapped = [c for c in "ABCDE" if before + c + after in tokens]
+        if len(wrapped) == 1:
+            return wrapped[0]
+    return None
+
+
+def _option_text(answer: str, choices: Mapping[str, object]) -> str | None:
+    """lmms-eval's second rule: exactly one option text (lowercased) occurs in the lowercased answer."""
+    hits = [k for k, text in choices.items() if str(text).lower() in answer.lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _extract_letter(answer: str, letters: Sequence[str]) -> str | None:
+    """lmms-eval's static fallback (``extract_mcq_answer``): candidate letters found in several forms, the best
+    form winning and, within it, the latest position; a bare letter anywhere only when no form matched."""
+    if not answer.strip():
+        return None
+    letters = list(letters) or list("ABCDEFGH")
+    text = answer.strip()
+    for mark in ",.!?;:'\"":
+        text = text.strip(mark)
+    text = f" {text} "
+    found: list[tuple[int, int, str]] = []  # (priority, position, letter)
+    for priority, form in _LETTER_FORMS:
+        found += [(priority, text.rfind(form.format(c)), c) for c in letters if form.format(c) in text]
+    lowered = text.lower()
+    for phrase in _ANSWER_PHRASES:
+        at = lowered.find(phrase)
+        if at != -1:
+            found += [(7, pos, c) for c in letters if (pos := text.find(c, at + len(phrase))) != -1]
+    core = text.strip()
+    found += [(10, 0, c) for c in letters if core.startswith(c) and (len(core) == 1 or not core[1].isalpha())]
+    found += [(9, len(text) - 1, c) for c in letters if core.endswith(c) and (len(core) == 1 or not core[-2].isalpha())]
+    if not found:
+        found = [(0, text.rfind(c), c) for c in letters if c in text]
+    return max(found, key=lambda f: f[:2])[2] if found else None  # max keeps the first of equals, as lmms-eval's sort
+
 
 def mmbench_choice(prediction: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-form answer picks, or None when it cannot be told without a judge.
-
-    In order: exactly one option letter standing alone in the text ("B", "(B) ...", "The answer is B.");
-    else exactly one option whose text appears in the answer; anything else ("A or B") is unanswered.
+    """The option letter lmms-eval's judge-free MMBench evaluation (``mmbench_en_dev_static``) reads from an answer,
+    or None. On the stripped answer: a letter standing alone or wrapped (`_letter_alone`, letters A-E whatever the
+    options); else exactly one option text inside it (`_option_text`, options A-D); else the static extractor
+    (`_extract_letter`), which falls back to any capital option letter in the text. The GPT-judged mode runs the same
+    first two rules and asks the judge where they fail. Missing options are None or NaN, as in lmms-eval's frame.
     """
-    letters = [k for k in options if options[k] is not None and str(options[k]).strip()]
-    text = prediction.strip()
-    alone = {c for c in re.findall(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text) if c in letters}
-    if len(alone) == 1:
-        return alone.pop()
-    if alone:
-        return None
-    lowered = text.lower()
-    hits = [k for k in letters if str(options[k]).strip().lower() in lowered]
-    return hits[0] if len(hits) == 1 else None
+    answer = prediction.strip()
+    choices = {k: options[k] for k in "ABCD" if k in options and not _missing(options[k])}
+    return _letter_alone(answer) or _option_text(answer, choices) or _extract_letter(answer, sorted(choices))
 
 
 def rotate_options(options: Mapping[str, str], answer: str, shift: int) -> tuple[dict[str, str], str]:

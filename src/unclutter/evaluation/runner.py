@@ -3,11 +3,13 @@
 A run directory holds ``config.json`` (the resolved settings; a rerun must match them),
 ``predictions.jsonl`` (one line per record, appended, flushed and fsynced after every batch, so a
 killed run loses at most the batch in flight; a torn last line is cut off on resume),
-``metrics.json`` and ``metrics.md``.
+``metrics.json`` and ``metrics.md``, and ``.unclutter-lock``: the folder has one writer at a time (a second run
+into it is refused while the first lives; see `unclutter.runlock`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from ..ifeval import follows
 from ..ifeval.scoring import summarize, write_json_atomic
 from ..methods import resolve, to_dict
 from ..metrics import circular_accuracy, gqa_match, mmbench_choice, mme_scores, vqa_accuracy
+from ..runlock import RunLock
 from .data import load_records
 from .generation import build_prompt, generate, open_image
 
@@ -43,7 +46,7 @@ def score_record(bench: str, rec: dict, prediction: str | None) -> dict[str, Any
     """Per-record scores (an error row scores zero)."""
     p = prediction or ""
     if bench in ("vqav2", "textvqa"):
-        return {"accuracy": vqa_accuracy(p, rec["answers"])}
+        return {"accuracy": vqa_accuracy(p, rec["answers"], bench=bench)}
     if bench == "gqa":
         return {"accuracy": float(gqa_match(p, rec["answer"]))}
     if bench == "mmbench":
@@ -150,6 +153,19 @@ class PredictionLog:
             self.rows[r["id"]] = r
 
 
+def _one_writer(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Hold the run folder's lock for the whole call, before anything in ``out`` is read: a second identical run
+    would otherwise resume from the same state and record every remaining question twice."""
+
+    @functools.wraps(fn)
+    def locked(*, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+        with RunLock(out, what="unclutter eval"):
+            return fn(out=out, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def run_eval(
     *,
     model_name: str,

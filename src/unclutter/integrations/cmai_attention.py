@@ -1,30 +1,54 @@
-"""CMAI as a registered `transformers` attention function, exact in prefill and cached decoding.
+"""CMAI inside any transformers language model, through the public attention interface.
 
-The function is registered once under ``ATTN_NAME`` with `AttentionInterface` (plus a mask function
-with `AttentionMaskInterface`, without which padding would be silently dropped). A layer takes part
-only if its attention module carries a ``_unclutter_cmai`` context (set by `apply`, removed by
-`remove`); every other call is plain SDPA, so the same name can serve many models at once.
+Mechanism. `cmai_attention` is registered with `AttentionInterface` (plus a mask function with
+`AttentionMaskInterface`, without which padding would be silently dropped). A layer takes part only
+if its attention module carries a ``_unclutter_cmai`` context (set by `apply`, removed by `remove`);
+every other call is plain SDPA, so the same name can serve many models at once.
 
 State. A decode step's focus score needs the head-averaged text->image rows of every earlier text
 token of the same layer (Eq. 10), so each layer keeps them: (B, m, n) float32, text rows only.
-Per-call facts (which cache positions are image keys, which new tokens are text) are computed
-once per forward by a pre-hook on `LlavaModel` (see `CMAIState.begin`), because `generate()`
-rejects unknown kwargs.
+Per-call facts (which cache positions are image keys, which new tokens are text) are computed once
+per forward by a pre-hook on the VLM (see `CMAIState.begin`), because `generate()` rejects unknown
+kwargs.
+
+Positions. Image keys and text tokens are stored by absolute position. A layer's keys are the last
+``kv_len`` positions of the sequence (a full-attention layer holds all of them; a sliding-window layer
+of the dynamic cache, as in Gemma 3 or Mistral-style configs, holds only its window), so key index =
+position - (length - kv_len); keys that left the window have attention 0 in this layer.
+
+Never silent. Everything the mechanism relies on is checked where it is used: a layer called without
+the pre-hook having run, a query or key count that does not match the state (a decode step whose cache
+the pre-hook could not find, a future rename of the cache argument), a cache kind CMAI cannot follow.
+Each raises `CMAIStateError` naming the transformers release.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..cmai import row_quantile
+from ..cmai import masked_row_quantile
+from ..compat import TESTED, transformers_version
 
 ATTN_NAME = "unclutter_cmai"
+
+
+class CMAIStateError(RuntimeError):
+    """CMAI's bookkeeping does not match what the model is doing: results would be wrong, so we stop."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            f"{problem} (transformers {transformers_version()}; unclutter is tested on {TESTED[0]} to {TESTED[1]}). "
+            "If you upgraded transformers, run `make compat` and report the failure; if you drive the model by "
+            "hand, send every forward call (prefill and each decode step) through the model unclutter was applied to."
+        )
 
 
 def _materialized_sdpa_mask(*args, **kwargs):
@@ -49,14 +73,27 @@ class Chunk:
     new_text: torch.Tensor  # (B, q_len - start) bool: row is an inhibited text query
     dest: torch.Tensor  # (B, q_len - start) long: text ordinal of each new row
     prev_count: torch.Tensor  # (B,) text rows stored before this call
-    prev_pos: torch.Tensor  # (B, max(prev_count)) cache positions of those rows
+    prev_pos: torch.Tensor  # (B, max(prev_count)) positions of those rows
 
 
 class CMAIState:
-    """Per-model CMAI state across the forward calls of one (cached) generation."""
+    """Per-model CMAI state across the forward calls of one (cached) generation.
 
-    def __init__(self, image_token_id: int, gammas: dict[int, float], focus: str, discount: float) -> None:
-        self.image_token_id = image_token_id
+    media_token_ids: ids whose positions are image keys (image and video placeholders).
+    structural_token_ids: ids that are neither image keys nor text queries (row/column tags,
+        begin/end-of-image markers): never inhibited and not part of A_t2n (README, design choice 5).
+    """
+
+    def __init__(
+        self,
+        media_token_ids: Sequence[int],
+        gammas: dict[int, float],
+        focus: str,
+        discount: float,
+        structural_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.media_token_ids = tuple(sorted(set(media_token_ids)))
+        self.structural_token_ids = tuple(sorted(set(structural_token_ids) - set(self.media_token_ids)))
         self.gammas = gammas
         self.focus = focus
         self.discount = discount
@@ -67,8 +104,10 @@ class CMAIState:
     def reset(self, batch: int, device: torch.device | None = None) -> None:
         self.batch = batch
         self.length = 0
-        self.image_pos: torch.Tensor | None = None  # (B, n) cache positions of image keys
+        self.image_pos: torch.Tensor | None = None  # (B, n) positions of image keys (0 where not valid)
+        self.image_valid: torch.Tensor | None = None  # (B, n) bool: samples may have fewer image tokens
         self.first_image: torch.Tensor | None = None  # (B,) first image position, or a huge value
+        self.pad = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # (B, length) True = real token
         self.text_pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.text_count = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity, n) float32
@@ -78,18 +117,26 @@ class CMAIState:
         self.trace: dict[int, list[torch.Tensor]] = {}
 
     @property
+    def num_image_tokens(self) -> torch.Tensor | None:
+        """(B,) image keys per sample of the current generation."""
+        return None if self.image_valid is None else self.image_valid.sum(dim=1)
+
+    @property
     def allocated_bytes(self) -> int:
         """Bytes CMAI holds in memory (stored rows with their spare capacity, plus bookkeeping)."""
-        tensors = [*self.rows.values(), self.text_pos, self.text_count]
-        tensors += [t for t in (self.image_pos, self.first_image) if t is not None]
+        tensors = [*self.rows.values(), self.text_pos, self.text_count, self.pad]
+        tensors += [t for t in (self.image_pos, self.image_valid, self.first_image) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values) -> None:
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> None:
         """Record which new tokens are image keys and which are text queries (called before each forward)."""
+        if input_ids is None:
+            raise ValueError("CMAI needs input_ids (not inputs_embeds) to locate the image tokens.")
         bsz, q_len = input_ids.shape
         device = input_ids.device
-        past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
-        cache = past_key_values
+        if cache is not None:
+            _check_cache_kind(cache)
+        past = int(cache.get_seq_length()) if cache is not None else 0
         if past == 0:
             self.reset(bsz, device)
             self._cache_ref = weakref.ref(cache) if cache is not None else None
@@ -98,37 +145,42 @@ class CMAIState:
         else:
             known = self._cache_ref() if self._cache_ref is not None else None
             if known is not cache or bsz != self.batch:
-                raise RuntimeError(
+                raise CMAIStateError(
                     "CMAI got a cache whose prefill it did not see (another generation's cache?). Run the "
-                    "prefill through the model while unclutter is applied."
+                    "prefill through the model while unclutter is applied"
                 )
             if past < self.length:  # the cache was cropped (assisted decoding): forget later rows
                 self._crop(past)
             elif past > self.length:
-                raise RuntimeError(f"CMAI state covers {self.length} tokens but the cache holds {past}.")
+                raise CMAIStateError(f"CMAI state covers {self.length} tokens but the cache holds {past}")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("CMAI supports 2D padding masks (batch, sequence); got a custom 4D mask.")
+        if attention_mask is not None and attention_mask.shape[1] > past + q_len:
+            raise CMAIStateError(
+                f"the attention mask covers {attention_mask.shape[1]} tokens but the call brings {q_len} new ones on "
+                f"top of a cache of {past}: the forward pre-hook did not find this call's cache"
+            )
         valid = (
-            attention_mask[:, past : past + q_len].bool()
+            attention_mask[:, -q_len:].bool()
             if attention_mask is not None
             else torch.ones(bsz, q_len, dtype=torch.bool, device=device)
         )
-        is_image = input_ids == self.image_token_id
+        is_image = _isin(input_ids, self.media_token_ids)
+        is_structural = _isin(input_ids, self.structural_token_ids)
         positions = past + torch.arange(q_len, device=device)
         if past == 0:
             counts = is_image.sum(dim=1)
-            n = int(counts.max().item())
-            if bool(((counts != 0) & (counts != n)).any()):
-                raise ValueError(
-                    f"CMAI needs the same number of image tokens in every sample of a batch, got {counts.tolist()}."
-                )
+            n = int(counts.max().item()) if bsz else 0
+            # image positions first (stable), padded per sample: samples may hold different image token counts
             order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :n]
-            self.image_pos = torch.where(counts[:, None] > 0, order, 0)
+            self.image_valid = torch.arange(n, device=device)[None, :] < counts[:, None]
+            self.image_pos = torch.where(self.image_valid, order, 0)
             big = torch.full((bsz,), torch.iinfo(torch.long).max, dtype=torch.long, device=device)
-            self.first_image = torch.where(counts > 0, self.image_pos[:, 0] if n else big, big)
+            self.first_image = torch.where(counts > 0, self.image_pos[:, 0], big) if n else big
         elif bool(is_image.any()):
             raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
-        text = valid & ~is_image & (positions[None, :] > self.first_image[:, None])
+        self.pad = torch.cat([self.pad[:, :past], valid], dim=1)
+        text = valid & ~is_image & ~is_structural & (positions[None, :] > self.first_image[:, None])
         cols = text.any(dim=0).nonzero()
         start = int(cols[0].item()) if cols.numel() else q_len
         new_text = text[:, start:]
@@ -151,6 +203,7 @@ class CMAIState:
     def adopt(self, cache) -> None:
         """Take the cache a prefill created internally (called after each forward with its output cache)."""
         if cache is not None and self._cache_ref is None and self.length and cache.get_seq_length() == self.length:
+            _check_cache_kind(cache)
             self._cache_ref = weakref.ref(cache)
             self._follow_reorders(cache)
 
@@ -168,10 +221,8 @@ class CMAIState:
         cache.reorder_cache = reorder_cache
 
     def _reorder(self, beam_idx: torch.Tensor) -> None:
-        self.image_pos = self.image_pos.index_select(0, beam_idx)
-        self.first_image = self.first_image.index_select(0, beam_idx)
-        self.text_pos = self.text_pos.index_select(0, beam_idx)
-        self.text_count = self.text_count.index_select(0, beam_idx)
+        for name in ("image_pos", "image_valid", "first_image", "pad", "text_pos", "text_count"):
+            setattr(self, name, getattr(self, name).index_select(0, beam_idx))
         self.rows = {layer: rows.index_select(0, beam_idx) for layer, rows in self.rows.items()}
 
     def _crop(self, length: int) -> None:
@@ -179,6 +230,7 @@ class CMAIState:
             torch.arange(self.text_pos.shape[1], device=self.text_pos.device)[None] < self.text_count[:, None]
         )
         self.text_count = keep.sum(dim=1)  # text rows are stored in position order
+        self.pad = self.pad[:, :length]
         self.length = length
 
     def store(self, layer: int, new_rows: torch.Tensor) -> None:
@@ -194,8 +246,46 @@ class CMAIState:
         b, r = ch.new_text.nonzero(as_tuple=True)
         rows[b, ch.dest[b, r]] = new_rows[b, r]
 
+    def key_offset(self, module, q_len: int, kv_len: int) -> int:
+        """Position of this layer's key 0, after checking the call matches the state (see module docstring)."""
+        ch = self.chunk
+        if ch is None:
+            raise CMAIStateError(
+                f"CMAI layer {module.layer_idx} was called but unclutter's forward pre-hook never ran for this call"
+            )
+        if q_len != ch.q_len:
+            raise CMAIStateError(
+                f"CMAI layer {module.layer_idx} got {q_len} queries but the forward pre-hook saw {ch.q_len} new tokens"
+            )
+        sliding = getattr(module, "sliding_window", None) is not None or getattr(module, "is_sliding", False)
+        if kv_len > self.length or kv_len < q_len or (kv_len != self.length and not sliding):
+            raise CMAIStateError(
+                f"CMAI layer {module.layer_idx} attends over {kv_len} keys but its state covers {self.length} tokens "
+                f"({ch.past} cached + {q_len} new): the forward pre-hook did not find this call's cache"
+            )
+        return self.length - kv_len
 
-def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+
+def _isin(ids: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+    if not values:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    return torch.isin(ids, torch.tensor(values, device=ids.device, dtype=ids.dtype))
+
+
+def _check_cache_kind(cache) -> None:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise CMAIStateError(f"CMAI cannot follow a {type(cache).__name__} (it has no per-layer storage)")
+    if any(isinstance(layer, StaticLayer) for layer in layers):
+        raise ValueError(
+            "CMAI follows the dynamic cache (generate's default); a static cache keeps keys in a fixed buffer "
+            "whose positions CMAI cannot map. Drop cache_implementation='static' while CMAI is applied."
+        )
+
+
+def _head_mean_probs(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
     """Head-averaged softmax attention (B, q, K) in float32, grouped-query aware.
 
     query: (B, H, q, D); key: (B, Hkv, K, D); allowed: (B, 1, q, K) bool.
@@ -204,18 +294,28 @@ def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tens
     kv_heads = key.shape[1]
     grouped = query.float().reshape(bsz, kv_heads, (heads // kv_heads) * q_len, dim)
     logits = (grouped @ key.float().transpose(-1, -2)).reshape(bsz, heads, q_len, -1) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)  # fully masked rows (padding) -> 0
     return probs.mean(dim=1)
 
 
-def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor) -> torch.Tensor:
+def _key_index(pos: torch.Tensor, offset: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key index of absolute positions ``pos`` in a layer whose key 0 is at ``offset``, and visibility."""
+    idx = pos - offset
+    visible = (idx >= 0) & (idx < kv_len)
+    return idx.clamp(0, max(kv_len - 1, 0)), visible
+
+
+def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, offset: int) -> torch.Tensor:
     """(B, q_new, n) bool inhibition for the new text rows, from their head-averaged rows ``a`` (B, q_new, K)."""
     ch = state.chunk
-    bsz, q_new, _ = a.shape
-    img = state.image_pos
-    n = img.shape[1]
-    t2i = a.gather(2, img[:, None, :].expand(bsz, q_new, n)) * ch.new_text[..., None]
+    bsz, q_new, kv_len = a.shape
+    n = state.image_pos.shape[1]
+    img_idx, img_visible = _key_index(state.image_pos, offset, kv_len)
+    img_visible = img_visible & state.image_valid
+    t2i = a.gather(2, img_idx[:, None, :].expand(bsz, q_new, n)) * img_visible[:, None, :] * ch.new_text[..., None]
     focus = t2i.clone()
     if state.focus != "tia":
         q_ord = ch.dest.to(a.dtype)  # text ordinal of each query row (used by "discounted")
@@ -223,22 +323,26 @@ def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor) -> t
         m_prev = ch.prev_pos.shape[1]
         if prev is not None and m_prev:
             prev_valid = torch.arange(m_prev, device=a.device)[None] < ch.prev_count[:, None]  # (B, m_prev)
-            w_prev = _weights(state, a, ch.prev_pos, q_ord, torch.arange(m_prev, device=a.device).to(a.dtype))
+            k_ord = torch.arange(m_prev, device=a.device).to(a.dtype)
+            w_prev = _weights(state, a, ch.prev_pos, offset, q_ord, k_ord)
             focus = focus + (w_prev * prev_valid[:, None, :]) @ prev[:, :m_prev]
         new_pos = ch.past + ch.start + torch.arange(q_new, device=a.device)
-        w_new = _weights(state, a, new_pos.expand(bsz, q_new), q_ord, q_ord)
+        w_new = _weights(state, a, new_pos.expand(bsz, q_new), offset, q_ord, q_ord)
         strictly_before = torch.ones(q_new, q_new, dtype=torch.bool, device=a.device).tril(-1)
         w_new = w_new * (strictly_before[None] & ch.new_text[:, None, :])
         focus = focus + w_new @ t2i
     state.store(layer, t2i)
-    return (focus < row_quantile(focus, gamma)) & ch.new_text[..., None]
+    columns = state.image_valid[:, None, :].expand_as(focus)
+    threshold = masked_row_quantile(focus, columns, gamma)
+    return (focus < threshold) & columns & ch.new_text[..., None]
 
 
-def _weights(state: CMAIState, a: torch.Tensor, key_pos: torch.Tensor, q_ord: torch.Tensor, k_ord: torch.Tensor):
+def _weights(state: CMAIState, a: torch.Tensor, key_pos: torch.Tensor, offset: int, q_ord, k_ord) -> torch.Tensor:
     """W[b, j, h]: how much text key h counts in query j's focus score (before validity masking)."""
-    bsz, q_new, _ = a.shape
-    if state.focus == "paper":  # the query's attention to that text token (Eq. 9-10)
-        return a.gather(2, key_pos[:, None, :].expand(bsz, q_new, key_pos.shape[1]))
+    bsz, q_new, kv_len = a.shape
+    if state.focus == "paper":  # the query's attention to that text token (Eq. 9-10); 0 once out of the window
+        idx, visible = _key_index(key_pos, offset, kv_len)
+        return a.gather(2, idx[:, None, :].expand(bsz, q_new, idx.shape[1])) * visible[:, None, :]
     k_ord = k_ord if k_ord.dim() == 2 else k_ord[None].expand(bsz, -1)
     if state.focus == "sum":
         return torch.ones(bsz, q_new, k_ord.shape[1], dtype=a.dtype, device=a.device)
@@ -246,14 +350,32 @@ def _weights(state: CMAIState, a: torch.Tensor, key_pos: torch.Tensor, q_ord: to
     return state.discount**dist
 
 
+def _allowed(state: CMAIState, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, device):
+    """The layer's boolean mask (B, 1, q, kv): the one transformers built, or causal + padding + window."""
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:  # additive float mask
+            attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        return attention_mask.expand(bsz, 1, q_len, kv_len)
+    q_pos = state.chunk.past + torch.arange(q_len, device=device)
+    k_pos = offset + torch.arange(kv_len, device=device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    window = getattr(module, "sliding_window", None)
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return (allowed[None, None] & state.pad[:, None, None, offset : offset + kv_len]).expand(bsz, 1, q_len, kv_len)
+
+
 def cmai_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA with CMAI's inhibition added to the mask of the module's layer (plain SDPA elsewhere)."""
     ctx = getattr(module, "_unclutter_cmai", None)
     state: CMAIState | None = ctx() if ctx is not None else None
-    if state is None or state.chunk is None or state.image_pos is None:
+    if state is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    bsz, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    offset = state.key_offset(module, q_len, kv_len)  # raises when the state does not match this call
     layer = module.layer_idx
     gamma = state.gammas.get(layer, 0.0)
     ch = state.chunk
@@ -261,22 +383,21 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
-    bsz, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    if attention_mask is None:  # only when called outside the registered mask path: plain causal
-        q_pos = ch.past + torch.arange(q_len, device=query.device)
-        attention_mask = (torch.arange(kv_len, device=query.device)[None] <= q_pos[:, None])[None, None]
-    allowed = attention_mask.expand(bsz, 1, q_len, kv_len)
+    allowed = _allowed(state, module, attention_mask, bsz, q_len, kv_len, offset, query.device)
     # autocast off: under bf16 mixed precision the matmuls below would drop to bf16 and shift the quantile
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
-        a = _head_mean_probs(query[:, :, ch.start :], key, allowed[:, :, ch.start :], scaling)
-        inhibit = _inhibited(state, layer, gamma, a)  # (B, q_new, n)
+        a = _head_mean_probs(query[:, :, ch.start :], key, allowed[:, :, ch.start :], scaling, kwargs.get("softcap"))
+        inhibit = _inhibited(state, layer, gamma, a, offset)  # (B, q_new, n)
         if state.tracing:
             state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
-        blocked = torch.zeros(bsz, q_len - ch.start, kv_len, dtype=torch.bool, device=query.device)
-        n = state.image_pos.shape[1]
-        blocked.scatter_(2, state.image_pos[:, None, :].expand(-1, q_len - ch.start, n), inhibit)
+        q_new = q_len - ch.start
+        img_idx, img_visible = _key_index(state.image_pos, offset, kv_len)
+        columns = torch.where(img_visible & state.image_valid, img_idx, kv_len)  # others go to a spare column
+        blocked = torch.zeros(bsz, q_new, kv_len + 1, dtype=torch.bool, device=query.device)
+        blocked.scatter_(2, columns[:, None, :].expand(-1, q_new, -1), inhibit)
         mask = allowed.clone()
-        mask[:, 0, ch.start :] &= ~blocked
+        mask[:, 0, ch.start :] &= ~blocked[..., :kv_len]
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from .. import apply
 from ..ifeval.scoring import DataError
 from ..methods import resolve, to_dict
+from ..runlock import main_process_lock
 from .data import LlavaDataset, collate, load_llava_json, modality_length_order
 
 MODULES = ("vision", "projector", "llm")
@@ -164,7 +165,15 @@ class _LlavaTrainer(Trainer):
 
 
 def train(cfg: TrainConfig, callbacks=None) -> Path:
-    """Run one stage; returns the output directory (a `from_pretrained`-loadable checkpoint)."""
+    """Run one stage; returns the output directory (a `from_pretrained`-loadable checkpoint).
+
+    The output folder has one writer: a second `unclutter train` into it is refused while the first lives (two
+    would resume from the same checkpoint and overwrite each other's). Only global rank 0 locks it."""
+    with main_process_lock(cfg.output, what="unclutter train", option="--output"):
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks=None) -> Path:
     lr_default, batch_default, fmt = STAGE_DEFAULTS[cfg.stage]
     records = load_llava_json(cfg.data, cfg.images)  # every record validated before anything trains
     if any(r.get("image") for r in records) and cfg.images is None:
@@ -190,7 +199,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
         )  # fmt: skip
         model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
 
     world = max(torch.cuda.device_count(), 1)

@@ -1,0 +1,276 @@
+"""The shared runtime: `apply`, the `Handle` that undoes it, and the `Adapter` each model family fills in.
+
+An adapter (one short file per family, registered with `@register`) says only what differs between
+families: where the vision blocks are and how to compress them, which token ids are image/video
+placeholders and which are structural, and how the processor expands a placeholder. Everything else
+is shared here: CMAI (one registered attention function for every language model), the forward
+hooks that feed it, processor patching and its undo, and the version check.
+
+Everything `apply` attaches is recorded as an undo action on the handle; `Handle.remove()` runs them
+in reverse order, so the model and processor come back exactly as they were.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import transformers
+from torch import nn
+
+from .. import vmtc as vmtc_math
+from ..cmai import gamma_schedule
+from ..compat import find_cache, output_cache, warn_if_untested
+from ..config import CMAIConfig, SPDConfig, VMTCConfig
+from . import cmai_attention
+from .vision import VMTCStage
+
+_HANDLE_ATTR = "_unclutter_handle"
+ADAPTERS: list[type[Adapter]] = []
+
+
+def register(adapter: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make `apply` accept the adapter's model classes."""
+    ADAPTERS.append(adapter)
+    return adapter
+
+
+class Adapter:
+    """How one model family plugs in. Subclasses override what their family does differently.
+
+    ``classes`` names the transformers classes (the ``*ForConditionalGeneration`` and its base
+    ``*Model``) the adapter accepts; names missing from the installed transformers are ignored.
+    """
+
+    family: ClassVar[str] = ""
+    classes: ClassVar[tuple[str, ...]] = ()
+    vmtc: ClassVar[bool] = False  # VMTC supported
+    spd: ClassVar[bool] = False  # SPD supported
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.base = model.model if isinstance(getattr(model, "model", None), nn.Module) else model
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        types = tuple(t for t in (getattr(transformers, name, None) for name in cls.classes) if t is not None)
+        return bool(types) and isinstance(model, types)
+
+    # --- token ids ---------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.base.language_model
+
+    def media_token_ids(self) -> list[int]:
+        """Image (and video) placeholder ids: the image keys CMAI ranks and inhibits."""
+        ids = [getattr(self.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")]
+        return sorted({i for i in ids if i is not None})
+
+    def structural_token_ids(self) -> list[int]:
+        """Ids that are neither image keys nor text queries (row/col tags, image begin/end markers)."""
+        return []
+
+    # --- token reduction (VMTC / SPD) ------------------------------------------------------------
+    def plan(self, handle: Handle) -> None:
+        """Resolve VMTC/SPD into ``handle.stages`` and the token counts; raise if impossible."""
+
+    def install(self, handle: Handle) -> None:
+        """Attach the vision-side hooks (VMTC stages, SPD pooling)."""
+
+    def patch_processor(self, handle: Handle, processor) -> None:
+        """Make the processor expand each image placeholder to the compressed count."""
+        raise NotImplementedError(f"{type(self).__name__} cannot adjust its processor")
+
+    def check_prompt(self, handle: Handle, input_ids: torch.Tensor | None, kwargs: dict) -> None:
+        """Fail early, with a fix, when the prompt's placeholders cannot match the images."""
+
+
+@dataclass
+class Handle:
+    """What `apply` attached to a model; `remove()` detaches all of it. Also a context manager."""
+
+    model: nn.Module
+    processor: object | None
+    adapter: Adapter
+    vmtc: VMTCConfig | None
+    cmai: CMAIConfig | None
+    spd: SPDConfig | None
+    num_image_tokens: int | None = None  # image tokens per image (per tile for tiled families) entering the LLM
+    stock_image_tokens: int | None = None
+    stages: list[VMTCStage] = field(default_factory=list)
+    stage_infos: list[vmtc_math.VMTCInfo] = field(default_factory=list)  # last vision forward, per active stage
+    cmai_state: cmai_attention.CMAIState | None = None
+    _undo: list[Callable[[], None]] = field(default_factory=list)
+    _qk: dict = field(default_factory=dict)
+    _removed: bool = False
+
+    @property
+    def active_stages(self) -> list[VMTCStage]:
+        """The stages that change something (a stage keeping every token is not installed)."""
+        return [s for s in self.stages if not s.identity]
+
+    # --- recording what was attached ---------------------------------------------------------------
+    def add_hook(self, hook_handle) -> None:
+        self._undo.append(hook_handle.remove)
+
+    def patch_forward(self, module: nn.Module, forward) -> None:
+        if "forward" in vars(module):
+            raise ValueError(f"{type(module).__name__}.forward is already patched on this instance; not stacking.")
+        module.forward = forward
+        self._undo.append(lambda: delattr(module, "forward"))
+
+    def override(self, obj: Any, name: str, value: Any) -> None:
+        """Set an instance attribute that shadows the class's (a processor method); undone by remove()."""
+        if name in vars(obj):
+            raise ValueError(f"{type(obj).__name__}.{name} is already overridden on this instance; not stacking.")
+        setattr(obj, name, value)
+        self._undo.append(lambda: delattr(obj, name))
+
+    def remove(self) -> None:
+        """Restore the model (and processor) exactly as they were before `apply`."""
+        if self._removed:
+            return
+        while self._undo:
+            self._undo.pop()()
+        self._removed = True
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def adapter_for(model: nn.Module) -> type[Adapter]:
+    for adapter in ADAPTERS:
+        if adapter.accepts(model):
+            return adapter
+    names = sorted(name for a in ADAPTERS for name in a.classes)
+    raise TypeError(
+        f"unclutter.apply does not support {type(model).__name__}. Supported transformers classes: "
+        f"{', '.join(names)}."
+    )
+
+
+def apply(
+    model: nn.Module,
+    processor=None,
+    *,
+    vmtc: VMTCConfig | None = None,
+    cmai: CMAIConfig | None = None,
+    spd: SPDConfig | None = None,
+) -> Handle:
+    """Attach VMTC / CMAI / SPD to a vision-language model in place. Returns a `Handle` (call ``remove()``).
+
+    Given the processor, its own call then expands image placeholders to the compressed token count.
+    """
+    warn_if_untested()
+    for name, value, kind in (("vmtc", vmtc, VMTCConfig), ("cmai", cmai, CMAIConfig), ("spd", spd, SPDConfig)):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{name}= takes a {kind.__name__}, got {type(value).__name__}.")
+    adapter = adapter_for(model)(model)
+    if getattr(adapter.base, _HANDLE_ATTR, None) is not None:
+        raise ValueError("unclutter is already applied to this model; call handle.remove() before applying again.")
+    if vmtc is not None and spd is not None:
+        raise ValueError("VMTC and SPD both reduce image tokens and cannot be combined; choose one.")
+    for name, value, supported in (("VMTC", vmtc, adapter.vmtc), ("SPD", spd, adapter.spd)):
+        if value is not None and not supported:
+            raise NotImplementedError(
+                f"{name} is not available for {adapter.family} yet; CMAI is. See the README's support matrix."
+            )
+
+    handle = Handle(model, processor, adapter, vmtc, cmai, spd)
+    adapter.plan(handle)
+    setattr(adapter.base, _HANDLE_ATTR, handle)
+    handle._undo.append(lambda: delattr(adapter.base, _HANDLE_ATTR))
+    try:
+        adapter.install(handle)
+        if cmai is not None:
+            _install_cmai(handle, adapter, cmai)
+        _install_prompt_hooks(handle, adapter)
+        if processor is not None and handle.num_image_tokens != handle.stock_image_tokens:
+            adapter.patch_processor(handle, processor)
+    except Exception:
+        handle.remove()
+        raise
+    return handle
+
+
+def _install_cmai(handle: Handle, adapter: Adapter, cfg: CMAIConfig) -> None:
+    lm = adapter.language_model
+    num_layers = adapter.config.get_text_config().num_hidden_layers
+    gammas = gamma_schedule(num_layers, cfg.gamma_max, cfg.layers, cfg.gammas)
+    media = adapter.media_token_ids()
+    if not media:
+        raise ValueError(f"{type(adapter.model).__name__}'s config names no image token id; CMAI cannot find images.")
+    state = cmai_attention.CMAIState(media, gammas, cfg.focus, cfg.discount, adapter.structural_token_ids())
+    handle.cmai_state = state
+    cmai_attention.register()
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation(cmai_attention.ATTN_NAME)
+    handle._undo.append(lambda: lm.set_attn_implementation(previous))
+    ref = weakref.ref(state)
+    found = set()
+    for module in lm.modules():
+        layer = getattr(module, "layer_idx", None)
+        if layer in gammas and hasattr(module, "q_proj"):
+            module._unclutter_cmai = ref
+            handle._undo.append(lambda m=module: delattr(m, "_unclutter_cmai"))
+            found.add(layer)
+    if found != set(gammas):
+        raise RuntimeError(
+            f"CMAI found attention modules for LLM layers {sorted(found)} but needs {sorted(gammas)}: "
+            f"{type(lm).__name__}'s attention layout is not the one unclutter knows."
+        )
+
+
+def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
+    """A forward pre-hook on the VLM validates placeholders and feeds CMAI the per-call facts."""
+    state = handle.cmai_state
+
+    def pre_forward(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        adapter.check_prompt(handle, input_ids, kwargs)
+        if state is not None:
+            state.begin(input_ids, kwargs.get("attention_mask"), find_cache(args, kwargs))
+
+    handle.add_hook(adapter.base.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    if state is not None:  # a prefill without a cache argument creates its cache inside
+
+        def post_forward(module, args, output):
+            state.adopt(output_cache(output))
+
+        handle.add_hook(adapter.base.register_forward_hook(post_forward))
+
+
+def check_placeholders(handle: Handle, input_ids: torch.Tensor | None, images: int, token_id: int) -> None:
+    """For families with a fixed count per image: the prompt carries exactly ``num_image_tokens`` per image."""
+    if images == 0:
+        return
+    if input_ids is None:
+        raise ValueError("unclutter needs input_ids (not inputs_embeds) to find the image placeholders.")
+    found = int((input_ids == token_id).sum().item())
+    want = images * handle.num_image_tokens
+    if found == 0:
+        raise ValueError(
+            "an image was given but the prompt has no image token: put the processor's image token "
+            "(e.g. '<image>') in the text where the image belongs."
+        )
+    if found == want:
+        return
+    if found == images * handle.stock_image_tokens and handle.num_image_tokens != handle.stock_image_tokens:
+        raise ValueError(
+            f"the prompt carries {handle.stock_image_tokens} image placeholders per image, the stock count, but "
+            f"the compressed vision tower yields {handle.num_image_tokens}. Pass processor= to unclutter.apply so "
+            f"it expands '<image>' correctly, or repeat the image token handle.num_image_tokens times yourself."
+        )
+    raise ValueError(
+        f"the prompt has {found} image tokens for {images} image(s); expected {handle.num_image_tokens} per image."
+    )

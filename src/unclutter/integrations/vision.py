@@ -1,0 +1,171 @@
+"""Shared vision-side pieces: VMTC stage planning, a VMTC encoder-layer forward, and SPD pooling.
+
+Every adapter whose tower is built from pre-norm ViT layers (CLIP, SigLIP: ``layer_norm1 ->
+self_attn -> residual -> layer_norm2 -> mlp -> residual``) uses `vmtc_layer_forward`; towers with
+another layer layout write their own forward around the same pure functions of `unclutter.vmtc`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import vmtc as vmtc_math
+from ..config import VMTCConfig
+
+DEFAULT_STAGES = 4
+
+
+@dataclass
+class VMTCStage:
+    """One compression step: where it sits and how many tokens it keeps and makes."""
+
+    layer: int
+    tokens_in: int  # patch tokens entering (CLS excluded)
+    keep: int
+    clusters: int
+
+    @property
+    def tokens_out(self) -> int:
+        return self.keep + self.clusters
+
+    @property
+    def identity(self) -> bool:
+        """Keeps every token: such a stage changes nothing and is not installed."""
+        return self.keep == self.tokens_in
+
+
+def plan_vmtc(cfg: VMTCConfig, num_patches: int, feature_block: int) -> list[VMTCStage]:
+    """Resolve a `VMTCConfig` into stages for a tower with ``num_patches`` patches (per image or tile)."""
+    budget = cfg.num_tokens if cfg.num_tokens is not None else max(1, round(cfg.ratio * num_patches))
+    if not 1 <= budget <= num_patches:
+        raise ValueError(
+            f"VMTC token budget {budget} is impossible for {num_patches} patches: choose num_tokens in "
+            f"[1, {num_patches}] or ratio in (0, 1]."
+        )
+    n_stages = cfg.num_stages if cfg.num_stages is not None else min(DEFAULT_STAGES, feature_block + 1)
+    layers = list(cfg.layers) if cfg.layers is not None else vmtc_math.stage_layers(feature_block, n_stages)
+    if layers[-1] > feature_block or layers[0] < 0:
+        raise ValueError(
+            f"VMTC layers {layers} must lie in [0, {feature_block}]: blocks after the feature layer never "
+            "reach the LLM (and a stage between two feature layers would break their concatenation)."
+        )
+    counts = (
+        list(cfg.stage_tokens)
+        if cfg.stage_tokens is not None
+        else vmtc_math.stage_token_counts(num_patches, budget, len(layers))
+    )
+    if len(counts) != len(layers) or counts[-1] != budget:
+        raise ValueError(
+            f"VMTCConfig.stage_tokens={counts} must give one count per stage ({len(layers)}) ending at the budget {budget}."
+        )
+    if isinstance(cfg.clusters, tuple) and len(cfg.clusters) != len(layers):
+        raise ValueError(f"VMTCConfig.clusters has {len(cfg.clusters)} values for {len(layers)} stages.")
+    stages, tokens_in = [], num_patches
+    for i, (layer, tokens_out) in enumerate(zip(layers, counts, strict=True)):
+        if not 1 <= tokens_out <= tokens_in:
+            raise ValueError(
+                f"VMTC stage {i} (block {layer}) cannot go from {tokens_in} to {tokens_out} tokens: counts must "
+                "be non-increasing and >= 1."
+            )
+        if tokens_out == tokens_in:
+            c = 0  # nothing to remove: keep every token, in order (ratio 1.0 is the stock model)
+        elif cfg.merge == "drop":
+            c = 0
+        elif cfg.merge == "single":
+            c = 1
+        elif cfg.clusters is None:
+            c = vmtc_math.default_clusters(tokens_out)
+        else:
+            c = cfg.clusters if isinstance(cfg.clusters, int) else cfg.clusters[i]
+        if c > tokens_out or c < 0:
+            raise ValueError(f"VMTC stage {i} wants {c} clusters but outputs only {tokens_out} tokens; lower clusters.")
+        stages.append(VMTCStage(layer=layer, tokens_in=tokens_in, keep=tokens_out - c, clusters=c))
+        tokens_in = tokens_out
+    return stages
+
+
+def capture_qk(handle, attn: nn.Module, layer: int, names: tuple[str, str] = ("q_proj", "k_proj")) -> None:
+    """Keep the outputs of the block's query and key projections for the VMTC forward (no second pass)."""
+    for short, name in zip(("q", "k"), names, strict=True):
+
+        def grab(module, args, output, short=short):
+            handle._qk.setdefault(layer, {})[short] = output
+
+        handle.add_hook(getattr(attn, name).register_forward_hook(grab))
+
+
+def stage_importance(handle, stage: VMTCStage, attn: nn.Module, tokens: int) -> torch.Tensor:
+    """(B, N) CLS importance of the stage block's patches, from the q/k it just computed (float32)."""
+    grab = handle._qk.pop(stage.layer, None)
+    if grab is None or "q" not in grab or "k" not in grab:
+        raise RuntimeError(
+            f"VMTC stage at block {stage.layer}: the block's q/k projections did not run (the tower's attention "
+            "module changed?); cannot rank patches."
+        )
+    b, t, _ = grab["q"].shape
+    if t - 1 != stage.tokens_in or tokens != t:
+        raise ValueError(
+            f"VMTC stage at block {stage.layer} expected {stage.tokens_in} patch tokens, got {t - 1}: the image "
+            "size does not match the vision config."
+        )
+    heads = attn.num_heads
+    head_dim = grab["q"].shape[-1] // heads
+    q = grab["q"][:, :1].view(b, 1, heads, head_dim).transpose(1, 2)
+    k = grab["k"].view(b, t, heads, head_dim).transpose(1, 2)
+    return vmtc_math.cls_importance(q, k, attn.scale)
+
+
+def record(handle, stage: VMTCStage, info: vmtc_math.VMTCInfo) -> None:
+    """Keep one `VMTCInfo` per stage of the last vision forward (for pictures and tests)."""
+    if stage is handle.active_stages[0]:
+        handle.stage_infos = []
+    handle.stage_infos.append(info)
+
+
+def vmtc_layer_forward(stage: VMTCStage, handle):
+    """A pre-norm ViT encoder-layer forward (CLIP, SigLIP) with VMTC between attention and MLP (paper Fig. 3)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("VMTC cannot compress a vision tower called with an attention mask.")
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=None, **kwargs)
+        hidden_states = residual + hidden_states
+        importance = stage_importance(handle, stage, self.self_attn, hidden_states.shape[1])
+        cfg = handle.vmtc
+        # both run with autocast off themselves: float32 ranking and merging even under bf16 mixed precision
+        hidden_states, info = vmtc_math.compress(
+            hidden_states, importance, stage.keep, stage.clusters,
+            merge=cfg.merge, normalize=cfg.normalize, iters=cfg.kmeans_iters,
+        )  # fmt: skip
+        record(handle, stage, info)
+        residual = hidden_states
+        hidden_states = self.mlp(self.layer_norm2(hidden_states))
+        return residual + hidden_states
+
+    return forward
+
+
+def install_vmtc_layers(handle, layers: nn.ModuleList) -> None:
+    """Give each non-identity stage block the VMTC forward and q/k capture (CLIP/SigLIP layer layout)."""
+    for stage in handle.active_stages:
+        block = layers[stage.layer]
+        capture_qk(handle, block.self_attn, stage.layer)
+        handle.patch_forward(block, MethodType(vmtc_layer_forward(stage, handle), block))
+
+
+def pool_grid(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """SPD: average-pool (B, side*side, E) square patch grids to (B, grid*grid, E), in float32."""
+    b, p, e = patches.shape
+    side = int(round(p**0.5))
+    if side * side != p:
+        raise ValueError(f"SPD needs a square patch grid, got {p} patches.")
+    if grid > side:
+        raise ValueError(f"SPD grid {grid} is larger than the {side}x{side} patch grid.")
+    square = patches.transpose(1, 2).reshape(b, e, side, side)
+    return F.adaptive_avg_pool2d(square.float(), grid).to(patches.dtype).flatten(2).transpose(1, 2)
