@@ -6,6 +6,7 @@ from PIL import Image
 import unclutter
 from unclutter.models.tiny import tiny_llava, tiny_processor
 
+
 def pytest_configure(config):
     """`make test-lowest` / `make compat` run the suite on another transformers: make sure it is the one imported."""
     import os

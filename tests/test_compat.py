@@ -57,14 +57,22 @@ def test_a_cache_the_hook_cannot_find_fails_at_the_first_decode_step(model, proc
     """What a future rename of the cache argument looks like: the pre-hook sees no cache."""
     monkeypatch.setattr(base, "find_cache", lambda args, kwargs: None)
     batch = encode(processor, images)
-    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad(), pytest.raises(CMAIStateError, match=r"did not find this call's cache.*transformers 5\.\d+"):
+    with (
+        unclutter.apply(model, cmai=CMAIConfig()),
+        torch.no_grad(),
+        pytest.raises(CMAIStateError, match=r"did not find this call's cache.*transformers 5\.\d+"),
+    ):
         model.generate(**batch, max_new_tokens=3, do_sample=False)
 
 
 def test_layer_called_without_the_pre_hook_fails(model, processor, images):
     batch = encode(processor, images)
     embeds = model.model.get_input_embeddings()(batch["input_ids"])
-    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad(), pytest.raises(CMAIStateError, match="pre-hook never ran"):
+    with (
+        unclutter.apply(model, cmai=CMAIConfig()),
+        torch.no_grad(),
+        pytest.raises(CMAIStateError, match="pre-hook never ran"),
+    ):
         model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
 
 

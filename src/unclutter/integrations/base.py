@@ -154,8 +154,7 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
             return adapter
     names = sorted(name for a in ADAPTERS for name in a.classes)
     raise TypeError(
-        f"unclutter.apply does not support {type(model).__name__}. Supported transformers classes: "
-        f"{', '.join(names)}."
+        f"unclutter.apply does not support {type(model).__name__}. Supported transformers classes: {', '.join(names)}."
     )
 
 
