@@ -1,73 +1,16 @@
 """CMAI on a tiny LLaVA: exact against a naive reference, stock-equivalent at gamma 0, cached = full, batch = single."""
 
-import copy
 
 import pytest
 import torch
 from conftest import PROMPTS, encode
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from reference import reference_logits
 
 import unclutter
 from unclutter import CMAIConfig
 from unclutter.compat import cache_argument, output_cache
 
 pytestmark = pytest.mark.exact  # the exactness suite CI runs on both ends of the transformers range
-
-
-class NaiveReference:
-    """CMAI written straight from Eq. 9-11 with Python loops, as an eager attention function.
-
-    Full forward only (no cache): every layer materialises the full H x L x L attention.
-    """
-
-    def __init__(self, image_token_id, gammas):
-        self.image_token_id, self.gammas = image_token_id, gammas
-        self.input_ids = self.pad = None
-
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        bsz, heads, length, _ = query.shape
-        rep = heads // key.shape[1]
-        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = causal[None] & self.pad[:, None, :].bool()
-        scores = (query.double() @ key.double().transpose(-1, -2)) * scaling
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
-        avg = probs.mean(1)
-        gamma = self.gammas.get(module.layer_idx, 0.0)
-        for b in range(bsz):
-            ids = self.input_ids[b].tolist()
-            img = [p for p, t in enumerate(ids) if t == self.image_token_id]
-            if not img or gamma == 0:
-                continue
-            text = [p for p in range(length) if p > img[0] and ids[p] != self.image_token_id and self.pad[b, p]]
-            m, n = len(text), len(img)
-            f = torch.zeros(m, n, dtype=torch.float64)
-            for j in range(m):
-                for k in range(n):
-                    f[j, k] = avg[b, text[j], img[k]] + sum(
-                        avg[b, text[j], text[h]] * avg[b, text[h], img[k]] for h in range(j)
-                    )
-            thr = torch.quantile(f, gamma, dim=-1, keepdim=True)
-            for j in range(m):
-                for k in range(n):
-                    if f[j, k] < thr[j, 0]:
-                        scores[b, :, text[j], img[k]] = float("-inf")
-        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
-        out = (probs @ value.double()).to(query.dtype)
-        return out.transpose(1, 2).contiguous(), None
-
-
-def reference_logits(model, batch, gammas):
-    ref_model = copy.deepcopy(model)
-    ref = NaiveReference(model.config.image_token_id, gammas)
-    AttentionInterface.register("naive_cmai_test", ref)
-    AttentionMaskInterface.register("naive_cmai_test", sdpa_mask)
-    ref_model.model.language_model.set_attn_implementation("naive_cmai_test")
-    ref.input_ids, ref.pad = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        return ref_model(**batch).logits
 
 
 @pytest.mark.parametrize("gamma_max", [0.3, 0.6, 0.9])

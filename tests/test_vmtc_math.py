@@ -139,7 +139,8 @@ def test_pure_functions_ignore_a_callers_bf16_autocast():
     def run():
         imp = vmtc.cls_importance(q, k, 0.25)
         tokens, info = vmtc.compress(x, imp, keep=12, clusters=5)
-        return imp, tokens, info.cluster, kmeans.cosine_kmeans(x[:, 1:], 6)
+        received = vmtc.received_importance(q, k, 0.25, chunk=7)
+        return imp, tokens, info.cluster, kmeans.cosine_kmeans(x[:, 1:], 6), received
 
     reference = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -147,3 +148,45 @@ def test_pure_functions_ignore_a_callers_bf16_autocast():
         assert (q @ k.transpose(-1, -2)).dtype == torch.bfloat16  # autocast is really on here
     for want, got in zip(reference, mixed, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def naive_received(q, k, scale, valid):
+    """Mean over heads and valid queries of the softmax attention each valid key receives, one image at a time."""
+    out = torch.zeros(q.shape[0], q.shape[2])
+    for b in range(q.shape[0]):
+        idx = valid[b].nonzero().flatten()
+        a = ((q[b][:, idx].double() @ k[b][:, idx].double().transpose(-1, -2)) * scale).softmax(-1)
+        out[b, idx] = a.mean(dim=(0, 1)).float()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 4096])
+def test_received_importance_equals_full_attention_in_any_chunking(chunk):
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 37, 8, generator=g), torch.randn(2, 3, 37, 8, generator=g)
+    valid = torch.ones(2, 37, dtype=torch.bool)
+    valid[1, 30:] = False  # padding patches (Idefics3's patch mask): neither queries nor keys
+    got = vmtc.received_importance(q, k, 0.3, valid=valid, chunk=chunk)
+    torch.testing.assert_close(got, naive_received(q, k, 0.3, valid), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.sum(1), torch.ones(2))
+    assert got.dtype == torch.float32 and (got[1, 30:] == 0).all()
+    torch.testing.assert_close(vmtc.received_importance(q, k, 0.3, chunk=chunk), naive_received(q, k, 0.3, valid | True))
+
+
+def test_compress_without_cls_keeps_whole_units():
+    """Units of u patches (Qwen's 2x2 merge): compress (B, N/u, u*D) views, every output token a whole unit."""
+    g = torch.Generator().manual_seed(4)
+    u, units, d = 4, 12, 3
+    x = torch.randn(2, units * u, d, generator=g)
+    patch_imp = torch.rand(2, units * u, generator=g)
+    unit_imp = patch_imp.view(2, units, u).mean(-1)
+    tokens, info = vmtc.compress(x.view(2, units, u * d), unit_imp, keep=5, clusters=2, has_cls=False)
+    assert tokens.shape == (2, 7, u * d)
+    for b in range(2):
+        ref, kept, redundant = naive_compress(
+            torch.cat([torch.zeros(1, u * d), x[b].view(units, u * d)]), unit_imp[b], 5, info.cluster[b].tolist()
+        )
+        assert info.kept_index[b].tolist() == kept
+        torch.testing.assert_close(tokens[b], ref[1:])
+    with pytest.raises(ValueError, match=r"expects x \(B, N, D\)"):
+        vmtc.compress(x, patch_imp[:, 1:], keep=5, clusters=2, has_cls=False)

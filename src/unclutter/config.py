@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 MergeMode = Literal["cluster", "single", "drop"]
+ImportanceMode = Literal["cls", "received"]
 FocusMode = Literal["paper", "tia", "sum", "discounted"]
 
 
@@ -31,6 +32,9 @@ class VMTCConfig:
     count per stage (int for all stages or one per stage); by default ``max(1, tokens_after // 8)``.
     ``merge``: "cluster" (the paper), "single" (all redundant tokens into one) or "drop" (prune).
     ``normalize``: importance-weighted mean (default) instead of Eq. 7's unnormalised sum.
+    ``importance``: how patches are ranked: "cls" (the paper: the CLS token's attention) or "received"
+    (the mean attention each patch receives from all patches, for towers without a CLS token); None
+    picks the tower's default ("cls" where the tower has a CLS token).
     """
 
     ratio: float = 0.5
@@ -42,6 +46,7 @@ class VMTCConfig:
     merge: MergeMode = "cluster"
     normalize: bool = True
     kmeans_iters: int = 10
+    importance: ImportanceMode | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _as_tuple(self.layers))
@@ -61,6 +66,8 @@ class VMTCConfig:
             raise ValueError(f"VMTCConfig.layers must be distinct ascending block indices, got {self.layers}.")
         if self.merge not in ("cluster", "single", "drop"):
             raise ValueError(f"VMTCConfig.merge must be 'cluster', 'single' or 'drop', got {self.merge!r}.")
+        if self.importance not in (None, "cls", "received"):
+            raise ValueError(f"VMTCConfig.importance must be 'cls', 'received' or None, got {self.importance!r}.")
         if self.kmeans_iters < 1:
             raise ValueError(f"VMTCConfig.kmeans_iters must be >= 1, got {self.kmeans_iters}.")
         if isinstance(self.clusters, int) and self.clusters < 1:

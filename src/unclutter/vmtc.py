@@ -3,6 +3,12 @@
 Inside a ViT block, between self-attention and MLP: rank patch tokens by the CLS token's
 head-averaged attention (importance, IPS), keep CLS + the top-k patches, cluster the remaining
 ("redundant") tokens with cosine K-means and merge each cluster into one token, weighted by IPS.
+
+Towers without a CLS token (SigLIP, Qwen's ViT) rank by `received_importance` instead: the mean
+attention each patch receives from all patches (our extension of Eq. 5-6; VisionZip uses the same
+signal). Towers that merge patches after the tower (Qwen's 2x2, pixel shuffle, Gemma 3's pooling)
+compress whole units: view (B, N, D) as (B, N/u, u*D), rank units by their patches' mean importance,
+and `compress` with ``has_cls=False``; every output token is then a complete unit.
 """
 
 from __future__ import annotations
@@ -48,6 +54,35 @@ def cls_importance(query: torch.Tensor, key: torch.Tensor, scale: float) -> torc
 
 
 @autocast_off
+def received_importance(
+    query: torch.Tensor, key: torch.Tensor, scale: float, *, valid: torch.Tensor | None = None, chunk: int = 1024
+) -> torch.Tensor:
+    """Mean head-averaged softmax attention each token receives from all (valid) query tokens.
+
+    query, key: (B, H, T, Dh). valid: optional (B, T) bool, False for padding patches (neither queries
+    nor keys). Returns (B, T) float32 summing to 1 over the valid tokens of each image. Queries are
+    processed ``chunk`` at a time, so a long sequence (Gemma 3: 4,096 patches) never materialises the
+    full (H, T, T) attention at once.
+    """
+    bsz, heads, t, _ = query.shape
+    keys = key.float().transpose(-1, -2)
+    received = torch.zeros(bsz, t, dtype=torch.float32, device=query.device)
+    key_bias = None
+    if valid is not None:
+        key_bias = torch.zeros(bsz, 1, 1, t, device=query.device).masked_fill(~valid[:, None, None, :], float("-inf"))
+    for start in range(0, t, chunk):
+        logits = (query[:, :, start : start + chunk].float() @ keys) * scale  # (B, H, c, T)
+        if key_bias is not None:
+            logits = logits + key_bias
+        probs = logits.softmax(dim=-1)
+        if valid is not None:
+            probs = probs * valid[:, None, start : start + chunk, None]
+        received += probs.sum(dim=(1, 2))
+    queries = valid.sum(dim=1, keepdim=True).clamp_min(1) if valid is not None else t
+    return received / (heads * queries)
+
+
+@autocast_off
 def compress(
     x: torch.Tensor,
     importance: torch.Tensor,
@@ -57,11 +92,12 @@ def compress(
     merge: str = "cluster",
     normalize: bool = True,
     iters: int = 10,
+    has_cls: bool = True,
 ) -> tuple[torch.Tensor, VMTCInfo]:
     """Keep CLS + top-``keep`` patches, merge the rest into ``clusters`` tokens.
 
     Args:
-        x: (B, 1+N, D) tokens, CLS first.
+        x: (B, 1+N, D) tokens, CLS first; (B, N, D) with ``has_cls=False`` (towers without CLS, units).
         importance: (B, N) IPS of each patch.
         keep: number of patches kept (k).
         clusters: number of merged tokens (c); ignored for merge="single" (1) and "drop" (0).
@@ -70,13 +106,15 @@ def compress(
         iters: K-means iterations.
 
     Returns:
-        tokens: (B, 1+k+c, D) laid out as [CLS, kept patches in patch order, cluster 0..c-1].
+        tokens: (B, 1+k+c, D) laid out as [CLS, kept patches in patch order, cluster 0..c-1]
+            ((B, k+c, D) without CLS).
         info: `VMTCInfo`.
     """
-    if x.dim() != 3 or importance.dim() != 2 or importance.shape != (x.shape[0], x.shape[1] - 1):
+    lead = 1 if has_cls else 0
+    if x.dim() != 3 or importance.dim() != 2 or importance.shape != (x.shape[0], x.shape[1] - lead):
+        layout = "(B, 1+N, D) with CLS first" if has_cls else "(B, N, D)"
         raise ValueError(
-            f"compress expects x (B, 1+N, D) with CLS first and importance (B, N); got {tuple(x.shape)} "
-            f"and {tuple(importance.shape)}."
+            f"compress expects x {layout} and importance (B, N); got {tuple(x.shape)} and {tuple(importance.shape)}."
         )
     n = importance.shape[1]
     c = {"cluster": clusters, "single": 1, "drop": 0}.get(merge)
@@ -95,10 +133,10 @@ def compress(
     order = torch.sort(importance, dim=1, descending=True, stable=True).indices  # ties: lower index first
     kept_index = order[:, :keep].sort(dim=1).values
     merged_index = order[:, keep:].sort(dim=1).values
-    patches = x[:, 1:]
+    patches = x[:, lead:]
     d = x.shape[-1]
     kept = patches.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, d))
-    pieces = [x[:, :1], kept]
+    pieces = [x[:, :1], kept] if has_cls else [kept]
 
     if c == 0:
         cluster = torch.full_like(merged_index, -1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import apply
+from ..compat import output_cache
 from ..methods import resolve
 from ..models.presets import IMAGE_TOKEN_ID, build_preset
 
@@ -164,7 +165,7 @@ def run_once(model, method: str, *, batch: int, text_tokens: int, new_tokens: in
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             e2e = time.perf_counter() - start
-        kv = cache_bytes(out.past_key_values)
+        kv = cache_bytes(output_cache(out))
         extra = handle.cmai_state.allocated_bytes if handle.cmai_state is not None else 0
         tokens = handle.num_image_tokens
     finally:

@@ -49,6 +49,7 @@ class Adapter:
     classes: ClassVar[tuple[str, ...]] = ()
     vmtc: ClassVar[bool] = False  # VMTC supported
     spd: ClassVar[bool] = False  # SPD supported
+    default_importance: ClassVar[str] = "cls"  # "received" for towers without a CLS token
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -110,6 +111,12 @@ class Handle:
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _qk: dict = field(default_factory=dict)
     _removed: bool = False
+
+    @property
+    def importance(self) -> str:
+        """How VMTC ranks patches: the config's choice, else the adapter's default for its tower."""
+        chosen = self.vmtc.importance if self.vmtc is not None else None
+        return chosen or self.adapter.default_importance
 
     @property
     def active_stages(self) -> list[VMTCStage]:

@@ -99,8 +99,14 @@ def capture_qk(handle, attn: nn.Module, layer: int, names: tuple[str, str] = ("q
         handle.add_hook(getattr(attn, name).register_forward_hook(grab))
 
 
-def stage_importance(handle, stage: VMTCStage, attn: nn.Module, tokens: int) -> torch.Tensor:
-    """(B, N) CLS importance of the stage block's patches, from the q/k it just computed (float32)."""
+def stage_importance(
+    handle, stage: VMTCStage, attn: nn.Module, tokens: int, *, has_cls: bool = True, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, N) importance of the stage block's patches, from the q/k it just computed (float32).
+
+    "cls" (the paper): the CLS query's attention to each patch; "received": the mean attention each token
+    receives from all tokens (``handle.importance``; towers without CLS). ``valid``: (B, T) patch mask.
+    """
     grab = handle._qk.pop(stage.layer, None)
     if grab is None or "q" not in grab or "k" not in grab:
         raise RuntimeError(
@@ -108,16 +114,22 @@ def stage_importance(handle, stage: VMTCStage, attn: nn.Module, tokens: int) -> 
             "module changed?); cannot rank patches."
         )
     b, t, _ = grab["q"].shape
-    if t - 1 != stage.tokens_in or tokens != t:
+    lead = 1 if has_cls else 0
+    if t - lead != stage.tokens_in or tokens != t:
         raise ValueError(
-            f"VMTC stage at block {stage.layer} expected {stage.tokens_in} patch tokens, got {t - 1}: the image "
+            f"VMTC stage at block {stage.layer} expected {stage.tokens_in} patch tokens, got {t - lead}: the image "
             "size does not match the vision config."
         )
     heads = attn.num_heads
     head_dim = grab["q"].shape[-1] // heads
-    q = grab["q"][:, :1].view(b, 1, heads, head_dim).transpose(1, 2)
+    q = grab["q"].view(b, t, heads, head_dim).transpose(1, 2)
     k = grab["k"].view(b, t, heads, head_dim).transpose(1, 2)
-    return vmtc_math.cls_importance(q, k, attn.scale)
+    if handle.importance == "received":
+        received = vmtc_math.received_importance(q, k, attn.scale, valid=valid)
+        return received[:, lead:]
+    if not has_cls:
+        raise ValueError("importance='cls' needs a CLS token; this tower has none (use importance='received').")
+    return vmtc_math.cls_importance(q[:, :, :1], k, attn.scale)
 
 
 def record(handle, stage: VMTCStage, info: vmtc_math.VMTCInfo) -> None:

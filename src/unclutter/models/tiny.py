@@ -7,6 +7,10 @@ exercise the same code paths as `llava-hf/llava-1.5-7b-hf`.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -16,7 +20,9 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
 )
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -108,3 +114,63 @@ def tiny_processor(image_size: int = 64, patch_size: int = 8) -> LlavaProcessor:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+# ---- one tiny model per supported family --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyVLM:
+    """A tiny random model of one family, its processor, and how that family's prompts and batches look.
+
+    ``model(seed=0, dtype=torch.float32, attn_implementation="sdpa")`` builds the ``*ForConditionalGeneration``
+    from configs only; ``processor()`` builds the matching processor (a word-level tokenizer with the
+    family's special tokens and chat template); ``prompt(processor, question)`` is one user turn with one
+    image, ready for generation. ``nested_images``: the processor reads a flat image list as one sample's
+    images (Gemma 3, SmolVLM), so a batch passes ``[[image], [image]]``. ``vmtc``/``spd``: token reduction
+    is supported on this family (else CMAI only).
+    """
+
+    family: str
+    model: Callable[..., PreTrainedModel]
+    processor: Callable[[], ProcessorMixin]
+    prompt: Callable[[ProcessorMixin, str], str]
+    nested_images: bool = False
+    vmtc: bool = False
+    spd: bool = False
+    image_size: int = 64  # a size the processor handles without tiling, for the shared tests
+
+    def batch(self, processor, images: list, questions: list[str]):
+        """Processor outputs for one image per question, left-padded."""
+        imgs = [[im] for im in images] if self.nested_images else list(images)
+        text = [self.prompt(processor, q) for q in questions]
+        return processor(images=imgs, text=text, return_tensors="pt", padding=True)
+
+
+# Every family `unclutter.apply` supports; `tiny_vlm(name)` imports `unclutter.models.tiny_<name>` (its `SPEC`).
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "gemma3",
+    "internvl",
+    "idefics3",
+    "smolvlm",
+)
+
+
+def tiny_vlm(family: str) -> TinyVLM:
+    if family not in FAMILIES:
+        raise ValueError(f"no tiny model for {family!r}; families: {', '.join(FAMILIES)}.")
+    if family == "llava":
+        return LLAVA
+    return importlib.import_module(f"unclutter.models.tiny_{family}").SPEC
+
+
+def _llava_prompt(processor, question: str) -> str:
+    return f"user : <image> {question} assistant :"
+
+
+LLAVA = TinyVLM("llava", tiny_llava, tiny_processor, _llava_prompt, vmtc=True, spd=True)
