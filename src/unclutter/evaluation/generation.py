@@ -1,4 +1,8 @@
-"""Loading LLaVA models and generating answers in batches (shared by the runner and the lmms-eval plugin)."""
+"""Loading vision-language models and generating answers in batches (shared by the runner and the lmms-eval plugin).
+
+Any family `unclutter.apply` supports loads through `AutoModelForImageTextToText`; a class it does not
+support is refused by `apply` with the list of supported ones.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ def resolve_device(device: str) -> str:
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
     """(model, processor) from a hub id or a local directory, safetensors weights only."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
@@ -43,7 +47,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
     torch_dtype = DTYPES[dtype]
     if torch_dtype == "auto" and device == "cpu":
         torch_dtype = torch.float32  # half precision matmuls are slow or missing on many CPUs
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         name, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     ).to(device)
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -73,7 +77,9 @@ def generate(
     temperature: float = 1.0,
 ) -> list[str]:
     """Answers for a batch of chat-formatted prompts (with one image each, or none)."""
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    # one image list per prompt: Gemma 3 and SmolVLM read a flat list as one sample's images
+    nested = [[image] for image in images] if images else None
+    inputs = processor(images=nested, text=prompts, return_tensors="pt", padding=True)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
