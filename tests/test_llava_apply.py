@@ -134,6 +134,16 @@ def test_remove_restores_model_and_processor_exactly(model, processor, images, k
     unclutter.apply(model, processor, **kwargs).remove()  # can be applied again after remove
 
 
+@pytest.mark.parametrize("kwargs, tokens", [({"vmtc": VMTCConfig()}, 32), ({"spd": SPDConfig(grid=3)}, 9)])
+def test_processor_counts_the_compressed_tokens(model, processor, kwargs, tokens):
+    """`_get_num_multimodal_tokens` (what serving code such as vLLM uses to count) agrees with the expansion."""
+    stock = processor._get_num_multimodal_tokens(image_sizes=[(64, 64), (80, 48)])
+    with unclutter.apply(model, processor, **kwargs):
+        got = processor._get_num_multimodal_tokens(image_sizes=[(64, 64), (80, 48)])
+    assert stock.num_image_tokens == [64, 64] and got.num_image_tokens == [tokens, tokens]
+    assert processor._get_num_multimodal_tokens(image_sizes=[(64, 64)]).num_image_tokens == [64]
+
+
 def test_nothing_enabled_equals_stock(model, processor, images):
     _, logits0 = snapshot(model, processor, images)
     with unclutter.apply(model, processor):

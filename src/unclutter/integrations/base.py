@@ -12,6 +12,7 @@ in reverse order, so the model and processor come back exactly as they were.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     """Class decorator: make `apply` accept the adapter's model classes."""
     ADAPTERS.append(adapter)
     return adapter
+
+
+@dataclass
+class Tile:
+    """One tower input of an image (a tile, a crop, the whole image), for pictures (`Adapter.vision_tiles`)."""
+
+    pixels: torch.Tensor  # (3, H, W) as the tower receives it (normalised)
+    grid: tuple[int, int]  # VMTC units per column and per row of the tile (rows, cols)
+    row: int  # its batch row in every VMTCInfo of handle.stage_infos
+    name: str
 
 
 class Adapter:
@@ -91,6 +102,61 @@ class Adapter:
 
     def check_prompt(self, handle: Handle, input_ids: torch.Tensor | None, kwargs: dict) -> None:
         """Fail early, with a fix, when the prompt's placeholders cannot match the images."""
+
+    # --- tools above the core: `unclutter bench speed` and `unclutter visualize` ---------------------------------
+    def vision_modules(self) -> tuple[nn.Module, nn.Module]:
+        """(first, last): one vision pass runs from ``first``'s forward to the end of ``last``'s (pixels to the
+        projected features the LLM receives). The speed benchmark times it with a forward pre-hook on ``first`` and
+        a forward hook on ``last``, so both must run once per pass, stock and compressed alike.
+
+        Default: the base model's ``vision_tower`` (or ``vision_model``) and ``multi_modal_projector`` (or
+        ``connector``). Override when a compressed path bypasses them (a tower whose VMTC runs the blocks itself).
+        """
+        first = next((getattr(self.base, n) for n in ("vision_tower", "vision_model") if hasattr(self.base, n)), None)
+        last = next(
+            (getattr(self.base, n) for n in ("multi_modal_projector", "connector") if hasattr(self.base, n)), None
+        )
+        if first is None or last is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not say where {self.family}'s vision path starts and ends: override "
+                "Adapter.vision_modules."
+            )
+        return first, last
+
+    def vision_tiles(self, handle: Handle, inputs: dict) -> list[Tile]:
+        """The tower inputs of a one-prompt, one-image ``inputs`` (a processor output), as pictures draw them.
+
+        One `Tile` per batch row of the last vision forward's ``handle.stage_infos`` (every `VMTCInfo` holds one
+        row per tower input), in that order. Default: each (3, H, W) slice of ``pixel_values`` (5-D: the first
+        sample's) is one tile, its VMTC units a square grid (side: the square root of the first stage's input
+        count). Override when the tower's inputs are not ``pixel_values`` rows (packed patches) or grids are not
+        square.
+        """
+        pixels = inputs.get("pixel_values")
+        if pixels is None or pixels.dim() not in (4, 5):
+            raise ValueError(f"{self.family}: pictures need (tiles, 3, H, W) pixel_values; override vision_tiles.")
+        tiles = pixels[0] if pixels.dim() == 5 else pixels
+        if not handle.stage_infos:
+            raise ValueError(f"{self.family}: the last vision forward recorded no VMTC stage (handle.stage_infos).")
+        rows, units = handle.stage_infos[0].importance.shape
+        side = math.isqrt(units)
+        if rows != len(tiles) or side * side != units:
+            raise ValueError(
+                f"{self.family}: VMTC ranked {rows} tower inputs of {units} units, not {len(tiles)} square tiles of "
+                "pixel_values; this family needs its own Adapter.vision_tiles."
+            )
+        name = ["image"] if len(tiles) == 1 else [f"tile {i}" for i in range(len(tiles))]
+        return [Tile(tile, (side, side), i, name[i]) for i, tile in enumerate(tiles)]
+
+    def image_key_map(self, handle: Handle, inputs: dict) -> list[tuple[int, int] | None]:
+        """For each image key of the first prompt (its media tokens, in sequence order): ``(tile, token)``, the
+        index of the `vision_tiles` entry and of that tile's output token after the last VMTC stage it holds, or
+        None for a key that holds no tile token (a newline embedding, a CLS token). Pictures map CMAI's
+        per-key inhibition back onto the tiles with it. Default: every tile's ``handle.num_image_tokens`` tokens,
+        tile after tile. Override when the LLM sees another layout (newlines, CLS, reordering).
+        """
+        tiles = len(self.vision_tiles(handle, inputs))
+        return [(t, j) for t in range(tiles) for j in range(handle.num_image_tokens)]
 
 
 @dataclass

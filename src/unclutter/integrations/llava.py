@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import vmtc as vmtc_math
@@ -43,9 +45,9 @@ def fixed_count_processor(handle: Handle, processor, tokens: int) -> None:
         return processor.image_token * tokens
 
     def get_num_multimodal_tokens(image_sizes=None, **kwargs):
-        data = original_counts(image_sizes=image_sizes, **kwargs)
+        data = original_counts(image_sizes=image_sizes, **kwargs)  # a MultiModalData dataclass
         if image_sizes is not None:
-            data["num_image_tokens"] = [tokens] * len(image_sizes)
+            data = dataclasses.replace(data, num_image_tokens=[tokens] * len(image_sizes))
         return data
 
     handle.override(processor, "replace_image_token", replace_image_token)
@@ -102,3 +104,7 @@ class LlavaAdapter(Adapter):
 
     def check_prompt(self, handle: Handle, input_ids, kwargs: dict) -> None:
         check_placeholders(handle, input_ids, num_images(kwargs), self.config.image_token_id)
+
+    def image_key_map(self, handle: Handle, inputs: dict) -> list[tuple[int, int] | None]:
+        """One tile; with feature selection "full" the CLS token reaches the LLM first (it holds no patch)."""
+        return [None] * self.extra + [(0, j) for j in range(handle.num_image_tokens - self.extra)]

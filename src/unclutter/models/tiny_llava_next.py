@@ -1,0 +1,97 @@
+"""A tiny random LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and its processor, built from configs only.
+
+Same architecture as `llava-hf/llava-v1.6-mistral-7b-hf`, only small: a CLIP tower with CLS (32 px tiles,
+patch 8 -> a 4x4 patch grid per tile), `vision_feature_layer=-2` with "default" selection, a LLaMA decoder,
+and anyres tiling with the real checkpoint's pinpoints scaled from 336 to 32 px (1x2, 2x1, 2x2, 1x3, 3x1
+tiles), so ordinary test images give several tiles, unpadding and one ``image_newline`` per patch row.
+A 64x64 image (``SPEC.image_size``) fills 2x2 tiles exactly: 16 + 8*8 + 8 = 88 image tokens, no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+)
+
+from .tiny import TinyVLM, tiny_tokenizer
+
+TILE = 32
+PATCH = 8
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # (height, width), as [[336, 672], ...] / 10.5
+
+
+def tiny_llava_next(
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    vision_layers: int = 4,
+    text_layers: int = 3,
+) -> LlavaNextForConditionalGeneration:
+    """A random LLaVA-NeXT with ``(TILE // PATCH) ** 2`` = 16 patches per tile."""
+    tok = tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        image_size=TILE,
+        patch_size=PATCH,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    # a random model may emit its own placeholder, which a real one never does (and CMAI forbids after the prefill)
+    model.generation_config.suppress_tokens = [config.image_token_id]
+    return model.to(dtype).eval()
+
+
+def tiny_llava_next_processor() -> LlavaNextProcessor:
+    """The LLaVA-NeXT processor matching `tiny_llava_next` (CLIP normalisation, anyres tiles of 32 px)."""
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def _prompt(processor, question: str) -> str:
+    return f"user : <image> {question} assistant :"
+
+
+SPEC = TinyVLM(
+    "llava_next", tiny_llava_next, tiny_llava_next_processor, _prompt, vmtc=True, spd=True, image_size=2 * TILE
+)

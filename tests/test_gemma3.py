@@ -1,0 +1,319 @@
+"""Gemma 3 beyond the shared contract: sliding windows, pan-and-scan crops, several images, unit-wise VMTC.
+
+References: stock transformers, the naive Eq. 9-11 loop (`reference.py`, which runs on the masks
+transformers builds: sliding windows, bidirectional image blocks, padding), one uncached forward over
+what cached `generate` produced, each sample alone, and a layer-by-layer SigLIP written here that groups
+patches into the projector's pooling units by explicit index lists and ranks them from eager attention.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference import reference_logits
+
+import unclutter
+from unclutter import CMAIConfig, SPDConfig, VMTCConfig
+from unclutter.cmai import gamma_schedule
+from unclutter.compat import output_cache
+from unclutter.integrations import cmai_attention
+from unclutter.integrations.gemma3 import pool_units, project, to_units
+from unclutter.models.tiny_gemma3 import SLIDING_WINDOW, TOKENS_PER_IMAGE, tiny_gemma3, tiny_gemma3_processor
+
+pytestmark = pytest.mark.exact
+
+BOI = "<start_of_image>"
+QUESTIONS = ["what color ?", "how many ?"]  # short: the naive reference loops over text rows squared
+PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}
+
+
+def _image(seed: int, width: int = 48, height: int = 48) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+
+
+def _prompt(question: str, images: int) -> str:
+    return f"<bos><start_of_turn>user {' and '.join([BOI] * images)} {question}<end_of_turn><start_of_turn>model"
+
+
+def _inputs(processor, images: list[list], questions: list[str], **kwargs):
+    text = [_prompt(q, len(ims)) for q, ims in zip(questions, images, strict=True)]
+    return processor(images=images, text=text, return_tensors="pt", padding=True, **kwargs)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+def _generate(model, batch, steps: int = 5):
+    with torch.no_grad():
+        return model.generate(
+            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+
+
+def _extend(batch, sequences):
+    """The inputs of one uncached forward over prompt + generated tokens (new tokens are text, not padding)."""
+    ids = batch["input_ids"]
+    extra = sequences.shape[1] - ids.shape[1]
+    out = dict(batch, input_ids=sequences)
+    for name in ("attention_mask", "token_type_ids"):
+        fill = torch.ones if name == "attention_mask" else torch.zeros
+        out[name] = torch.cat([batch[name], fill(ids.shape[0], extra, dtype=batch[name].dtype)], dim=1)
+    return out
+
+
+def _cached_equals_full(model, batch, steps: int = 5):
+    """Cached greedy decoding == one uncached forward over its tokens; returns (generate output, full logits)."""
+    gen = _generate(model, batch, steps)
+    full = _logits(model, _extend(batch, gen.sequences[:, :-1]))
+    first = gen.sequences.shape[1] - 1 - steps
+    for t in range(steps):
+        torch.testing.assert_close(gen.logits[t], full[:, first + t], atol=1e-4, rtol=1e-4)
+    return gen, full
+
+
+def _gammas(model) -> dict[int, float]:
+    return gamma_schedule(model.config.get_text_config().num_hidden_layers, 0.6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on shared cores waiting for them dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model():
+    return tiny_gemma3()
+
+
+@pytest.fixture
+def processor():
+    return tiny_gemma3_processor()
+
+
+# ---- CMAI: sliding windows and Gemma 3's masks ------------------------------------------------------------
+
+
+def test_cmai_follows_sliding_windows_in_prefill_and_decoding(model, processor):
+    """Prompts 3-4x the window, decoding past it: cached == full == the naive reference; sliding caches drop keys."""
+    batch = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)
+    assert batch["input_ids"].shape[1] > 3 * SLIDING_WINDOW
+    steps = SLIDING_WINDOW + 2
+    stock = _generate(model, batch, steps)
+    with unclutter.apply(model, processor, cmai=CMAIConfig()):
+        gen, full = _cached_equals_full(model, batch, steps)
+        cache = output_cache(gen)
+    expected = reference_logits(model, _extend(batch, gen.sequences[:, :-1]), _gammas(model))
+    valid = _extend(batch, gen.sequences[:, :-1])["attention_mask"].bool()
+    torch.testing.assert_close(full[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
+    kept = [layer.keys.shape[-2] for layer in cache.layers]
+    total = gen.sequences.shape[1] - 1
+    assert kept == [SLIDING_WINDOW - 1 if s else total for s in cache.is_sliding] and any(cache.is_sliding)
+    gaps = [(a - b).abs().amax().item() for a, b in zip(gen.logits[1:], stock.logits[1:], strict=True)]
+    assert all(g > 1e-4 for g in gaps), f"CMAI must act at every decode step, also past the window: {gaps}"
+
+
+def test_cmai_layers_get_gemma3s_real_masks(model, processor, monkeypatch):
+    """Every CMAI layer gets a materialised mask: sliding window, bidirectional image block, no future text."""
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, module.is_sliding, attention_mask))
+        return forward(module, query, key, value, attention_mask, **kwargs)
+
+    forward = cmai_attention.sdpa_attention_forward
+    monkeypatch.setattr(cmai_attention, "sdpa_attention_forward", spy)
+    batch = _inputs(processor, [[_image(0)]], QUESTIONS[:1])
+    ids = batch["input_ids"][0]
+    image = (ids == model.config.image_token_id).nonzero()[:, 0]
+    with unclutter.apply(model, processor, cmai=CMAIConfig()):
+        _generate(model, batch, steps=2)
+    length = ids.shape[0]
+    prefill = [(layer, sliding, m) for layer, sliding, m in seen if m is not None and m.shape[-2] == length]
+    decode = [(layer, sliding, m) for layer, sliding, m in seen if m is not None and m.shape[-2] == 1]
+    assert len(prefill) == len(decode) == 4 and len(seen) == 8, "one prefill and one decode call per layer"
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    for _, sliding, mask in prefill:
+        allowed = mask[0, 0]
+        assert allowed[image[0], image[-1]], "image tokens attend bidirectionally within their image"
+        text = ids != model.config.image_token_id
+        assert not (allowed & (k > q))[text].any(), "text rows never see later tokens"
+        if sliding:
+            assert not (allowed & (q - k >= SLIDING_WINDOW)).any(), "sliding layers drop keys beyond the window"
+        else:
+            assert allowed[-1, 0], "full-attention layers keep the first token"
+    assert {m.shape[-1] for _, sliding, m in decode if sliding} == {SLIDING_WINDOW}
+    assert {m.shape[-1] for _, sliding, m in decode if not sliding} == {length + 1}
+
+
+# ---- several images per sample, pan-and-scan crops: CMAI alone and with VMTC --------------------------------
+
+LAYOUTS = {  # images per sample (a different count in each sample), processor kwargs
+    "pan_and_scan": ([[_image(0, 144)], [_image(1, 96)]], PAN_AND_SCAN),  # 1+3 and 1+2 crops
+    "two_images": ([[_image(0), _image(2)], [_image(1)]], {}),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("vmtc", [None, VMTCConfig()], ids=["cmai", "vmtc+cmai"])
+def test_several_image_blocks_per_sample(model, processor, layout, vmtc):
+    images, kwargs = LAYOUTS[layout]
+    stock_blocks = (_inputs(processor, images, QUESTIONS, **kwargs)["input_ids"] == model.config.boi_token_id).sum(1)
+    assert stock_blocks.tolist() in ([4, 3], [2, 1])
+    with unclutter.apply(model, processor, cmai=CMAIConfig(), vmtc=vmtc) as handle:
+        batch = _inputs(processor, images, QUESTIONS, **kwargs)
+        soft = (batch["input_ids"] == model.config.image_token_id).sum(1)
+        assert soft.tolist() == (stock_blocks * handle.num_image_tokens).tolist()
+        together, _ = _cached_equals_full(model, batch)
+        for i in range(2):
+            alone = _generate(model, _inputs(processor, images[i : i + 1], QUESTIONS[i : i + 1], **kwargs))
+            assert torch.equal(together.sequences[i, -5:], alone.sequences[0, -5:])
+            for t in range(5):
+                torch.testing.assert_close(together.logits[t][i], alone.logits[t][0], atol=5e-5, rtol=1e-4)
+        got = _logits(model, batch)
+    if vmtc is None:  # the prompt alone: the naive reference is slow on long rows
+        expected = reference_logits(model, batch, _gammas(model))
+        valid = batch["attention_mask"].bool()
+        torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
+        assert (got[valid] - _logits(model, batch)[valid]).abs().max() > 1e-3
+
+
+# ---- VMTC on whole pooling units ------------------------------------------------------------------------
+
+
+def _units_by_index(side: int, kernel: int) -> torch.Tensor:
+    """Raster patch indices, unit after unit in the projector's output order (written out, not reshaped)."""
+    t = side // kernel
+    return torch.tensor(
+        [
+            (i * kernel + r) * side + j * kernel + c
+            for i in range(t)
+            for j in range(t)
+            for r in range(kernel)
+            for c in range(kernel)
+        ]
+    )
+
+
+def reference_soft_tokens(model, pixel_values, handle):
+    """Layer-by-layer SigLIP with unit-wise VMTC: importance = mean eager attention received, per unit."""
+    tower, proj = model.model.vision_tower, model.model.multi_modal_projector
+    side, kernel = proj.patches_per_image, proj.kernel_size
+    u = kernel * kernel
+    h = tower.embeddings(pixel_values)[:, _units_by_index(side, kernel)]
+    stages = {s.layer: s for s in handle.active_stages}
+    cfg = handle.vmtc
+    for i, block in enumerate(tower.encoder.layers):
+        out, weights = block.self_attn(block.layer_norm1(h))
+        h = h + out
+        if i in stages:
+            s, (b, n, d) = stages[i], h.shape
+            received = weights.mean(dim=1).mean(dim=1)  # (B, n): mean over heads, then over queries
+            importance = received.view(b, n // u, u).mean(dim=-1)
+            h, _ = unclutter.vmtc.compress(
+                h.reshape(b, n // u, u * d), importance, s.keep, s.clusters, merge=cfg.merge, has_cls=False
+            )
+            h = h.reshape(b, -1, d)
+        h = h + block.mlp(block.layer_norm2(h))
+    h = tower.post_layernorm(h)
+    pooled = h.view(h.shape[0], -1, u, h.shape[-1]).mean(dim=2)
+    return proj.mm_soft_emb_norm(pooled) @ proj.mm_input_projection_weight
+
+
+def _soft_tokens(model, pixel_values):
+    with torch.no_grad():
+        return model.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+
+def test_unit_pooling_equals_the_stock_projector_bit_for_bit(model, processor):
+    pixels = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)["pixel_values"]
+    proj = model.model.multi_modal_projector
+    with torch.no_grad():
+        patches = model.model.vision_tower(pixel_values=pixels).last_hidden_state
+        stock = proj(patches)
+        grouped = to_units(patches, proj.patches_per_image, proj.kernel_size)
+        assert torch.equal(grouped, patches[:, _units_by_index(proj.patches_per_image, proj.kernel_size)])
+        assert torch.equal(project(proj, pool_units(proj, grouped), grouped), stock)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [VMTCConfig(), VMTCConfig(ratio=0.25, merge="single"), VMTCConfig(num_tokens=5, layers=(1, 3), clusters=2)],
+    ids=["default", "single", "two-stages"],
+)
+def test_vmtc_equals_a_layer_by_layer_reference(processor, cfg):
+    model = tiny_gemma3(attn_implementation="eager")  # eager attention returns the weights the reference ranks by
+    pixels = _inputs(processor, [[_image(0)], [_image(1), _image(2)]], QUESTIONS)["pixel_values"]
+    with unclutter.apply(model, processor, vmtc=cfg) as handle:
+        got = _soft_tokens(model, pixels)
+        with torch.no_grad():
+            expected = reference_soft_tokens(model, pixels, handle)
+    assert got.shape == (3, handle.num_image_tokens, model.config.text_config.hidden_size)
+    assert handle.num_image_tokens == (cfg.num_tokens or round(cfg.ratio * TOKENS_PER_IMAGE))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vmtc_at_the_last_block_keeps_the_stock_soft_tokens_of_the_top_units(processor):
+    """Dropping at the last block: the kept soft tokens are the stock ones of the units that receive most attention."""
+    model = tiny_gemma3(attn_implementation="eager")
+    pixels = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)["pixel_values"]
+    stock = _soft_tokens(model, pixels)
+    proj, last = model.model.multi_modal_projector, len(model.model.vision_tower.encoder.layers) - 1
+    with torch.no_grad():
+        weights = model.model.vision_tower(pixel_values=pixels, output_attentions=True).attentions[last]
+    received = weights.mean(dim=1).mean(dim=1)[:, _units_by_index(proj.patches_per_image, proj.kernel_size)]
+    top = received.view(2, TOKENS_PER_IMAGE, -1).mean(dim=-1).topk(6, dim=1).indices.sort(dim=1).values
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(num_tokens=6, layers=(last,), merge="drop")) as handle:
+        got = _soft_tokens(model, pixels)
+    assert torch.equal(handle.stage_infos[0].kept_index, top)
+    torch.testing.assert_close(
+        got, stock.gather(1, top[..., None].expand(-1, -1, stock.shape[-1])), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_processor_counts_and_image_blocks_match_the_compressed_tokens(model, processor):
+    images = [[_image(0, 144)], [_image(1)]]
+    stock = _inputs(processor, images, QUESTIONS, **PAN_AND_SCAN)
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)) as handle:
+        batch = _inputs(processor, images, QUESTIONS, **PAN_AND_SCAN)
+        assert processor._get_num_multimodal_tokens(image_sizes=[(48, 48), (48, 144)])["num_image_tokens"] == [8, 8]
+        ids = batch["input_ids"]
+        blocks = (ids == model.config.boi_token_id).cumsum(1) * (ids == model.config.image_token_id)
+        sizes = [(blocks[b] == n).sum().item() for b in range(2) for n in range(1, int(blocks[b].max()) + 1)]
+        assert sizes == [8] * 5 and handle.num_image_tokens == 8  # 1+3 crops, then 1 image: 8 soft tokens each
+        # the bidirectional image-block mask is built from token_type_ids: exactly the compressed soft tokens
+        assert torch.equal(batch["token_type_ids"].bool(), ids == model.config.image_token_id)
+        _logits(model, batch)  # the tower's features fill exactly the processor's placeholders
+        with pytest.raises(ValueError, match="Pass processor= to unclutter.apply"):
+            _logits(model, stock)
+    again = _inputs(processor, images, QUESTIONS, **PAN_AND_SCAN)
+    assert all(torch.equal(again[k], stock[k]) for k in stock)
+    assert processor._get_num_multimodal_tokens(image_sizes=[(48, 48)])["num_image_tokens"] == [TOKENS_PER_IMAGE]
+
+
+def test_spd_at_the_soft_token_grid_is_stock_and_coarser_grids_count(model, processor):
+    batch = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)
+    stock = _logits(model, batch)
+    with unclutter.apply(model, processor, spd=SPDConfig(grid=4)):
+        torch.testing.assert_close(_logits(model, batch), stock, atol=1e-6, rtol=1e-6)
+    with unclutter.apply(model, processor, spd=SPDConfig(grid=2)):
+        coarse = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)
+        assert (coarse["input_ids"] == model.config.image_token_id).sum(1).tolist() == [4, 4]
+        _logits(model, coarse)
+
+
+def test_clear_errors(model, processor):
+    with pytest.raises(ValueError, match="no CLS token"):
+        unclutter.apply(model, processor, vmtc=VMTCConfig(importance="cls"))
+    with pytest.raises(ValueError, match="finer than"):
+        unclutter.apply(model, processor, spd=SPDConfig(grid=5))
+    processor.image_seq_length = 9
+    with pytest.raises(ValueError, match="do not belong together"):
+        unclutter.apply(model, processor, vmtc=VMTCConfig())
+    assert "forward" not in vars(model.model.multi_modal_projector)  # the failed apply undid itself

@@ -1,0 +1,260 @@
+"""LLaVA-NeXT: anyres tiles of several sizes and aspect ratios under CMAI, VMTC and SPD.
+
+References: stock transformers (ratio 1.0, remove), a layer-by-layer CLIP with compression per tile and
+a loop-built packing (VMTC), average-pooled stock tile features (SPD), the naive Eq. 9-11 loop (CMAI),
+one uncached forward over generated tokens (cached decoding) and each image alone (batching).
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from reference import reference_logits
+from test_llava_apply import reference_vmtc_features
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+import unclutter
+from unclutter import CMAIConfig, SPDConfig, VMTCConfig
+from unclutter.cmai import gamma_schedule
+from unclutter.models.tiny_llava_next import tiny_llava_next, tiny_llava_next_processor
+
+pytestmark = pytest.mark.exact
+
+# (height, width): 2x2 tiles exactly, 1x2, 3x1, 2x2 with unpadding, 1x3 with much padding
+SIZES = [(64, 64), (40, 80), (100, 30), (50, 70), (20, 100)]
+QUESTIONS = ["what is the color of the shape ?", "how many ?", "describe the image .", "is it red ?", "yes or no ?"]
+
+
+def _image(seed: int, height: int, width: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+
+
+IMAGES = [_image(i, *size) for i, size in enumerate(SIZES)]
+
+
+def _batch(processor, images=IMAGES, questions=QUESTIONS):
+    text = [f"user : <image> {q} assistant :" for q in questions[: len(images)]]
+    return processor(images=list(images), text=text, return_tensors="pt", padding=True)
+
+
+def _counts(model, batch) -> list[int]:
+    return (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+
+
+def _grid(model, size) -> tuple[int, int]:
+    cfg = model.config
+    return get_anyres_image_grid_shape(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+
+def _features(model, batch) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"])
+    return list(out.pooler_output)
+
+
+def _reference_pack(tiles: torch.Tensor, grid: tuple[int, int], newline: torch.Tensor) -> torch.Tensor:
+    """(1 + rows*cols, t, E) -> base, then tile by tile in raster order, a newline after each row of tiles."""
+    rows, cols = grid
+    out = [tiles[0]]
+    for r in range(rows):
+        out += [tiles[1 + r * cols + c] for c in range(cols)] + [newline[None]]
+    return torch.cat(out)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+def _generate(model, batch, steps=4):
+    with torch.no_grad():
+        return model.generate(
+            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+
+
+def _extend(batch, sequences):
+    out = dict(batch)
+    extra = sequences.shape[1] - batch["input_ids"].shape[1]
+    out["input_ids"] = sequences
+    out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(len(sequences), extra).long()], dim=1)
+    return out
+
+
+# ---- counts: processor == model features, for every size and aspect ratio ---------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"vmtc": VMTCConfig(ratio=0.5)}, {"vmtc": VMTCConfig(num_tokens=3, merge="drop")}, {"spd": SPDConfig(grid=2)}],
+)
+def test_processor_count_equals_model_features_for_every_size(kwargs):
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    stock = _counts(model, _batch(processor))
+    with unclutter.apply(model, processor, **kwargs) as h:
+        batch = _batch(processor)
+        counts = _counts(model, batch)
+        t = h.num_image_tokens
+        assert counts == [len(f) for f in _features(model, batch)]
+        assert counts == [t * (1 + r * c) + r for r, c in (_grid(model, s) for s in SIZES)]
+        assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == counts
+        _logits(model, batch)  # the model's own check: image features and image tokens match
+    assert all(c < s for c, s in zip(counts, stock, strict=True))
+
+
+def test_per_tile_budget_and_one_stage_info_per_stage():
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)) as h:
+        batch = _batch(processor)
+        _features(model, batch)
+    tiles = sum(1 + r * c for r, c in (_grid(model, s) for s in SIZES))
+    assert h.num_image_tokens == 8 and h.stock_image_tokens == 16  # half of each 4x4 tile
+    assert len(h.stage_infos) == len(h.active_stages) > 1
+    for info, stage in zip(h.stage_infos, h.active_stages, strict=True):
+        assert info.importance.shape == (tiles, stage.tokens_in)
+        assert info.kept_index.shape == (tiles, stage.keep) and info.num_clusters == stage.clusters
+
+
+# ---- VMTC and SPD against references ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [VMTCConfig(), VMTCConfig(num_tokens=5, num_stages=2, merge="single")])
+def test_vmtc_features_equal_layerwise_reference(cfg):
+    model = tiny_llava_next(attn_implementation="eager")  # eager returns the weights the reference needs
+    processor = tiny_llava_next_processor()
+    images, sizes = IMAGES[3:], SIZES[3:]
+    with unclutter.apply(model, processor, vmtc=cfg) as h, torch.no_grad():
+        batch = _batch(processor, images)
+        got = _features(model, batch)
+        for i, size in enumerate(sizes):
+            grid = _grid(model, size)
+            tiles = batch["pixel_values"][i][: 1 + grid[0] * grid[1]]
+            ref = model.model.multi_modal_projector(reference_vmtc_features(model, tiles, h))
+            assert ref.shape[1] == h.num_image_tokens
+            torch.testing.assert_close(got[i], _reference_pack(ref, grid, model.model.image_newline))
+
+
+@pytest.mark.parametrize("grid", [1, 2, 3])
+def test_spd_equals_pooled_stock_tiles(grid):
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    batch = _batch(processor, IMAGES[3:])
+    with unclutter.apply(model, processor, spd=SPDConfig(grid=grid)):
+        got = _features(model, _batch(processor, IMAGES[3:]))
+    with torch.no_grad():
+        for i, size in enumerate(SIZES[3:]):
+            layout = _grid(model, size)
+            tiles = batch["pixel_values"][i][: 1 + layout[0] * layout[1]]
+            feats = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-2][:, 1:]
+            square = feats.transpose(1, 2).reshape(len(tiles), -1, 4, 4)
+            pooled = F.adaptive_avg_pool2d(square, grid).flatten(2).transpose(1, 2)
+            ref = _reference_pack(model.model.multi_modal_projector(pooled), layout, model.model.image_newline)
+            torch.testing.assert_close(got[i], ref)
+
+
+def test_vmtc_ratio_one_is_stock_on_anyres_inputs():
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    batch = _batch(processor)
+    stock = _logits(model, batch)
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=1.0)) as h:
+        again = _batch(processor)
+        assert torch.equal(again["input_ids"], batch["input_ids"])
+        assert torch.equal(_logits(model, again), stock)
+        assert h.active_stages == [] and "pack_image_features" not in vars(model.model)
+
+
+@pytest.mark.parametrize("kwargs", [{"cmai": CMAIConfig()}, {"vmtc": VMTCConfig()}])
+def test_image_key_map_names_each_keys_tile_token(kwargs):
+    model = tiny_llava_next(attn_implementation="eager")
+    processor = tiny_llava_next_processor()
+    with unclutter.apply(model, processor, **kwargs) as h, torch.no_grad():
+        batch = _batch(processor, IMAGES[3:4])  # 2x2 tiles, unpadded by the stock packing
+        keys = h.adapter.image_key_map(h, batch)
+        packed = _features(model, batch)[0]
+        tiles = batch["pixel_values"][0]
+        if "vmtc" in kwargs:
+            per_tile = model.model.multi_modal_projector(reference_vmtc_features(model, tiles, h))
+        else:
+            hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-2][:, 1:]
+            per_tile = model.model.multi_modal_projector(hidden)
+    newline = model.model.image_newline
+    assert len(keys) == len(packed) == _counts(model, batch)[0]
+    assert keys.count(None) == (2 if "vmtc" in kwargs else 6)  # a newline per tile row / per unpadded patch row
+    expected = torch.stack([newline if key is None else per_tile[key] for key in keys])
+    torch.testing.assert_close(packed, expected)
+
+
+# ---- CMAI and generation with images of different sizes in one batch ----------------------------------
+
+
+def test_cmai_equals_naive_reference_with_different_image_token_counts():
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    batch = _batch(processor, IMAGES[:3])
+    assert len(set(_counts(model, batch))) == 3
+    gammas = gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    expected = reference_logits(model, batch, gammas)
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)):
+        got = _logits(model, batch)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
+
+
+def test_vmtc_cmai_cached_decode_equals_full_and_batch_equals_single():
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    images = IMAGES[1:4]
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()):
+        batch = _batch(processor, images)
+        assert len(set(_counts(model, batch))) == 3
+        gen = _generate(model, batch)
+        full = _logits(model, _extend(batch, gen.sequences[:, :-1]))
+        first = gen.sequences.shape[1] - 1 - len(gen.logits)
+        for t, step in enumerate(gen.logits):
+            torch.testing.assert_close(step, full[:, first + t], atol=1e-4, rtol=1e-4)
+        for i in range(len(images)):
+            alone = _generate(model, _batch(processor, images[i : i + 1], QUESTIONS[i : i + 1]))
+            assert torch.equal(gen.sequences[i, -4:], alone.sequences[0, -4:])
+            for t, step in enumerate(alone.logits):
+                torch.testing.assert_close(gen.logits[t][i], step[0], atol=5e-5, rtol=1e-4)
+
+
+def test_remove_restores_the_processors_stock_count():
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    batch = _batch(processor)
+    stock_counts = processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
+    stock = _logits(model, batch)
+    handle = unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig())
+    assert _counts(model, _batch(processor)) != _counts(model, batch)
+    handle.remove()
+    again = _batch(processor)
+    assert torch.equal(again["input_ids"], batch["input_ids"]) and _counts(model, again) == stock_counts
+    assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == stock_counts
+    assert not {"replace_image_token", "_get_num_multimodal_tokens"} & set(vars(processor))
+    assert "pack_image_features" not in vars(model.model)
+    assert torch.equal(_logits(model, again), stock)
+
+
+# ---- clear errors --------------------------------------------------------------------------------------
+
+
+def test_stock_placeholders_under_vmtc_ask_for_the_processor():
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    batch = _batch(processor, IMAGES[:2])
+    with unclutter.apply(model, vmtc=VMTCConfig()):
+        with pytest.raises(ValueError, match="Pass processor="):
+            model(**batch)
+        with pytest.raises(ValueError, match="Pass processor="):
+            model.generate(**batch, max_new_tokens=2)
+
+
+def test_unsupported_setups_fail_loudly():
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    with pytest.raises(ValueError, match="larger than the 4x4 tile grid"):
+        unclutter.apply(model, processor, spd=SPDConfig(grid=5))
+    processor.image_processor.image_grid_pinpoints = [[32, 64], [64, 32]]
+    with pytest.raises(ValueError, match="image_grid_pinpoints"):
+        unclutter.apply(model, processor, vmtc=VMTCConfig())
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+        unclutter.apply(model, vmtc=VMTCConfig())
+    assert "_unclutter_handle" not in vars(model.model)  # failed applies leave nothing behind
