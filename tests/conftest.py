@@ -1,7 +1,6 @@
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import random_image
 
 import unclutter
 from unclutter.models.tiny import tiny_llava, tiny_processor
@@ -25,10 +24,6 @@ PROMPTS = [
     "user : <image> what is the color of the shape ? please answer in one word . assistant :",
     "user : <image> how many ? assistant :",
 ]
-
-
-def random_image(seed: int, size: int = 80) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="session")

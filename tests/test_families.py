@@ -9,10 +9,9 @@ each family's own file.
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import assert_cached_equals_full, assert_sample_equals_alone, extend, generate, logits, random_image
 from reference import reference_logits
 
 import unclutter
@@ -23,14 +22,11 @@ from unclutter.models.tiny import FAMILIES, tiny_vlm
 pytestmark = pytest.mark.exact
 
 QUESTIONS = ["what is the color of the shape ? please answer in one word .", "how many ?"]
+STEPS = 5  # greedy decoding steps
 # families whose tiny model exists; test_every_supported_family_has_a_tiny_model fails while one is missing
 BUILT = [f for f in FAMILIES if f == "llava" or importlib.util.find_spec(f"unclutter.models.tiny_{f}")]
 TOKEN_REDUCTION = [f for f in BUILT if tiny_vlm(f).vmtc]
 REDUCTIONS = [(f, "vmtc") for f in TOKEN_REDUCTION] + [(f, "spd") for f in BUILT if tiny_vlm(f).spd]
-
-
-def _image(seed: int, size: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8"))
 
 
 def test_every_supported_family_has_a_tiny_model():
@@ -41,60 +37,25 @@ def test_every_supported_family_has_a_tiny_model():
         assert type(model).__name__ in names and type(model.model).__name__ in names
 
 
-@pytest.fixture(params=BUILT)
-def family(request):
-    return tiny_vlm(request.param)
-
-
-@pytest.fixture
-def setup(family):
+def _setup(name: str):
+    """(family, model, processor, two images of the family's size), the model built after seeding 0."""
+    family = tiny_vlm(name)
     torch.manual_seed(0)
     model, processor = family.model(), family.processor()
-    images = [_image(0, family.image_size), _image(1, family.image_size)]
-    return family, model, processor, images
+    return family, model, processor, [random_image(0, family.image_size), random_image(1, family.image_size)]
+
+
+@pytest.fixture(params=BUILT)
+def setup(request):
+    return _setup(request.param)
 
 
 def _batch(family, processor, images, questions=QUESTIONS):
     return family.batch(processor, images, questions)
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
 def _valid(batch):
     return batch["attention_mask"].bool()
-
-
-def _generate(model, batch, steps=5, **kw):
-    with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True, **kw,
-        )  # fmt: skip
-
-
-def _extend(batch, sequences):
-    """The processor's inputs for one uncached forward over prompt + generated tokens."""
-    ids = batch["input_ids"]
-    extra = sequences.shape[1] - ids.shape[1]
-    out = dict(batch)
-    out["input_ids"] = sequences
-    for name, value in batch.items():
-        if name != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape:
-            fill = torch.ones if name == "attention_mask" else torch.zeros
-            out[name] = torch.cat([value, fill(ids.shape[0], extra, dtype=value.dtype)], dim=1)
-    return out
-
-
-def _assert_cached_equals_full(model, batch, steps=5):
-    gen = _generate(model, batch, steps)
-    full = _logits(model, _extend(batch, gen.sequences[:, :-1]))
-    first = gen.sequences.shape[1] - 1 - steps
-    for t in range(steps):
-        torch.testing.assert_close(gen.logits[t], full[:, first + t], atol=1e-4, rtol=1e-4)
-    return gen
 
 
 def _image_tokens(model, batch) -> list[int]:
@@ -109,9 +70,9 @@ def _image_tokens(model, batch) -> list[int]:
 def test_cmai_gamma_zero_equals_stock(setup):
     family, model, processor, images = setup
     batch = _batch(family, processor, images)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, cmai=CMAIConfig(gamma_max=0.0)):
-        got = _logits(model, batch)
+        got = logits(model, batch)
     torch.testing.assert_close(got[_valid(batch)], stock[_valid(batch)], atol=1e-5, rtol=1e-5)
 
 
@@ -121,9 +82,9 @@ def test_cmai_equals_naive_reference_and_changes_the_logits(setup):
     assert (batch["attention_mask"] == 0).any(), "the batch must be left-padded for this test"
     gammas = gamma_schedule(model.config.get_text_config().num_hidden_layers, 0.6)
     expected = reference_logits(model, batch, gammas)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)):
-        got = _logits(model, batch)
+        got = logits(model, batch)
     valid = _valid(batch)
     torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
     assert (got[valid] - stock[valid]).abs().max() > 1e-3, "gamma 0.6 must change the logits"
@@ -133,8 +94,8 @@ def test_cmai_cached_decode_equals_one_full_forward(setup):
     family, model, processor, images = setup
     batch = _batch(family, processor, images)
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
-        gen = _assert_cached_equals_full(model, batch)
-    stock = _generate(model, batch)
+        gen, _ = assert_cached_equals_full(model, batch, STEPS)
+    stock = generate(model, batch, STEPS)
     gaps = [(a - b).abs().amax().item() for a, b in zip(gen.logits[1:], stock.logits[1:], strict=True)]
     assert all(g > 1e-4 for g in gaps), f"CMAI must act at every decode step, not only the prefill: {gaps}"
 
@@ -142,12 +103,10 @@ def test_cmai_cached_decode_equals_one_full_forward(setup):
 def test_cmai_batch_equals_single(setup):
     family, model, processor, images = setup
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
-        together = _generate(model, _batch(family, processor, images))
+        together = generate(model, _batch(family, processor, images), STEPS)
         for i in range(2):
-            alone = _generate(model, _batch(family, processor, images[i : i + 1], QUESTIONS[i : i + 1]))
-            assert torch.equal(together.sequences[i, -5:], alone.sequences[0, -5:])
-            for t in range(5):
-                torch.testing.assert_close(together.logits[t][i], alone.logits[t][0], atol=5e-5, rtol=1e-4)
+            alone = _batch(family, processor, images[i : i + 1], QUESTIONS[i : i + 1])
+            assert_sample_equals_alone(model, together, i, alone)
 
 
 def test_cmai_sampled_and_beam_generation(setup):
@@ -165,8 +124,8 @@ def test_cmai_sampled_and_beam_generation(setup):
         prompt = batch["input_ids"].shape[1]
         for i in range(3):  # beam scores under cached CMAI = log-probs of one uncached CMAI forward
             seq = beams.sequences[i : i + 1]
-            logits = _logits(model, _extend(batch, seq))[0, prompt - 1 : -1]
-            logp = logits.log_softmax(-1).gather(1, seq[0, prompt:, None]).sum()
+            scores = logits(model, extend(batch, seq))[0, prompt - 1 : -1]
+            logp = scores.log_softmax(-1).gather(1, seq[0, prompt:, None]).sum()
             torch.testing.assert_close(beams.sequences_scores[i], logp, atol=1e-4, rtol=1e-4)
 
 
@@ -186,16 +145,16 @@ def test_base_model_class_is_accepted(setup):
 def test_remove_restores_model_and_processor_exactly(setup):
     family, model, processor, images = setup
     batch = _batch(family, processor, images)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     attn = model.config.get_text_config()._attn_implementation
     hooks = [(n, list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()]
     kwargs = {"vmtc": VMTCConfig()} if family.vmtc else {}
     handle = unclutter.apply(model, processor, cmai=CMAIConfig(), **kwargs)
-    _generate(model, _batch(family, processor, images), steps=2)
+    generate(model, _batch(family, processor, images), steps=2)
     handle.remove()
     again = _batch(family, processor, images)
     assert all(torch.equal(again[k], batch[k]) for k in batch if isinstance(batch[k], torch.Tensor))
-    assert torch.equal(_logits(model, batch), stock)
+    assert torch.equal(logits(model, batch), stock)
     assert model.config.get_text_config()._attn_implementation == attn
     assert [(n, list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()] == hooks
     for module in model.modules():
@@ -219,33 +178,28 @@ def test_token_reduction_on_a_family_without_it_is_a_clear_error(setup):
 
 @pytest.fixture(params=TOKEN_REDUCTION)
 def reducing(request):
-    family = tiny_vlm(request.param)
-    torch.manual_seed(0)
-    return family, family.model(), family.processor(), [_image(0, family.image_size), _image(1, family.image_size)]
+    return _setup(request.param)
 
 
 def test_vmtc_ratio_one_is_stock(reducing):
     family, model, processor, images = reducing
     batch = _batch(family, processor, images)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=1.0)):
         again = _batch(family, processor, images)
         assert torch.equal(again["input_ids"], batch["input_ids"])
-        assert torch.equal(_logits(model, again), stock)
+        assert torch.equal(logits(model, again), stock)
 
 
 @pytest.mark.parametrize("name, method", REDUCTIONS)
 def test_half_the_tokens_reach_the_llm_and_the_processor_agrees(name, method):
-    family = tiny_vlm(name)
-    torch.manual_seed(0)
-    model, processor = family.model(), family.processor()
-    images = [_image(0, family.image_size), _image(1, family.image_size)]
+    family, model, processor, images = _setup(name)
     stock_counts = _image_tokens(model, _batch(family, processor, images))
     cfg = {"vmtc": VMTCConfig(ratio=0.5)} if method == "vmtc" else {"spd": SPDConfig(grid=2)}
     with unclutter.apply(model, processor, **cfg):
         batch = _batch(family, processor, images)
         counts = _image_tokens(model, batch)
-        _logits(model, batch)  # the model's features fill exactly the processor's placeholders
+        logits(model, batch)  # the model's features fill exactly the processor's placeholders
     for got, stock in zip(counts, stock_counts, strict=True):
         assert got < stock
         if method == "vmtc":
@@ -255,8 +209,7 @@ def test_half_the_tokens_reach_the_llm_and_the_processor_agrees(name, method):
 def test_vmtc_cmai_cached_decode_equals_full_and_batch_equals_single(reducing):
     family, model, processor, images = reducing
     with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()):
-        together = _assert_cached_equals_full(model, _batch(family, processor, images))
+        together, _ = assert_cached_equals_full(model, _batch(family, processor, images), STEPS)
         for i in range(2):
-            alone = _generate(model, _batch(family, processor, images[i : i + 1], QUESTIONS[i : i + 1]))
-            for t in range(5):
-                torch.testing.assert_close(together.logits[t][i], alone.logits[t][0], atol=5e-5, rtol=1e-4)
+            alone = _batch(family, processor, images[i : i + 1], QUESTIONS[i : i + 1])
+            assert_sample_equals_alone(model, together, i, alone, tokens=False)

@@ -6,10 +6,17 @@ what cached `generate` produced, each sample alone, and a layer-by-layer SigLIP 
 patches into the projector's pooling units by explicit index lists and ranks them from eager attention.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import (
+    assert_cached_equals_full,
+    assert_sample_equals_alone,
+    extend,
+    generate,
+    logits,
+    random_image,
+    units_by_index,
+)
 from reference import reference_logits
 
 import unclutter
@@ -25,10 +32,7 @@ pytestmark = pytest.mark.exact
 BOI = "<start_of_image>"
 QUESTIONS = ["what color ?", "how many ?"]  # short: the naive reference loops over text rows squared
 PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 16}
-
-
-def _image(seed: int, width: int = 48, height: int = 48) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+STEPS = 5  # greedy decoding steps
 
 
 def _prompt(question: str, images: int) -> str:
@@ -38,40 +42,6 @@ def _prompt(question: str, images: int) -> str:
 def _inputs(processor, images: list[list], questions: list[str], **kwargs):
     text = [_prompt(q, len(ims)) for q, ims in zip(questions, images, strict=True)]
     return processor(images=images, text=text, return_tensors="pt", padding=True, **kwargs)
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
-def _generate(model, batch, steps: int = 5):
-    with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-
-
-def _extend(batch, sequences):
-    """The inputs of one uncached forward over prompt + generated tokens (new tokens are text, not padding)."""
-    ids = batch["input_ids"]
-    extra = sequences.shape[1] - ids.shape[1]
-    out = dict(batch, input_ids=sequences)
-    for name in ("attention_mask", "token_type_ids"):
-        fill = torch.ones if name == "attention_mask" else torch.zeros
-        out[name] = torch.cat([batch[name], fill(ids.shape[0], extra, dtype=batch[name].dtype)], dim=1)
-    return out
-
-
-def _cached_equals_full(model, batch, steps: int = 5):
-    """Cached greedy decoding == one uncached forward over its tokens; returns (generate output, full logits)."""
-    gen = _generate(model, batch, steps)
-    full = _logits(model, _extend(batch, gen.sequences[:, :-1]))
-    first = gen.sequences.shape[1] - 1 - steps
-    for t in range(steps):
-        torch.testing.assert_close(gen.logits[t], full[:, first + t], atol=1e-4, rtol=1e-4)
-    return gen, full
 
 
 def _gammas(model) -> dict[int, float]:
@@ -102,15 +72,15 @@ def processor():
 
 def test_cmai_follows_sliding_windows_in_prefill_and_decoding(model, processor):
     """Prompts 3-4x the window, decoding past it: cached == full == the naive reference; sliding caches drop keys."""
-    batch = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)
+    batch = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)
     assert batch["input_ids"].shape[1] > 3 * SLIDING_WINDOW
     steps = SLIDING_WINDOW + 2
-    stock = _generate(model, batch, steps)
+    stock = generate(model, batch, steps)
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
-        gen, full = _cached_equals_full(model, batch, steps)
+        gen, full = assert_cached_equals_full(model, batch, steps)
         cache = output_cache(gen)
-    expected = reference_logits(model, _extend(batch, gen.sequences[:, :-1]), _gammas(model))
-    valid = _extend(batch, gen.sequences[:, :-1])["attention_mask"].bool()
+    expected = reference_logits(model, extend(batch, gen.sequences[:, :-1]), _gammas(model))
+    valid = extend(batch, gen.sequences[:, :-1])["attention_mask"].bool()
     torch.testing.assert_close(full[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
     kept = [layer.keys.shape[-2] for layer in cache.layers]
     total = gen.sequences.shape[1] - 1
@@ -129,11 +99,11 @@ def test_cmai_layers_get_gemma3s_real_masks(model, processor, monkeypatch):
 
     forward = cmai_attention.sdpa_attention_forward
     monkeypatch.setattr(cmai_attention, "sdpa_attention_forward", spy)
-    batch = _inputs(processor, [[_image(0)]], QUESTIONS[:1])
+    batch = _inputs(processor, [[random_image(0, 48)]], QUESTIONS[:1])
     ids = batch["input_ids"][0]
     image = (ids == model.config.image_token_id).nonzero()[:, 0]
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
-        _generate(model, batch, steps=2)
+        generate(model, batch, steps=2)
     length = ids.shape[0]
     prefill = [(layer, sliding, m) for layer, sliding, m in seen if m is not None and m.shape[-2] == length]
     decode = [(layer, sliding, m) for layer, sliding, m in seen if m is not None and m.shape[-2] == 1]
@@ -155,8 +125,8 @@ def test_cmai_layers_get_gemma3s_real_masks(model, processor, monkeypatch):
 # ---- several images per sample, pan-and-scan crops: CMAI alone and with VMTC --------------------------------
 
 LAYOUTS = {  # images per sample (a different count in each sample), processor kwargs
-    "pan_and_scan": ([[_image(0, 144)], [_image(1, 96)]], PAN_AND_SCAN),  # 1+3 and 1+2 crops
-    "two_images": ([[_image(0), _image(2)], [_image(1)]], {}),
+    "pan_and_scan": ([[random_image(0, 48, 144)], [random_image(1, 48, 96)]], PAN_AND_SCAN),  # 1+3 and 1+2 crops
+    "two_images": ([[random_image(0, 48), random_image(2, 48)], [random_image(1, 48)]], {}),
 }
 
 
@@ -170,35 +140,19 @@ def test_several_image_blocks_per_sample(model, processor, layout, vmtc):
         batch = _inputs(processor, images, QUESTIONS, **kwargs)
         soft = (batch["input_ids"] == model.config.image_token_id).sum(1)
         assert soft.tolist() == (stock_blocks * handle.num_image_tokens).tolist()
-        together, _ = _cached_equals_full(model, batch)
+        together, _ = assert_cached_equals_full(model, batch, STEPS)
         for i in range(2):
-            alone = _generate(model, _inputs(processor, images[i : i + 1], QUESTIONS[i : i + 1], **kwargs))
-            assert torch.equal(together.sequences[i, -5:], alone.sequences[0, -5:])
-            for t in range(5):
-                torch.testing.assert_close(together.logits[t][i], alone.logits[t][0], atol=5e-5, rtol=1e-4)
-        got = _logits(model, batch)
+            alone = _inputs(processor, images[i : i + 1], QUESTIONS[i : i + 1], **kwargs)
+            assert_sample_equals_alone(model, together, i, alone)
+        got = logits(model, batch)
     if vmtc is None:  # the prompt alone: the naive reference is slow on long rows
         expected = reference_logits(model, batch, _gammas(model))
         valid = batch["attention_mask"].bool()
         torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
-        assert (got[valid] - _logits(model, batch)[valid]).abs().max() > 1e-3
+        assert (got[valid] - logits(model, batch)[valid]).abs().max() > 1e-3
 
 
 # ---- VMTC on whole pooling units ------------------------------------------------------------------------
-
-
-def _units_by_index(side: int, kernel: int) -> torch.Tensor:
-    """Raster patch indices, unit after unit in the projector's output order (written out, not reshaped)."""
-    t = side // kernel
-    return torch.tensor(
-        [
-            (i * kernel + r) * side + j * kernel + c
-            for i in range(t)
-            for j in range(t)
-            for r in range(kernel)
-            for c in range(kernel)
-        ]
-    )
 
 
 def reference_soft_tokens(model, pixel_values, handle):
@@ -206,7 +160,7 @@ def reference_soft_tokens(model, pixel_values, handle):
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
     side, kernel = proj.patches_per_image, proj.kernel_size
     u = kernel * kernel
-    h = tower.embeddings(pixel_values)[:, _units_by_index(side, kernel)]
+    h = tower.embeddings(pixel_values)[:, units_by_index(side, kernel)]
     stages = {s.layer: s for s in handle.active_stages}
     cfg = handle.vmtc
     for i, block in enumerate(tower.encoder.layers):
@@ -232,13 +186,13 @@ def _soft_tokens(model, pixel_values):
 
 
 def test_unit_pooling_equals_the_stock_projector_bit_for_bit(model, processor):
-    pixels = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)["pixel_values"]
+    pixels = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)["pixel_values"]
     proj = model.model.multi_modal_projector
     with torch.no_grad():
         patches = model.model.vision_tower(pixel_values=pixels).last_hidden_state
         stock = proj(patches)
         grouped = to_units(patches, proj.patches_per_image, proj.kernel_size)
-        assert torch.equal(grouped, patches[:, _units_by_index(proj.patches_per_image, proj.kernel_size)])
+        assert torch.equal(grouped, patches[:, units_by_index(proj.patches_per_image, proj.kernel_size)])
         assert torch.equal(project(proj, pool_units(proj, grouped), grouped), stock)
 
 
@@ -249,7 +203,9 @@ def test_unit_pooling_equals_the_stock_projector_bit_for_bit(model, processor):
 )
 def test_vmtc_equals_a_layer_by_layer_reference(processor, cfg):
     model = tiny_gemma3(attn_implementation="eager")  # eager attention returns the weights the reference ranks by
-    pixels = _inputs(processor, [[_image(0)], [_image(1), _image(2)]], QUESTIONS)["pixel_values"]
+    pixels = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48), random_image(2, 48)]], QUESTIONS)[
+        "pixel_values"
+    ]
     with unclutter.apply(model, processor, vmtc=cfg) as handle:
         got = _soft_tokens(model, pixels)
         with torch.no_grad():
@@ -262,12 +218,12 @@ def test_vmtc_equals_a_layer_by_layer_reference(processor, cfg):
 def test_vmtc_at_the_last_block_keeps_the_stock_soft_tokens_of_the_top_units(processor):
     """Dropping at the last block: the kept soft tokens are the stock ones of the units that receive most attention."""
     model = tiny_gemma3(attn_implementation="eager")
-    pixels = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)["pixel_values"]
+    pixels = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)["pixel_values"]
     stock = _soft_tokens(model, pixels)
     proj, last = model.model.multi_modal_projector, len(model.model.vision_tower.encoder.layers) - 1
     with torch.no_grad():
         weights = model.model.vision_tower(pixel_values=pixels, output_attentions=True).attentions[last]
-    received = weights.mean(dim=1).mean(dim=1)[:, _units_by_index(proj.patches_per_image, proj.kernel_size)]
+    received = weights.mean(dim=1).mean(dim=1)[:, units_by_index(proj.patches_per_image, proj.kernel_size)]
     top = received.view(2, TOKENS_PER_IMAGE, -1).mean(dim=-1).topk(6, dim=1).indices.sort(dim=1).values
     with unclutter.apply(model, processor, vmtc=VMTCConfig(num_tokens=6, layers=(last,), merge="drop")) as handle:
         got = _soft_tokens(model, pixels)
@@ -278,7 +234,7 @@ def test_vmtc_at_the_last_block_keeps_the_stock_soft_tokens_of_the_top_units(pro
 
 
 def test_processor_counts_and_image_blocks_match_the_compressed_tokens(model, processor):
-    images = [[_image(0, 144)], [_image(1)]]
+    images = [[random_image(0, 48, 144)], [random_image(1, 48)]]
     stock = _inputs(processor, images, QUESTIONS, **PAN_AND_SCAN)
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)) as handle:
         batch = _inputs(processor, images, QUESTIONS, **PAN_AND_SCAN)
@@ -289,23 +245,23 @@ def test_processor_counts_and_image_blocks_match_the_compressed_tokens(model, pr
         assert sizes == [8] * 5 and handle.num_image_tokens == 8  # 1+3 crops, then 1 image: 8 soft tokens each
         # the bidirectional image-block mask is built from token_type_ids: exactly the compressed soft tokens
         assert torch.equal(batch["token_type_ids"].bool(), ids == model.config.image_token_id)
-        _logits(model, batch)  # the tower's features fill exactly the processor's placeholders
+        logits(model, batch)  # the tower's features fill exactly the processor's placeholders
         with pytest.raises(ValueError, match="Pass processor= to unclutter.apply"):
-            _logits(model, stock)
+            logits(model, stock)
     again = _inputs(processor, images, QUESTIONS, **PAN_AND_SCAN)
     assert all(torch.equal(again[k], stock[k]) for k in stock)
     assert processor._get_num_multimodal_tokens(image_sizes=[(48, 48)])["num_image_tokens"] == [TOKENS_PER_IMAGE]
 
 
 def test_spd_at_the_soft_token_grid_is_stock_and_coarser_grids_count(model, processor):
-    batch = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)
-    stock = _logits(model, batch)
+    batch = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, spd=SPDConfig(grid=4)):
-        torch.testing.assert_close(_logits(model, batch), stock, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(logits(model, batch), stock, atol=1e-6, rtol=1e-6)
     with unclutter.apply(model, processor, spd=SPDConfig(grid=2)):
-        coarse = _inputs(processor, [[_image(0)], [_image(1)]], QUESTIONS)
+        coarse = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)
         assert (coarse["input_ids"] == model.config.image_token_id).sum(1).tolist() == [4, 4]
-        _logits(model, coarse)
+        logits(model, coarse)
 
 
 def test_clear_errors(model, processor):

@@ -7,10 +7,16 @@ included), and the errors that name a fix. References: stock transformers, the n
 (`reference.py`), one uncached forward, single samples, and a raster-order tower written here.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import (
+    assert_cached_equals_full,
+    assert_sample_equals_alone,
+    logits,
+    random_image,
+    random_video,
+    units_by_index,
+)
 from reference import reference_logits
 from transformers.video_utils import VideoMetadata
 
@@ -27,17 +33,13 @@ FAMILIES = {"idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
 STOCK = tiny_idefics3.TOKENS_PER_TILE  # 16 image tokens per tile
 
 
-def _image(seed: int, height: int, width: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
-
-
 def _prompt(question: str, images: int = 1) -> str:
     return "user : " + "<image> " * images + f"{question} <end_of_utterance> \n assistant :"
 
 
 def _split_batch(processor):
     """Sample 0: a square image -> 2x2 tiles + global; sample 1: a 2:1 image -> 1x2 tiles + global."""
-    images = [[_image(0, 64, 64)], [_image(1, 32, 64)]]
+    images = [[random_image(0, 64, 64)], [random_image(1, 32, 64)]]
     text = [_prompt("what color ?"), _prompt("how many ?")]  # short: the naive reference loops over text rows
     return processor(images=images, text=text, return_tensors="pt", padding=True)
 
@@ -54,36 +56,10 @@ def _sample(batch, i: int):
     }
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
-def _generate(model, batch, steps=4):
-    with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-
-
-def _full_forward(model, batch, sequences):
-    extra = sequences.shape[1] - batch["input_ids"].shape[1]
-    mask = torch.cat([batch["attention_mask"], torch.ones(sequences.shape[0], extra, dtype=torch.long)], dim=1)
-    return _logits(model, {**batch, "input_ids": sequences, "attention_mask": mask})
-
-
-def _assert_cached_equals_full_and_batch_equals_single(model, batch, steps=4):
-    gen = _generate(model, batch, steps)
-    full = _full_forward(model, batch, gen.sequences[:, :-1])
-    first = gen.sequences.shape[1] - 1 - steps
-    for t in range(steps):
-        torch.testing.assert_close(gen.logits[t], full[:, first + t], atol=1e-4, rtol=1e-4)
+def _assert_cached_equals_full_and_batch_equals_single(model, batch):
+    gen, _ = assert_cached_equals_full(model, batch)
     for i in range(batch["input_ids"].shape[0]):
-        alone = _generate(model, _sample(batch, i), steps)
-        assert torch.equal(gen.sequences[i, -steps:], alone.sequences[0, -steps:])
-        for t in range(steps):
-            torch.testing.assert_close(gen.logits[t][i], alone.logits[t][0], atol=5e-5, rtol=1e-4)
+        assert_sample_equals_alone(model, gen, i, _sample(batch, i))
 
 
 # ---- CMAI (issue 22) --------------------------------------------------------------------------------------
@@ -96,9 +72,9 @@ def test_cmai_on_split_images_with_different_tile_counts():
     assert (batch["input_ids"] == image).sum(dim=1).tolist() == [5 * STOCK, 3 * STOCK]
     gammas = gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
     expected = reference_logits(model, batch, gammas)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
-        got = _logits(model, batch)
+        got = logits(model, batch)
         _assert_cached_equals_full_and_batch_equals_single(model, batch)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
@@ -114,7 +90,7 @@ def test_structural_tags_are_neither_image_keys_nor_text_queries(name):
     batch = _split_batch(processor)
     with unclutter.apply(model, processor, cmai=CMAIConfig()) as handle:
         assert sorted(handle.cmai_state.structural_token_ids) == tags
-        _logits(model, batch)
+        logits(model, batch)
         state = handle.cmai_state
     ids = batch["input_ids"]
     for b in range(2):
@@ -129,26 +105,26 @@ def test_structural_tags_are_neither_image_keys_nor_text_queries(name):
 
     # one unsplit image: everything up to the closing tag is prefix, image keys or tags, so CMAI leaves it as stock
     model, processor = tiny.tiny_model(), tiny.tiny_processor()
-    batch = processor(images=[[_image(0, 32, 32)]], text=[_prompt("how many ?")], return_tensors="pt")
+    batch = processor(images=[[random_image(0, 32, 32)]], text=[_prompt("how many ?")], return_tensors="pt")
     closing = int((batch["input_ids"][0] == tok.convert_tokens_to_ids("<fake_token_around_image>")).nonzero().max())
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
-        got = _logits(model, batch)
+        got = logits(model, batch)
     torch.testing.assert_close(got[0, : closing + 1], stock[0, : closing + 1], atol=1e-6, rtol=1e-6)
     assert (got[0, closing + 1 :] - stock[0, closing + 1 :]).abs().max() > 1e-3
 
 
 def test_tag_ids_come_from_the_processor_or_the_config_and_are_required():
     model, processor = tiny_idefics3.tiny_model(), tiny_idefics3.tiny_processor()
-    batch = processor(images=[[_image(0, 32, 32)]], text=[_prompt("how many ?")], return_tensors="pt")
+    batch = processor(images=[[random_image(0, 32, 32)]], text=[_prompt("how many ?")], return_tensors="pt")
     with unclutter.apply(model, cmai=CMAIConfig()):  # tag ids from the config
-        from_config = _logits(model, batch)
+        from_config = logits(model, batch)
     for field in unclutter.integrations.idefics3.CONFIG_TAG_FIELDS:
         delattr(model.config, field)
     with pytest.raises(ValueError, match="pass the processor"):
         unclutter.apply(model, cmai=CMAIConfig())
     with unclutter.apply(model, processor, cmai=CMAIConfig()):  # tag ids from the processor
-        assert torch.equal(_logits(model, batch), from_config)
+        assert torch.equal(logits(model, batch), from_config)
     model.config.fake_image_token_id = 0  # a config that disagrees with the processor
     with pytest.raises(ValueError, match="differ from the model config"):
         unclutter.apply(model, processor, cmai=CMAIConfig())
@@ -156,7 +132,7 @@ def test_tag_ids_come_from_the_processor_or_the_config_and_are_required():
 
 def test_two_images_in_one_sample():
     model, processor = tiny_smolvlm.tiny_model(), tiny_smolvlm.tiny_processor()  # one global image each
-    images = [[_image(2, 32, 32), _image(3, 32, 32)], [_image(4, 32, 32)]]
+    images = [[random_image(2, 32, 32), random_image(3, 32, 32)], [random_image(4, 32, 32)]]
     text = [_prompt("what is the color of the shape ?", images=2), _prompt("how many ?")]
     batch = processor(images=images, text=text, return_tensors="pt", padding=True)
     assert batch["pixel_values"].shape[1] == 2  # sample 1 is padded with an all-zero image
@@ -164,7 +140,7 @@ def test_two_images_in_one_sample():
     gammas = gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
     expected = reference_logits(model, batch, gammas)
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
-        got = _logits(model, batch)
+        got = logits(model, batch)
         _assert_cached_equals_full_and_batch_equals_single(model, batch)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
@@ -186,11 +162,11 @@ def test_vmtc_ratio_one_is_stock_on_split_images(name):
     tiny = FAMILIES[name]
     model, processor = tiny.tiny_model(), tiny.tiny_processor(longest_edge=64)
     batch = _split_batch(processor)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=1.0)) as handle:
         assert "forward" in vars(model.model.connector)  # the unit-wise connector runs, and changes nothing
         assert torch.equal(_split_batch(processor)["input_ids"], batch["input_ids"])
-        assert torch.equal(_logits(model, batch), stock)
+        assert torch.equal(logits(model, batch), stock)
     assert handle.active_stages == []
 
 
@@ -233,7 +209,7 @@ def test_vmtc_gives_every_tile_the_budget_with_the_tags_unchanged(name):
         assert [info.kept_index.shape[0] for info in handle.stage_infos] == [8] * len(handle.active_stages)
         _assert_cached_equals_full_and_batch_equals_single(model, batch)
         with pytest.raises(ValueError, match="Pass processor="):  # a prompt expanded by the stock processor
-            _logits(model, stock_batch)
+            logits(model, stock_batch)
     assert torch.equal(_split_batch(processor)["input_ids"], stock_batch["input_ids"])
 
 
@@ -243,8 +219,7 @@ def _reference_tile_features(model, pixels, valid, stages, cfg) -> torch.Tensor:
     vision, connector, s = model.model.vision_model, model.model.connector, model.config.scale_factor
     n, side = pixels.shape[0], valid.shape[1]
     u = s * s
-    grid = range(side // s)
-    index = [(i * s + r) * side + j * s + c for i in grid for j in grid for r in range(s) for c in range(s)]
+    index = units_by_index(side, s)
     hidden = vision.embeddings(pixels, patch_attention_mask=valid)[:, index]  # (N, T, D) unit by unit
     ok = valid.reshape(n, -1)[:, index]
     by_layer = {stage.layer: stage for stage in stages}
@@ -301,7 +276,7 @@ def test_vmtc_features_equal_a_plain_reference_with_padded_patches(name):
 
 def test_smolvlm_video_frames_are_compressed_and_inhibited():
     model, processor = tiny_smolvlm.tiny_model(), tiny_smolvlm.tiny_processor()
-    video = (np.random.RandomState(5).rand(3, 40, 48, 3) * 255).astype("uint8")
+    video = random_video(5, 3, 40, 48)
     meta = VideoMetadata(total_num_frames=3, fps=1.0, duration=3.0, frames_indices=[0, 1, 2])
 
     def encode():
@@ -315,10 +290,7 @@ def test_smolvlm_video_frames_are_compressed_and_inhibited():
         batch = encode()
         layout, runs = _runs(batch["input_ids"][0].tolist(), image)
         assert runs == [STOCK // 2] * 3 and layout == _runs(stock_batch["input_ids"][0].tolist(), image)[0]
-        gen = _generate(model, batch)
-        full = _full_forward(model, batch, gen.sequences[:, :-1])
-        for t in range(4):
-            torch.testing.assert_close(gen.logits[t][0], full[0, -4 + t], atol=1e-4, rtol=1e-4)
+        assert_cached_equals_full(model, batch)
         assert int(handle.cmai_state.num_image_tokens[0]) == 3 * STOCK // 2
     assert torch.equal(encode()["input_ids"], stock_batch["input_ids"])
 

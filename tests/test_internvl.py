@@ -5,11 +5,10 @@ with the 2x2 regrouping spelled out by index, the naive Eq. 9-11 loop (`referenc
 forward over the tokens cached `generate` produced, and each sample run alone.
 """
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import assert_sample_equals_alone, extend, generate, logits, random_image, random_video
 from reference import reference_logits
 from transformers.models.internvl import modeling_internvl
 
@@ -26,10 +25,6 @@ SIDE = 8  # patch grid of a 56 px tile (patch 7)
 SIZES = [(56, 56), (56, 112), (112, 56), (112, 112)]
 TILES = [1, 3, 3, 5]
 QUESTIONS = ["what is the color of the shape ? please answer in one word .", "how many ?", "describe it .", "yes ?"]
-
-
-def _image(seed: int, size: tuple[int, int]) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(*size, 3) * 255).astype("uint8"))
 
 
 def _prompt(processor, question: str, images: int = 1) -> str:
@@ -53,7 +48,7 @@ def processor():
 
 @pytest.fixture(scope="module")
 def images():
-    return [_image(i, size) for i, size in enumerate(SIZES)]
+    return [random_image(i, *size) for i, size in enumerate(SIZES)]
 
 
 def _counts(batch, token_id: int) -> list[int]:
@@ -236,9 +231,9 @@ def test_spd_pools_the_patch_grid_before_the_stock_shuffle(model, processor, ima
 
 
 def test_video_frames_are_tiles(model, processor):
-    video = (np.random.RandomState(0).rand(3, 56, 56, 3) * 255).astype("uint8")
+    video = random_video(0, 3, 56, 56)
     text = [f"user : {processor.image_token} and {processor.video_token} what is it ? assistant :"]
-    image = _image(1, (56, 112))
+    image = random_image(1, 56, 112)
     with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()), torch.no_grad():
         batch = processor(images=[image], videos=[video], text=text, return_tensors="pt")
         assert batch["pixel_values"].shape[0] == 3 + 3  # image tiles + frames
@@ -282,33 +277,20 @@ def test_a_run_without_markers_is_a_clear_error(model, processor, images):
         model(**batch)
 
 
-def _generate(model, batch, steps=4):
-    with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-
-
 def test_vmtc_cmai_multi_tile_cached_equals_full_and_batch_equals_single(model, processor, images):
     steps = 4
     with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()) as h, torch.no_grad():
         batch = _encode(processor, images)
-        gen = _generate(model, batch, steps)
+        gen = generate(model, batch, steps)
         assert h.cmai_state.num_image_tokens.tolist() == [8 * t for t in TILES]  # different counts per sample
-        seq = gen.sequences[:, :-1]
-        extra = seq.shape[1] - batch["input_ids"].shape[1]
-        mask = torch.cat([batch["attention_mask"], torch.ones(len(seq), extra, dtype=torch.long)], dim=1)
-        full = model(input_ids=seq, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False).logits
-        first = seq.shape[1] - steps
+        full = logits(model, extend(batch, gen.sequences[:, :-1]))
+        first = gen.sequences.shape[1] - 1 - steps
         for t in range(steps):
             torch.testing.assert_close(gen.logits[t], full[:, first + t], atol=1e-4, rtol=1e-4)
-        alone = _generate(model, _encode(processor, images[1:2], QUESTIONS[1:2]), steps)  # 3 tiles, left-padded
-        assert torch.equal(gen.sequences[1, -steps:], alone.sequences[0, -steps:])
-        for t in range(steps):
-            torch.testing.assert_close(gen.logits[t][1], alone.logits[t][0], atol=5e-5, rtol=1e-4)
+        alone = _encode(processor, images[1:2], QUESTIONS[1:2])  # 3 tiles, left-padded
+        assert_sample_equals_alone(model, gen, 1, alone)
     with unclutter.apply(model, processor, vmtc=VMTCConfig()):
-        vmtc_only = _generate(model, batch, steps)  # same tokens, no inhibition: CMAI must act at every step
+        vmtc_only = generate(model, batch, steps)  # same tokens, no inhibition: CMAI must act at every step
     assert all((a - b).abs().amax() > 1e-4 for a, b in zip(gen.logits, vmtc_only.logits, strict=True))
 
 

@@ -5,11 +5,10 @@ a loop-built packing (VMTC), average-pooled stock tile features (SPD), the naive
 one uncached forward over generated tokens (cached decoding) and each image alone (batching).
 """
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import assert_cached_equals_full, assert_sample_equals_alone, logits, random_image
 from reference import reference_logits
 from test_llava_apply import reference_vmtc_features
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -26,11 +25,7 @@ SIZES = [(64, 64), (40, 80), (100, 30), (50, 70), (20, 100)]
 QUESTIONS = ["what is the color of the shape ?", "how many ?", "describe the image .", "is it red ?", "yes or no ?"]
 
 
-def _image(seed: int, height: int, width: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
-
-
-IMAGES = [_image(i, *size) for i, size in enumerate(SIZES)]
+IMAGES = [random_image(i, *size) for i, size in enumerate(SIZES)]
 
 
 def _batch(processor, images=IMAGES, questions=QUESTIONS):
@@ -62,27 +57,6 @@ def _reference_pack(tiles: torch.Tensor, grid: tuple[int, int], newline: torch.T
     return torch.cat(out)
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
-def _generate(model, batch, steps=4):
-    with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-
-
-def _extend(batch, sequences):
-    out = dict(batch)
-    extra = sequences.shape[1] - batch["input_ids"].shape[1]
-    out["input_ids"] = sequences
-    out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(len(sequences), extra).long()], dim=1)
-    return out
-
-
 # ---- counts: processor == model features, for every size and aspect ratio ---------------------------
 
 
@@ -100,7 +74,7 @@ def test_processor_count_equals_model_features_for_every_size(kwargs):
         assert counts == [len(f) for f in _features(model, batch)]
         assert counts == [t * (1 + r * c) + r for r, c in (_grid(model, s) for s in SIZES)]
         assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == counts
-        _logits(model, batch)  # the model's own check: image features and image tokens match
+        logits(model, batch)  # the model's own check: image features and image tokens match
     assert all(c < s for c, s in zip(counts, stock, strict=True))
 
 
@@ -156,11 +130,11 @@ def test_spd_equals_pooled_stock_tiles(grid):
 def test_vmtc_ratio_one_is_stock_on_anyres_inputs():
     model, processor = tiny_llava_next(), tiny_llava_next_processor()
     batch = _batch(processor)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=1.0)) as h:
         again = _batch(processor)
         assert torch.equal(again["input_ids"], batch["input_ids"])
-        assert torch.equal(_logits(model, again), stock)
+        assert torch.equal(logits(model, again), stock)
         assert h.active_stages == [] and "pack_image_features" not in vars(model.model)
 
 
@@ -195,7 +169,7 @@ def test_cmai_equals_naive_reference_with_different_image_token_counts():
     gammas = gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
     expected = reference_logits(model, batch, gammas)
     with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)):
-        got = _logits(model, batch)
+        got = logits(model, batch)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
 
@@ -206,23 +180,16 @@ def test_vmtc_cmai_cached_decode_equals_full_and_batch_equals_single():
     with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()):
         batch = _batch(processor, images)
         assert len(set(_counts(model, batch))) == 3
-        gen = _generate(model, batch)
-        full = _logits(model, _extend(batch, gen.sequences[:, :-1]))
-        first = gen.sequences.shape[1] - 1 - len(gen.logits)
-        for t, step in enumerate(gen.logits):
-            torch.testing.assert_close(step, full[:, first + t], atol=1e-4, rtol=1e-4)
+        gen, _ = assert_cached_equals_full(model, batch)
         for i in range(len(images)):
-            alone = _generate(model, _batch(processor, images[i : i + 1], QUESTIONS[i : i + 1]))
-            assert torch.equal(gen.sequences[i, -4:], alone.sequences[0, -4:])
-            for t, step in enumerate(alone.logits):
-                torch.testing.assert_close(gen.logits[t][i], step[0], atol=5e-5, rtol=1e-4)
+            assert_sample_equals_alone(model, gen, i, _batch(processor, images[i : i + 1], QUESTIONS[i : i + 1]))
 
 
 def test_remove_restores_the_processors_stock_count():
     model, processor = tiny_llava_next(), tiny_llava_next_processor()
     batch = _batch(processor)
     stock_counts = processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     handle = unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig())
     assert _counts(model, _batch(processor)) != _counts(model, batch)
     handle.remove()
@@ -231,7 +198,7 @@ def test_remove_restores_the_processors_stock_count():
     assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == stock_counts
     assert not {"replace_image_token", "_get_num_multimodal_tokens"} & set(vars(processor))
     assert "pack_image_features" not in vars(model.model)
-    assert torch.equal(_logits(model, again), stock)
+    assert torch.equal(logits(model, again), stock)
 
 
 # ---- clear errors --------------------------------------------------------------------------------------

@@ -6,11 +6,10 @@ placeholders as image keys, a layer-by-layer SigLIP with compression per tile an
 generated tokens (cached decoding) and each prompt alone (batching).
 """
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import assert_cached_equals_full, assert_sample_equals_alone, logits, random_image, random_video
 from reference import reference_logits
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
@@ -22,20 +21,12 @@ from unclutter.models.tiny_llava_onevision import tiny_llava_onevision, tiny_lla
 pytestmark = pytest.mark.exact
 
 
-def _image(seed: int, height: int, width: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
-
-
-def _video(seed: int, frames: int = 3, size: int = 40) -> np.ndarray:
-    return (np.random.RandomState(seed).rand(frames, size, size, 3) * 255).astype("uint8")
-
-
 # one prompt each: a 3x3-tile image (interpolated by anyres_max_4), two images, a video, a 2x1-tile image
 PROMPTS = [
-    ("user : <image> what is the color of the shape ? assistant :", [_image(0, 96, 96)], None),
-    ("user : <image> <image> how many ? assistant :", [_image(1, 64, 64), _image(2, 30, 50)], None),
-    ("user : <video> describe the image . assistant :", None, _video(3)),
-    ("user : <image> is it red ? assistant :", [_image(4, 50, 30)], None),
+    ("user : <image> what is the color of the shape ? assistant :", [random_image(0, 96, 96)], None),
+    ("user : <image> <image> how many ? assistant :", [random_image(1, 64, 64), random_image(2, 30, 50)], None),
+    ("user : <video> describe the image . assistant :", None, random_video(3, 3, 40, 40)),
+    ("user : <image> is it red ? assistant :", [random_image(4, 50, 30)], None),
 ]
 
 
@@ -52,41 +43,12 @@ def _media(model, batch) -> list[int]:
     return ((ids == model.config.image_token_id) | (ids == model.config.video_token_id)).sum(dim=1).tolist()
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
-def _generate(model, batch, steps=4):
-    with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-
-
-def _extend(batch, sequences):
-    out = dict(batch)
-    extra = sequences.shape[1] - batch["input_ids"].shape[1]
-    out["input_ids"] = sequences
-    out["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(len(sequences), extra).long()], dim=1)
-    return out
-
-
 def assert_cached_equals_full_and_batch_equals_single(model, processor, prompts, **kwargs):
     """Under ``unclutter.apply(**kwargs)``: cached greedy decoding == one uncached forward; batch == each alone."""
     with unclutter.apply(model, processor, **kwargs):
-        batch = _batch(processor, prompts)
-        gen = _generate(model, batch)
-        full = _logits(model, _extend(batch, gen.sequences[:, :-1]))
-        first = gen.sequences.shape[1] - 1 - len(gen.logits)
-        for t, step in enumerate(gen.logits):
-            torch.testing.assert_close(step, full[:, first + t], atol=1e-4, rtol=1e-4)
+        gen, _ = assert_cached_equals_full(model, _batch(processor, prompts))
         for i in range(len(prompts)):
-            alone = _generate(model, _batch(processor, prompts[i : i + 1]))
-            assert torch.equal(gen.sequences[i, -4:], alone.sequences[0, -4:])
-            for t, step in enumerate(alone.logits):
-                torch.testing.assert_close(gen.logits[t][i], step[0], atol=5e-5, rtol=1e-4)
+            assert_sample_equals_alone(model, gen, i, _batch(processor, prompts[i : i + 1]))
 
 
 # ---- CMAI: images (single and multi) and videos, all image keys -----------------------------------------
@@ -99,9 +61,9 @@ def test_cmai_on_images_and_videos_equals_naive_reference():
     assert len(set(media)) == len(PROMPTS) and batch["pixel_values_videos"].shape[:2] == (1, 3)
     gammas = gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
     expected = reference_logits(model, batch, gammas)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)) as h:
-        got = _logits(model, batch)
+        got = logits(model, batch)
     assert h.cmai_state.num_image_tokens.tolist() == media  # video placeholders are image keys too
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
@@ -114,9 +76,9 @@ def test_cmai_on_images_and_videos_equals_naive_reference():
 def test_cmai_gamma_zero_equals_stock_on_images_and_videos():
     model, processor = tiny_llava_onevision(), tiny_llava_onevision_processor()
     batch = _batch(processor)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, cmai=CMAIConfig(gamma_max=0.0)):
-        got = _logits(model, batch)
+        got = logits(model, batch)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(got[valid], stock[valid], atol=1e-5, rtol=1e-5)
 
@@ -187,7 +149,7 @@ def test_processor_counts_equal_model_features(cfg):
             batch_num_images=batch["batch_num_images"],
         ).pooler_output  # fmt: skip
         video = model.model.get_video_features(pixel_values_videos=batch["pixel_values_videos"]).pooler_output
-        _logits(model, batch)  # the model's own checks: features and placeholders match
+        logits(model, batch)  # the model's own checks: features and placeholders match
         t, per_frame = h.num_image_tokens, h.adapter.frame_tokens
         sizes = [(96, 96), (64, 64), (30, 50), (50, 30), (40, 80)]
         data = processor._get_num_multimodal_tokens(image_sizes=sizes, video_sizes=[(3, 40, 40)])
@@ -204,18 +166,18 @@ def test_processor_counts_equal_model_features(cfg):
 def test_vmtc_ratio_one_is_stock_on_images_and_videos():
     model, processor = tiny_llava_onevision(), tiny_llava_onevision_processor()
     batch = _batch(processor)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=1.0)) as h:
         again = _batch(processor)
         assert torch.equal(again["input_ids"], batch["input_ids"])
-        assert torch.equal(_logits(model, again), stock)
+        assert torch.equal(logits(model, again), stock)
     assert h.active_stages == [] and not h.adapter.compresses_frames
 
 
 def test_vmtc_budget_per_tile_and_per_frame():
     model, processor = tiny_llava_onevision(), tiny_llava_onevision_processor()
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)) as h:
-        _logits(model, _batch(processor))
+        logits(model, _batch(processor))
     assert (h.num_image_tokens, h.stock_image_tokens) == (8, 16)  # half of each 4x4 tile
     assert (h.adapter.frame_tokens, h.adapter.stock_frame_tokens) == (2, 4)  # half of each 2x2-pooled frame
     tiles = 10 + 1 + 1 + 3  # 3x3 tiles + base, two single tiles, 2x1 tiles + base
@@ -293,7 +255,7 @@ def test_vmtc_cmai_cached_decode_equals_full_and_batch_equals_single_on_images_a
 def test_remove_restores_the_processors_stock_counts():
     model, processor = tiny_llava_onevision(), tiny_llava_onevision_processor()
     batch = _batch(processor)
-    stock = _logits(model, batch)
+    stock = logits(model, batch)
     stock_data = processor._get_num_multimodal_tokens(image_sizes=[(96, 96)], video_sizes=[(3, 40, 40)])
     handle = unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig())
     assert _counts(model, _batch(processor)) != _counts(model, batch)
@@ -304,7 +266,7 @@ def test_remove_restores_the_processors_stock_counts():
     assert (data.num_image_tokens, data.num_video_tokens) == (stock_data.num_image_tokens, stock_data.num_video_tokens)
     assert not {"replace_image_token", "replace_video_token", "_get_num_multimodal_tokens"} & set(vars(processor))
     assert not {"pack_image_features", "get_video_features", "apply_pooling"} & set(vars(model.model))
-    assert torch.equal(_logits(model, again), stock)
+    assert torch.equal(logits(model, again), stock)
 
 
 def test_unsupported_setups_fail_loudly():

@@ -9,7 +9,7 @@ sample run alone.
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import assert_cached_equals_full, assert_sample_equals_alone, extend, logits, random_image
 from reference import reference_logits
 from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
@@ -25,10 +25,6 @@ from unclutter.models.tiny import tiny_vlm
 pytestmark = pytest.mark.exact
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 RECORD = "unclutter_test_record_eager"
-
-
-def image(seed: int, height: int, width: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
 
 
 def video(seed: int, frames: int = 4, height: int = 32, width: int = 48) -> np.ndarray:
@@ -58,39 +54,6 @@ def build(name: str):
     return spec.model(), spec.processor()
 
 
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch, use_cache=False).logits
-
-
-def generate(model, batch, steps=4):
-    with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
-
-
-def extend(batch, sequences):
-    """The inputs of one uncached forward over prompt + generated tokens."""
-    ids = batch["input_ids"]
-    extra = sequences.shape[1] - ids.shape[1]
-    out = dict(batch, input_ids=sequences)
-    for name in ("attention_mask", "mm_token_type_ids"):
-        fill = torch.ones if name == "attention_mask" else torch.zeros
-        out[name] = torch.cat([batch[name], fill(ids.shape[0], extra, dtype=batch[name].dtype)], dim=1)
-    return out
-
-
-def assert_cached_equals_full(model, batch, steps=4):
-    gen = generate(model, batch, steps)
-    full = logits(model, extend(batch, gen.sequences[:, :-1]))
-    first = gen.sequences.shape[1] - 1 - steps
-    for t in range(steps):
-        torch.testing.assert_close(gen.logits[t], full[:, first + t], atol=1e-4, rtol=1e-4)
-    return gen
-
-
 def media_counts(model, batch) -> list[int]:
     ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
     return torch.isin(batch["input_ids"], ids).sum(dim=1).tolist()
@@ -102,7 +65,7 @@ def media_counts(model, batch) -> list[int]:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_processor_feeds_3d_positions_to_the_llm(name):
     model, processor = build(name)
-    batch = encode(processor, [turn("how many ?", "image")], [image(0, 48, 64)])
+    batch = encode(processor, [turn("how many ?", "image")], [random_image(0, 48, 64)])
     assert {"mm_token_type_ids", "image_grid_thw"} <= set(batch)
     seen = {}
 
@@ -124,7 +87,7 @@ def test_processor_feeds_3d_positions_to_the_llm(name):
 def test_cmai_images_of_different_sizes_and_several_per_prompt(name):
     model, processor = build(name)
     texts = [turn("what is the color of the shape ?", "image"), turn("how many ?", "image", "image")]
-    images = [image(0, 64, 64), image(1, 48, 64), image(2, 32, 48)]
+    images = [random_image(0, 64, 64), random_image(1, 48, 64), random_image(2, 32, 48)]
     batch = encode(processor, texts, images)
     assert media_counts(model, batch) == [16, 12 + 6]  # dynamic resolution: CMAI pads the image keys internally
     expected = reference_logits(model, batch, gamma_schedule(3, 0.6))
@@ -132,11 +95,9 @@ def test_cmai_images_of_different_sizes_and_several_per_prompt(name):
     valid = batch["attention_mask"].bool()
     with unclutter.apply(model, processor, cmai=CMAIConfig()):
         got = logits(model, batch)
-        together = assert_cached_equals_full(model, batch)
+        together, _ = assert_cached_equals_full(model, batch)
         for i, imgs in enumerate([images[:1], images[1:]]):
-            alone = generate(model, encode(processor, texts[i : i + 1], imgs))
-            for t in range(4):
-                torch.testing.assert_close(together.logits[t][i], alone.logits[t][0], atol=5e-5, rtol=1e-4)
+            assert_sample_equals_alone(model, together, i, encode(processor, texts[i : i + 1], imgs), tokens=False)
     torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
     assert (got[valid] - stock[valid]).abs().max() > 1e-3
 
@@ -145,7 +106,7 @@ def test_cmai_images_of_different_sizes_and_several_per_prompt(name):
 def test_cmai_a_video_and_an_image_in_one_batch(name):
     model, processor = build(name)
     texts = [turn("what is the color ?", "image"), turn("how many ?", "video")]
-    batch = encode(processor, texts, [image(0, 64, 64)], [video(3)])
+    batch = encode(processor, texts, [random_image(0, 64, 64)], [video(3)])
     assert "video_grid_thw" in batch and media_counts(model, batch) == [16, 2 * 6]  # 2 frames of 2x3 cells
     expected = reference_logits(model, batch, gamma_schedule(3, 0.6))
     valid = batch["attention_mask"].bool()
@@ -163,7 +124,7 @@ def test_vmtc_with_every_stage_keeping_everything_is_the_stock_model(name):
     """num_tokens above every frame's size: the compressed tower, positions and processor run, and change nothing."""
     model, processor = build(name)
     texts = [turn("what is the color ?", "image"), turn("how many ?", "image", "video")]
-    args = texts, [image(0, 64, 64), image(1, 48, 64)], [video(3)]
+    args = texts, [random_image(0, 64, 64), random_image(1, 48, 64)], [video(3)]
     stock_batch = encode(processor, *args)
     stock = logits(model, stock_batch)
     with unclutter.apply(model, processor, vmtc=VMTCConfig(num_tokens=100)) as handle:
@@ -205,7 +166,7 @@ def test_vmtc_keeps_the_top_units_by_the_blocks_eager_attention(name):
     model, processor = build(name)
     weights = record_attention(model)
     texts = [turn("what is the color ?", "image"), turn("how many ?", "image")]
-    images = [image(0, 64, 64), image(1, 48, 64)]
+    images = [random_image(0, 64, 64), random_image(1, 48, 64)]
     stock_batch = encode(processor, texts, images)
     stock = features(model, stock_batch)
     last = model.config.vision_config.depth - 1
@@ -251,7 +212,7 @@ def test_vmtc_importance_is_the_received_eager_attention_within_each_blocks_patt
     weights = record_attention(model)
     visual = model.model.visual
     texts = [turn("what is the color ?", "image"), turn("how many ?", "image")]
-    batch = encode(processor, texts, [image(0, 64, 64), image(1, 48, 64)])
+    batch = encode(processor, texts, [random_image(0, 64, 64), random_image(1, 48, 64)])
     cfg = VMTCConfig(layers=(0, 1, 3)) if name == "qwen2_5_vl" else VMTCConfig(num_stages=3)
     with unclutter.apply(model, processor, vmtc=cfg) as handle:
         features(model, batch)
@@ -283,7 +244,7 @@ def test_deepstack_features_are_merged_like_the_stage_that_removed_their_units()
     model, processor = build("qwen3_vl")
     weights = record_attention(model)
     visual = model.model.visual
-    batch = encode(processor, [turn("how many ?", "image")], [image(1, 48, 64)])
+    batch = encode(processor, [turn("how many ?", "image")], [random_image(1, 48, 64)])
     hidden = {}
     hook = visual.blocks[0].register_forward_hook(lambda m, a, out: hidden.setdefault("h", out))
     stock = features(model, batch)
@@ -321,7 +282,7 @@ def test_vmtc_per_frame_budgets_for_images_and_a_video_cached_and_batched(name):
     features; VMTC + CMAI cached decoding equals one full forward and each sample alone."""
     model, processor = build(name)
     texts = [turn("what is the color of the shape ?", "image"), turn("how many ?", "image", "video")]
-    images, videos = [image(0, 64, 64), image(1, 48, 64)], [video(3)]
+    images, videos = [random_image(0, 64, 64), random_image(1, 48, 64)], [video(3)]
     with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()):
         batch = encode(processor, texts, images, videos)
         assert media_counts(model, batch) == [8, 6 + 2 * 3]  # 16 -> 8, 12 -> 6, 2 frames x (6 -> 3)
@@ -330,11 +291,10 @@ def test_vmtc_per_frame_budgets_for_images_and_a_video_cached_and_batched(name):
         pads = (batch["input_ids"][1] == model.config.video_token_id).int().tolist()
         runs = [len(r) for r in "".join(map(str, pads)).split("0") if r]
         assert runs == ([3, 3] if name == "qwen3_vl" else [6])  # Qwen3-VL: one <|vision_start|> block per frame
-        together = assert_cached_equals_full(model, batch)
+        together, _ = assert_cached_equals_full(model, batch)
         for i, (imgs, vids) in enumerate([(images[:1], None), (images[1:], videos)]):
-            alone = generate(model, encode(processor, texts[i : i + 1], imgs, vids))
-            for t in range(4):
-                torch.testing.assert_close(together.logits[t][i], alone.logits[t][0], atol=5e-5, rtol=1e-4)
+            alone = encode(processor, texts[i : i + 1], imgs, vids)
+            assert_sample_equals_alone(model, together, i, alone, tokens=False)
         single = encode(processor, texts[1:], images[1:], videos)  # beams repeat the encoded features per beam
         with torch.no_grad():
             beams = model.generate(
@@ -352,11 +312,11 @@ def test_vmtc_per_frame_budgets_for_images_and_a_video_cached_and_batched(name):
 
 def test_vmtc_fails_loudly_on_a_stale_prompt_and_impossible_plans():
     model, processor = build("qwen2_5_vl")
-    batch = encode(processor, [turn("how many ?", "image")], [image(0, 64, 64)])  # the stock 16 pads
+    batch = encode(processor, [turn("how many ?", "image")], [random_image(0, 64, 64)])  # the stock 16 pads
     with unclutter.apply(model, vmtc=VMTCConfig()), pytest.raises(ValueError, match="pass processor="):
         logits(model, batch)
     with unclutter.apply(model, processor, vmtc=VMTCConfig()):
-        batch = encode(processor, [turn("how many ?", "image")], [image(0, 64, 64)])
+        batch = encode(processor, [turn("how many ?", "image")], [random_image(0, 64, 64)])
         without = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}  # would be silent 1-D positions
         with pytest.raises(ValueError, match="mm_token_type_ids is missing"):
             logits(model, without)

@@ -3,12 +3,15 @@
 They have the real architecture (CLIP ViT with CLS, 2-layer GELU projector, LLaMA decoder,
 `vision_feature_layer=-2`, "default" feature selection), only small, so tests and CPU benchmarks
 exercise the same code paths as `llava-hf/llava-1.5-7b-hf`.
+
+The other families' tiny models (`tiny_vlm`, one ``tiny_<family>`` module each) build on the pieces here:
+`word_tokenizer` and the `text_kwargs` / `vision_kwargs` shapes of the small decoders and vision towers.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,24 +33,77 @@ WORDS = (
     "user assistant what is the color of shape in image a an red green blue yellow circle square triangle star "
     "how many are there left right top bottom yes no answer question please describe one two three four"
 ).split()
+PUNCTUATION = [":", "?", ".", ","]
+
+
+def word_tokenizer(
+    specials: list[str],
+    extra_words: Sequence[str] = (),
+    symbols: Sequence[str] = (),
+    *,
+    additional_special_tokens: list[str],
+    pre_tokenizer: pre_tokenizers.PreTokenizer | None = None,
+    **tokens,
+) -> PreTrainedTokenizerFast:
+    """A left-padding word-level tokenizer, the one every tiny family builds on.
+
+    Ids in this order: ``specials``, the sorted `WORDS` + ``extra_words``, `PUNCTUATION`, ``symbols``. ``tokens``
+    (``bos_token``, ``extra_special_tokens`` ...) go to `PreTrainedTokenizerFast`. The default pre-tokenizer
+    splits on whitespace and punctuation.
+    """
+    vocab = specials + sorted(set(WORDS + list(extra_words))) + PUNCTUATION + list(symbols)
+    backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(vocab)}, unk_token="<unk>"))
+    if pre_tokenizer is None:
+        pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.pre_tokenizer = pre_tokenizer
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
+    tok.add_special_tokens({"additional_special_tokens": additional_special_tokens})
+    tok.padding_side = "left"
+    return tok
 
 
 def tiny_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with LLaVA's special tokens (``<image>`` included)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS + (extra_words or []))) + [":", "?", ".", ","])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return word_tokenizer(
+        SPECIALS,
+        extra_words or [],
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
+        additional_special_tokens=["<image>"],
     )
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.padding_side = "left"
-    return tok
+
+
+def text_kwargs(tok: PreTrainedTokenizerFast, *, layers: int = 3, intermediate: int = 128, **extra) -> dict:
+    """The tiny families' decoder: hidden 64, 4 query / 2 key-value heads, 4096 positions, ``tok``'s vocabulary."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        **extra,
+    )
+
+
+def vision_kwargs(image_size: int, patch_size: int, layers: int, *, intermediate: int = 64, **extra) -> dict:
+    """The tiny families' vision tower: hidden 32, 4 heads, ``layers`` blocks over ``image_size`` px images."""
+    return dict(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=32,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        **extra,
+    )
 
 
 def tiny_llava(
@@ -169,8 +225,9 @@ def tiny_vlm(family: str) -> TinyVLM:
     return importlib.import_module(f"unclutter.models.tiny_{family}").SPEC
 
 
-def _llava_prompt(processor, question: str) -> str:
+def llava_prompt(processor, question: str) -> str:
+    """One user turn with one image, the prompt of the LLaVA families (LLaVA, LLaVA-NeXT, LLaVA-OneVision)."""
     return f"user : <image> {question} assistant :"
 
 
-LLAVA = TinyVLM("llava", tiny_llava, tiny_processor, _llava_prompt, vmtc=True, spd=True)
+LLAVA = TinyVLM("llava", tiny_llava, tiny_processor, llava_prompt, vmtc=True, spd=True)

@@ -9,7 +9,6 @@ shorter than the prompts (so sliding layers really drop keys, in prefill and in 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -20,7 +19,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .tiny import WORDS, TinyVLM
+from .tiny import TinyVLM, text_kwargs, vision_kwargs, word_tokenizer
 
 IMAGE_SIZE = 48
 PATCH_SIZE = 4
@@ -34,22 +33,16 @@ EXTRA_WORDS = "model Here here original and some crops to help you see better".s
 
 def tiny_gemma3_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with Gemma 3's special tokens (turn markers, image begin/end, image soft token)."""
-    specials = SPECIALS + list(IMAGE_SPECIALS.values())
-    words = sorted(set(WORDS + EXTRA_WORDS))
-    vocab = {tok: i for i, tok in enumerate(specials + words + [":", "?", ".", ","])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return word_tokenizer(
+        SPECIALS + list(IMAGE_SPECIALS.values()),
+        EXTRA_WORDS,
         bos_token="<bos>",
         eos_token="<eos>",
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens=dict(IMAGE_SPECIALS),
+        additional_special_tokens=SPECIALS[4:] + list(IMAGE_SPECIALS.values()),
     )
-    tok.add_special_tokens({"additional_special_tokens": SPECIALS[4:] + list(IMAGE_SPECIALS.values())})
-    tok.padding_side = "left"
-    return tok
 
 
 def tiny_gemma3(
@@ -62,30 +55,16 @@ def tiny_gemma3(
 ) -> Gemma3ForConditionalGeneration:
     """A random Gemma 3 with ``TOKENS_PER_IMAGE`` soft tokens per image (crop) and a ``sliding_window`` of 8."""
     tok = tiny_gemma3_tokenizer()
-    vision = SiglipVisionConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        vision_use_head=False,
-    )
+    vision = SiglipVisionConfig(**vision_kwargs(IMAGE_SIZE, PATCH_SIZE, vision_layers, vision_use_head=False))
     text = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=len(LAYER_TYPES),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=sliding_window,
-        layer_types=list(LAYER_TYPES),
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        **text_kwargs(
+            tok,
+            layers=len(LAYER_TYPES),
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=sliding_window,
+            layer_types=list(LAYER_TYPES),
+        )
     )
     config = Gemma3Config(
         vision_config=vision,

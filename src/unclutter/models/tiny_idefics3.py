@@ -15,7 +15,7 @@ tokens without the processor.
 from __future__ import annotations
 
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, pre_tokenizers
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -23,10 +23,12 @@ from transformers import (
     Idefics3Processor,
     Idefics3VisionConfig,
     LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
-from .tiny import WORDS, TinyVLM
+from .tiny import TinyVLM, text_kwargs, vision_kwargs, word_tokenizer
 
 TILE = 32  # px: the vision tower's image_size and the processor's tile size
 PATCH = 4
@@ -40,11 +42,7 @@ EXTRA_WORDS = "user assistant frame from video you are provided following series
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer with the Idefics3/SmolVLM special tokens; ``\\n`` is a token of its own."""
-    words = sorted(set(WORDS + EXTRA_WORDS))
-    vocab = {t: i for i, t in enumerate(SPECIALS + ["\n"] + words + [":", "?", ".", ",", "[", "]"])}
-    vocab.update({str(d): len(vocab) + d for d in range(10)})
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
             pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),  # keep newlines as tokens
@@ -52,12 +50,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
             pre_tokenizers.Digits(individual_digits=True),
         ]
     )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    return word_tokenizer(
+        SPECIALS + ["\n"],
+        EXTRA_WORDS,
+        ["[", "]", *"0123456789"],
+        pre_tokenizer=pre_tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIALS[4:],
     )
-    tok.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
-    tok.padding_side = "left"
-    return tok
 
 
 def tag_ids(tok: PreTrainedTokenizerFast) -> dict:
@@ -69,53 +72,35 @@ def tag_ids(tok: PreTrainedTokenizerFast) -> dict:
     }
 
 
-def tiny_configs(tok: PreTrainedTokenizerFast, *, vision_layers: int, text_layers: int) -> tuple:
-    """(vision kwargs, Llama text config) shared by the Idefics3 and SmolVLM tiny models."""
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=TILE,
-        patch_size=PATCH,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return vision, text
-
-
-def tiny_model(
+def build_model(
+    model_class: type[PreTrainedModel],
+    config_class: type[PretrainedConfig],
+    vision_class: type[PretrainedConfig],
     *,
     vision_layers: int = 4,
     text_layers: int = 3,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
-) -> Idefics3ForConditionalGeneration:
-    """A random Idefics3 with 16 image tokens per 32 px tile."""
+) -> PreTrainedModel:
+    """A random model of the Idefics3 layout (Idefics3's or SmolVLM's classes) with 16 image tokens per 32 px tile."""
     tok = tiny_tokenizer()
-    vision, text = tiny_configs(tok, vision_layers=vision_layers, text_layers=text_layers)
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(**vision),
-        text_config=text,
+    config = config_class(
+        vision_config=vision_class(**vision_kwargs(TILE, PATCH, vision_layers)),
+        text_config=LlamaConfig(**text_kwargs(tok, layers=text_layers)),
         scale_factor=SCALE,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         **tag_ids(tok),
     )
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = model_class(config)
     model.set_attn_implementation(attn_implementation)
     return model.to(dtype).eval()
+
+
+def tiny_model(**kwargs) -> Idefics3ForConditionalGeneration:
+    """A random Idefics3 (keyword arguments: `build_model`'s)."""
+    return build_model(Idefics3ForConditionalGeneration, Idefics3Config, Idefics3VisionConfig, **kwargs)
 
 
 def image_processor_kwargs(longest_edge: int) -> dict:

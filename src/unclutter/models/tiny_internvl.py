@@ -13,7 +13,6 @@ as in the official checkpoints (151665-151667).
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     GotOcr2ImageProcessorPil,
     InternVLConfig,
@@ -25,7 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from .tiny import WORDS, TinyVLM
+from .tiny import TinyVLM, text_kwargs, vision_kwargs, word_tokenizer
 
 TILE_SIZE = 56
 PATCH_SIZE = 7
@@ -44,22 +43,17 @@ EXTRA_WORDS = "Frame1 Frame2 Frame3 Frame4 and it video".split()  # the processo
 
 def tiny_internvl_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with InternVL's image tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<video>``)."""
-    specials = SPECIALS + list(IMAGE_SPECIALS.values())
-    words = sorted(set(WORDS + EXTRA_WORDS))
-    vocab = {tok: i for i, tok in enumerate(specials + words + [":", "?", ".", ",", "\n"])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return word_tokenizer(
+        SPECIALS + list(IMAGE_SPECIALS.values()),
+        EXTRA_WORDS,
+        ["\n"],
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
         extra_special_tokens=dict(IMAGE_SPECIALS),
+        additional_special_tokens=list(IMAGE_SPECIALS.values()),
     )
-    tok.add_special_tokens({"additional_special_tokens": list(IMAGE_SPECIALS.values())})
-    tok.padding_side = "left"
-    return tok
 
 
 def tiny_internvl(
@@ -74,27 +68,9 @@ def tiny_internvl(
     """A random InternVL with ``TOKENS_PER_TILE`` image tokens per 56x56 tile."""
     tok = tiny_internvl_tokenizer()
     vision = InternVLVisionConfig(
-        image_size=TILE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        use_qk_norm=use_qk_norm,
-        norm_type="layer_norm",
+        **vision_kwargs(TILE_SIZE, PATCH_SIZE, vision_layers, use_qk_norm=use_qk_norm, norm_type="layer_norm")
     )
-    text = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = Qwen2Config(**text_kwargs(tok))
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,

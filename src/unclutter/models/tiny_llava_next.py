@@ -19,7 +19,7 @@ from transformers import (
     LlavaNextProcessor,
 )
 
-from .tiny import TinyVLM, tiny_tokenizer
+from .tiny import TinyVLM, llava_prompt, text_kwargs, tiny_tokenizer, vision_kwargs
 
 TILE = 32
 PATCH = 8
@@ -36,27 +36,8 @@ def tiny_llava_next(
 ) -> LlavaNextForConditionalGeneration:
     """A random LLaVA-NeXT with ``(TILE // PATCH) ** 2`` = 16 patches per tile."""
     tok = tiny_tokenizer()
-    vision = CLIPVisionConfig(
-        image_size=TILE,
-        patch_size=PATCH,
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    vision = CLIPVisionConfig(**vision_kwargs(TILE, PATCH, vision_layers, intermediate=128, projection_dim=32))
+    text = LlamaConfig(**text_kwargs(tok, layers=text_layers, intermediate=192))
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
@@ -88,10 +69,6 @@ def tiny_llava_next_processor() -> LlavaNextProcessor:
     )
 
 
-def _prompt(processor, question: str) -> str:
-    return f"user : <image> {question} assistant :"
-
-
 SPEC = TinyVLM(
-    "llava_next", tiny_llava_next, tiny_llava_next_processor, _prompt, vmtc=True, spd=True, image_size=2 * TILE
+    "llava_next", tiny_llava_next, tiny_llava_next_processor, llava_prompt, vmtc=True, spd=True, image_size=2 * TILE
 )

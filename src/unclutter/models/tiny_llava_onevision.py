@@ -22,7 +22,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .tiny import TinyVLM, tiny_tokenizer
+from .tiny import TinyVLM, llava_prompt, text_kwargs, tiny_tokenizer, vision_kwargs
 
 TILE = 32
 PATCH = 8
@@ -47,27 +47,8 @@ def tiny_llava_onevision(
 ) -> LlavaOnevisionForConditionalGeneration:
     """A random LLaVA-OneVision with ``(TILE // PATCH) ** 2`` = 16 patches per tile or frame."""
     tok = tiny_onevision_tokenizer()
-    vision = SiglipVisionConfig(
-        image_size=TILE,
-        patch_size=PATCH,
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        vision_use_head=False,
-    )
-    text = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    vision = SiglipVisionConfig(**vision_kwargs(TILE, PATCH, vision_layers, intermediate=128, vision_use_head=False))
+    text = Qwen2Config(**text_kwargs(tok, layers=text_layers, intermediate=192))
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
@@ -100,10 +81,11 @@ def tiny_llava_onevision_processor() -> LlavaOnevisionProcessor:
     )
 
 
-def _prompt(processor, question: str) -> str:
-    return f"user : <image> {question} assistant :"
-
-
 SPEC = TinyVLM(
-    "llava_onevision", tiny_llava_onevision, tiny_llava_onevision_processor, _prompt, vmtc=True, image_size=2 * TILE
+    "llava_onevision",
+    tiny_llava_onevision,
+    tiny_llava_onevision_processor,
+    llava_prompt,
+    vmtc=True,
+    image_size=2 * TILE,
 )

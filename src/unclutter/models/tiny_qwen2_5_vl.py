@@ -13,7 +13,6 @@ The tokenizer is word level with Qwen's special tokens (``<|im_start|>``, ``<|vi
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -23,7 +22,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from .tiny import WORDS, TinyVLM
+from .tiny import TinyVLM, text_kwargs, word_tokenizer
 
 PATCH_SIZE = 8
 MERGE_SIZE = 2
@@ -41,21 +40,16 @@ EXTRA_WORDS = [*"0123456789", "seconds", "video", "frame"]
 
 def qwen_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with Qwen's chat and vision special tokens (shared by the Qwen2.5-VL and Qwen3-VL minis)."""
-    specials = SPECIALS + list(VISION_SPECIALS.values())
-    words = sorted(set(WORDS + EXTRA_WORDS))
-    vocab = {tok: i for i, tok in enumerate(specials + words + [":", "?", ".", ",", "<", ">"])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return word_tokenizer(
+        SPECIALS + list(VISION_SPECIALS.values()),
+        EXTRA_WORDS,
+        ["<", ">"],
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="<unk>",
         extra_special_tokens=dict(VISION_SPECIALS),
+        additional_special_tokens=SPECIALS[1:3] + list(VISION_SPECIALS.values()),
     )
-    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:3] + list(VISION_SPECIALS.values())})
-    tok.padding_side = "left"
-    return tok
 
 
 def token_ids(tok: PreTrainedTokenizerFast) -> dict:
@@ -64,20 +58,24 @@ def token_ids(tok: PreTrainedTokenizerFast) -> dict:
     return {f"{name}_id": value for name, value in ids.items()}
 
 
-def text_kwargs(tok: PreTrainedTokenizerFast, mrope_section: list[int], **extra) -> dict:
-    """A 3-layer decoder with M-RoPE: hidden 64, 4 query / 2 key-value heads of 16 dims (mrope_section sums to 8)."""
+def mrope_text_kwargs(tok: PreTrainedTokenizerFast, mrope_section: list[int], **extra) -> dict:
+    """`text_kwargs` with M-RoPE: 4 query / 2 key-value heads of 16 dims (mrope_section sums to 8), no BOS token."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section, **extra}
+    return text_kwargs(tok, rope_parameters=rope)
+
+
+def vision_kwargs(**extra) -> dict:
+    """The 4-block ViT of both Qwen minis: patch 8, temporal patch 2, a 2x2 merger into the decoder's 64 dims."""
     return dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section, **extra},
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
+        depth=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        **extra,
     )
 
 
@@ -86,20 +84,12 @@ def tiny_qwen2_5_vl(
 ) -> Qwen2_5_VLForConditionalGeneration:
     """A random Qwen2.5-VL: window attention in vision blocks 0 and 2, full attention in 1 and 3."""
     tok = qwen_tokenizer()
-    vision = dict(
-        depth=4,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=4,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=2,
+    vision = vision_kwargs(
         window_size=32,  # pixels: 32 // merge 2 // patch 8 = windows of 2x2 merge units
         fullatt_block_indexes=[1, 3],
-        out_hidden_size=64,
         tokens_per_second=2,
     )
-    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text_kwargs(tok, [2, 3, 3]), **token_ids(tok))
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=mrope_text_kwargs(tok, [2, 3, 3]), **token_ids(tok))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)

@@ -20,7 +20,16 @@ from transformers import (
 )
 
 from .tiny import TinyVLM
-from .tiny_qwen2_5_vl import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, qwen_prompt, qwen_tokenizer, text_kwargs
+from .tiny_qwen2_5_vl import (
+    MAX_PIXELS,
+    MERGE_SIZE,
+    MIN_PIXELS,
+    PATCH_SIZE,
+    mrope_text_kwargs,
+    qwen_prompt,
+    qwen_tokenizer,
+    vision_kwargs,
+)
 from .tiny_qwen2_5_vl import token_ids as _token_ids
 
 
@@ -29,19 +38,8 @@ def tiny_qwen3_vl(
 ) -> Qwen3VLForConditionalGeneration:
     """A random Qwen3-VL with DeepStack features from vision blocks 0 and 2."""
     tok = qwen_tokenizer()
-    vision = dict(
-        depth=4,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=4,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=2,
-        out_hidden_size=64,
-        num_position_embeddings=64,
-        deepstack_visual_indexes=[0, 2],
-    )
-    text = text_kwargs(tok, [4, 2, 2], mrope_interleaved=True)
+    vision = vision_kwargs(num_position_embeddings=64, deepstack_visual_indexes=[0, 2])
+    text = mrope_text_kwargs(tok, [4, 2, 2], mrope_interleaved=True)
     text["head_dim"] = 16
     config = Qwen3VLConfig(vision_config=vision, text_config=text, **_token_ids(tok))
     torch.manual_seed(seed)

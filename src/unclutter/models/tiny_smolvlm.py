@@ -7,7 +7,6 @@ patches, ``scale_factor`` 2, 16 ``<image>`` tokens per tile or video frame. Its 
 
 from __future__ import annotations
 
-import torch
 from transformers import (
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -18,7 +17,7 @@ from transformers import (
 )
 
 from .tiny import TinyVLM
-from .tiny_idefics3 import SCALE, TILE, TOKENS_PER_TILE, image_processor_kwargs, prompt, tag_ids, tiny_configs
+from .tiny_idefics3 import TILE, TOKENS_PER_TILE, build_model, image_processor_kwargs, prompt
 from .tiny_idefics3 import tiny_tokenizer as _idefics3_tokenizer
 
 
@@ -29,28 +28,9 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_model(
-    *,
-    vision_layers: int = 4,
-    text_layers: int = 3,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
-) -> SmolVLMForConditionalGeneration:
-    """A random SmolVLM with 16 image tokens per 32 px tile."""
-    tok = tiny_tokenizer()
-    vision, text = tiny_configs(tok, vision_layers=vision_layers, text_layers=text_layers)
-    config = SmolVLMConfig(
-        vision_config=SmolVLMVisionConfig(**vision),
-        text_config=text,
-        scale_factor=SCALE,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        **tag_ids(tok),
-    )
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    return model.to(dtype).eval()
+def tiny_model(**kwargs) -> SmolVLMForConditionalGeneration:
+    """A random SmolVLM (keyword arguments: `tiny_idefics3.build_model`'s)."""
+    return build_model(SmolVLMForConditionalGeneration, SmolVLMConfig, SmolVLMVisionConfig, **kwargs)
 
 
 def tiny_processor(longest_edge: int = TILE) -> SmolVLMProcessor:
