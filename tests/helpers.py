@@ -4,6 +4,7 @@
 import numpy as np
 import torch
 from PIL import Image
+from transformers import TrainerCallback
 
 
 def random_image(seed: int, height: int = 80, width: int | None = None) -> Image.Image:
@@ -80,3 +81,14 @@ def units_by_index(side: int, kernel: int) -> torch.Tensor:
             for c in range(kernel)
         ]
     )
+
+
+class StopAt(TrainerCallback):
+    """Raises KeyboardInterrupt at the end of training step ``step``: a killed run, for resume tests."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash")

@@ -246,7 +246,7 @@ def test_lmms_eval_plugin_resolves_and_generates(model_dir):
     from lmms_eval.models import get_model
 
     cls = get_model("unclutter")
-    assert cls.__name__ == "UnclutterLlava"
+    assert cls.__name__ == "UnclutterVLM"
     lm = cls.create_from_arg_string(
         f"pretrained={model_dir},method=vmtc+cmai,set=vmtc.num_tokens=16,device=cpu,batch_size=2"
     )
@@ -262,3 +262,77 @@ def test_lmms_eval_plugin_resolves_and_generates(model_dir):
     assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
     with pytest.raises(NotImplementedError):
         lm.loglikelihood(reqs)
+
+
+# ---- every supported family through the harness -------------------------------------------------------------
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl", "idefics3",
+            "smolvlm")  # fmt: skip
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# A chat template of the real checkpoints' kind: the image where the message puts it, as the family writes it.
+CHAT = (
+    "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE "
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+_saved = {}
+
+
+def family_dir(tmp_path_factory, family):
+    """The family's tiny model and processor (with a chat template) saved as a checkpoint, once per session."""
+    if family not in _saved:
+        from unclutter.models.tiny import tiny_vlm
+
+        spec = tiny_vlm(family)
+        d = tmp_path_factory.mktemp(family)
+        processor = spec.processor()
+        marker = QWEN_IMAGE if family.startswith("qwen") else processor.image_token
+        processor.chat_template = CHAT.replace("IMAGE", marker)
+        spec.model().save_pretrained(d)
+        processor.save_pretrained(d)
+        _saved[family] = d, marker
+    return _saved[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_runs_every_family_in_its_chat_template(tmp_path_factory, tmp_path, family):
+    from unclutter.evaluation.generation import build_prompt, load_model
+    from unclutter.integrations import ADAPTERS
+
+    path, marker = family_dir(tmp_path_factory, family)
+    model, processor = load_model(str(path), device="cpu")
+    assert build_prompt(processor, "what is it ?") == f"user : {marker} what is it ? assistant :"
+    data, images = write_bench(tmp_path, "gqa", n=3)
+    m = run_eval(model_name=str(path), method="vmtc+cmai", bench="gqa", data=data, images=images, out=tmp_path / "r",
+                 batch_size=2, max_new_tokens=2, device="cpu", model_and_processor=(model, processor))  # fmt: skip
+    assert m["num_errors"] == 0 and m["num_records"] == 3 and m["model"] == str(path)
+    assert m["family"] in {a.family for a in ADAPTERS} and m["family"] == m["family"].strip()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").open()]
+    assert len(rows) == 3 and all(isinstance(r["prediction"], str) for r in rows)
+    assert not hasattr(processor, "_unclutter_handle") and "replace_image_token" not in vars(processor)  # restored
+
+
+def test_report_separates_models(tmp_path):
+    runs = []
+    for model, family, acc in (("hub/llava-next", "LLaVA-NeXT", 50.0), ("hub/qwen-vl", "Qwen2.5-VL", 60.0)):
+        for method, delta in (("stock", 0.0), ("vmtc+cmai", 1.0)):
+            run = tmp_path / f"{family}-{method}"
+            run.mkdir()
+            m = {"bench": "gqa", "accuracy": acc + delta, "method": method, "label": method, "model": model,
+                 "family": family, "num_records": 1, "num_errors": 0}  # fmt: skip
+            (run / "metrics.json").write_text(json.dumps(m))
+            runs.append(str(run))
+    result = runner.invoke(app, ["report", *runs, "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    tab = json.loads((tmp_path / "rep" / "comparison.json").read_text())
+    assert [(r["method"], r["GQA"], r["family"]) for r in tab["rows"]] == [
+        ("llava-next: stock", 50.0, "LLaVA-NeXT"), ("llava-next: vmtc+cmai", 51.0, "LLaVA-NeXT"),
+        ("qwen-vl: stock", 60.0, "Qwen2.5-VL"), ("qwen-vl: vmtc+cmai", 61.0, "Qwen2.5-VL"),
+    ]  # fmt: skip
+    assert "| qwen-vl: vmtc+cmai | 61.0 |" in (tmp_path / "rep" / "comparison.md").read_text()
+
+
+def test_eval_refuses_a_method_the_family_lacks(tmp_path_factory, tmp_path):
+    path, _ = family_dir(tmp_path_factory, "qwen2_5_vl")
+    data, images = write_bench(tmp_path, "gqa", n=1)
+    result = runner.invoke(app, ["eval", "--model", str(path), "--method", "spd", "--bench", "gqa", "--data", str(data),
+                                 "--images", str(images), "--out", str(tmp_path / "x"), "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2 and "SPD is not available for Qwen2.5-VL" in " ".join(result.output.split())

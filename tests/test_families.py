@@ -213,3 +213,14 @@ def test_vmtc_cmai_cached_decode_equals_full_and_batch_equals_single(reducing):
         for i in range(2):
             alone = _batch(family, processor, images[i : i + 1], QUESTIONS[i : i + 1])
             assert_sample_equals_alone(model, together, i, alone, tokens=False)
+
+
+def test_inputs_made_under_inference_mode_generate_alike(reducing):
+    """Serving code builds inputs inside `torch.inference_mode` (inference tensors have no version counter)."""
+    family, model, processor, images = reducing
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()):
+        expected = generate(model, family.batch(processor, images, QUESTIONS), steps=5).sequences
+        with torch.inference_mode():
+            batch = family.batch(processor, images, QUESTIONS)
+            got = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(got, expected)

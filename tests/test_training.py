@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import random_image
+from helpers import StopAt
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -12,7 +13,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
-    TrainerCallback,
 )
 
 import unclutter
@@ -101,15 +101,6 @@ def test_two_stage_recipe_learns_reloads_and_generates(base_dir, tmp_path):
         )
         out = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         assert h.num_image_tokens == 16 and out.shape[1] == batch["input_ids"].shape[1] + 3
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def test_killed_training_resumes_from_last_checkpoint(base_dir, tmp_path):
@@ -267,6 +258,8 @@ def test_config_validation(tmp_path):
         TrainConfig(stage="pretrain", data="d", output="o")
     with pytest.raises(ValueError, match="stage must be"):
         TrainConfig(stage="sft", data="d", output="o", model="m")
+    with pytest.raises(ValueError, match="prompt_format must be"):
+        TrainConfig(stage="finetune", data="d", output="o", model="m", prompt_format="chatml")
     (tmp_path / "c.yaml").write_text("stage: pretrain\nmodel: m\ndata: d\noutput: o\nlr: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_yaml(tmp_path / "c.yaml")

@@ -1,8 +1,13 @@
 """Pictures of what the method did to one image: VMTC's kept / merged patches per stage, and CMAI's
-inhibited image patches per LLM layer for a generated token.
+inhibited image patches per LLM layer for a generated token, for any supported family.
 
-`visualize(model, processor, image, prompt)` runs one generation with VMTC + CMAI applied and
-tracing on, then draws both. The image is shown as the processor crops it, so patches line up.
+`visualize(model, processor, image, prompt)` runs one generation with VMTC + CMAI applied and tracing on, then
+draws both, one row per tower input (tile) for tiled families (LLaVA-NeXT's base and high-res tiles, InternVL's
+tiles and thumbnail, Idefics3's tiles and global image; Qwen's images and video frames). Each tile is shown as the
+processor cut it, so units line up; a unit is what VMTC ranks (a patch, or a 2x2 pixel-shuffle block or merge unit, or
+a 4x4 pooling window). Which tiles there are, the order the tower holds their units in, and where each tile token sits
+among the prompt's image keys come from the adapter (`Adapter.vision_tiles`, `Adapter.stage_blocks`,
+`Adapter.image_key_map`).
 """
 
 from __future__ import annotations
@@ -28,11 +33,22 @@ class TokenGroup:
     cluster: int  # cluster id at this stage, -1 for kept tokens
 
 
-def trace_groups(infos: list[VMTCInfo], num_patches: int, sample: int = 0) -> list[list[TokenGroup]]:
-    """Per stage, the output patch tokens (CLS excluded) in order, each with its original patches."""
-    groups = [[i] for i in range(num_patches)]
+def trace_groups(
+    infos: list[VMTCInfo],
+    num_patches: int,
+    sample: int = 0,
+    units: list[int] | None = None,
+    orders: list[list[int]] | None = None,
+) -> list[list[TokenGroup]]:
+    """Per stage, the output patch tokens (CLS excluded) in order, each with its original patches.
+
+    ``units``: the patch (grid cell) of each token entering the first stage, in that order (default: patch order).
+    ``orders``: per stage, the order its outputs move on in (``orders[s][j]``: the output index of the j-th token the
+    next stage receives; `Tile.orders`), default: as output (kept tokens, then clusters). The last stage's groups are
+    listed in the order its outputs leave."""
+    groups = [[i] for i in (range(num_patches) if units is None else units)]
     stages = []
-    for info in infos:
+    for s, info in enumerate(infos):
         kept = info.kept_index[sample].tolist()
         merged = info.merged_index[sample].tolist()
         cluster = info.cluster[sample].tolist()
@@ -40,6 +56,8 @@ def trace_groups(infos: list[VMTCInfo], num_patches: int, sample: int = 0) -> li
         for c in range(info.num_clusters):
             members = [p for j, cid in zip(merged, cluster, strict=True) if cid == c for p in groups[j]]
             out.append(TokenGroup(sorted(members), False, c))
+        if orders is not None:
+            out = [out[j] for j in orders[s]]
         stages.append(out)
         groups = [g.patches for g in out]
     return stages
@@ -47,11 +65,16 @@ def trace_groups(infos: list[VMTCInfo], num_patches: int, sample: int = 0) -> li
 
 def shown_image(processor, image: Image.Image) -> np.ndarray:
     """The image as the model sees it (after resize / crop), as HxWx3 floats in [0, 1]."""
+    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    return tile_image(processor, pixels)
+
+
+def tile_image(processor, pixels: torch.Tensor) -> np.ndarray:
+    """One (3, H, W) normalised tower input as HxWx3 floats in [0, 1]."""
     ip = processor.image_processor
-    pixels = ip(images=image, return_tensors="pt")["pixel_values"][0].float()
-    mean = torch.tensor(getattr(ip, "image_mean", [0.0] * 3))[:, None, None]
-    std = torch.tensor(getattr(ip, "image_std", [1.0] * 3))[:, None, None]
-    return (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0] * 3)[:, None, None]
+    std = torch.tensor(getattr(ip, "image_std", None) or [1.0] * 3)[:, None, None]
+    return (pixels.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def _plt():
@@ -63,37 +86,54 @@ def _plt():
     return plt
 
 
-def _patch_box(ax, p: int, grid: int, cell: float, **kw):
+def _grid(grid: int | tuple[int, int]) -> tuple[int, int]:
+    return (grid, grid) if isinstance(grid, int) else tuple(grid)
+
+
+def _patch_box(ax, p: int, grid: tuple[int, int], cell: tuple[float, float], **kw):
     from matplotlib.patches import Rectangle
 
-    r, c = divmod(p, grid)
-    ax.add_patch(Rectangle((c * cell - 0.5, r * cell - 0.5), cell, cell, **kw))
+    r, c = divmod(p, grid[1])
+    ax.add_patch(Rectangle((c * cell[1] - 0.5, r * cell[0] - 0.5), cell[1], cell[0], **kw))
 
 
-def vmtc_figure(img: np.ndarray, stages: list[list[TokenGroup]], grid: int, path: str | Path, titles=None) -> Path:
-    """One panel per stage: kept patches outlined in white, merged clusters filled in one colour each."""
+def vmtc_figure(
+    img: np.ndarray | list[np.ndarray],
+    stages: list[list[TokenGroup]] | list[list[list[TokenGroup]]],
+    grid: int | tuple[int, int] | list,
+    path: str | Path,
+    titles=None,
+    names: list[str] | None = None,
+) -> Path:
+    """One panel per stage (one row per tile when given lists of tiles): kept units outlined in white, merged
+    clusters filled in one colour each."""
     plt = _plt()
     cmap = plt.get_cmap("tab20")
-    n = len(stages)
-    fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * (n + 1), 2.9))
-    cell = img.shape[0] / grid
-    axes[0].imshow(img)
-    axes[0].set_title(f"input ({grid}x{grid} patches)", fontsize=8)
-    for s, (ax, tokens) in enumerate(zip(axes[1:], stages, strict=True)):
-        ax.imshow(img)
-        for g in tokens:
-            for p in g.patches:
-                if g.kept:
-                    _patch_box(ax, p, grid, cell, fill=False, edgecolor="white", linewidth=0.9)
-                else:
-                    _patch_box(ax, p, grid, cell, color=cmap(g.cluster % 20), alpha=0.55, linewidth=0)
-        kept = sum(g.kept for g in tokens)
-        title = titles[s] if titles else f"stage {s + 1}"
-        ax.set_title(f"{title}: {kept} kept + {len(tokens) - kept} merged", fontsize=8)
-    for ax in axes:
+    tiled = isinstance(img, list)
+    imgs, all_stages, grids = (img, stages, grid) if tiled else ([img], [stages], [grid])
+    n = len(all_stages[0])
+    fig, axes = plt.subplots(len(imgs), n + 1, figsize=(2.6 * (n + 1), 2.9 * len(imgs)), squeeze=False)
+    for row, (picture, tile_stages, tile_grid) in enumerate(zip(imgs, all_stages, grids, strict=True)):
+        g = _grid(tile_grid)
+        cell = (picture.shape[0] / g[0], picture.shape[1] / g[1])
+        name = f"{names[row]}: " if names else ""
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_title(f"{name}input ({g[0]}x{g[1]} units)", fontsize=8)
+        for s_i, (ax, tokens) in enumerate(zip(axes[row, 1:], tile_stages, strict=True)):
+            ax.imshow(picture)
+            for grp in tokens:
+                for p in grp.patches:
+                    if grp.kept:
+                        _patch_box(ax, p, g, cell, fill=False, edgecolor="white", linewidth=0.9)
+                    else:
+                        _patch_box(ax, p, g, cell, color=cmap(grp.cluster % 20), alpha=0.55, linewidth=0)
+            kept = sum(grp.kept for grp in tokens)
+            title = titles[s_i] if titles else f"stage {s_i + 1}"
+            ax.set_title(f"{title}: {kept} kept + {len(tokens) - kept} merged", fontsize=8)
+    for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("VMTC: kept patches (white) and merged clusters (colours)", fontsize=9)
+    fig.suptitle("VMTC: kept units (white) and merged clusters (colours)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -101,37 +141,53 @@ def vmtc_figure(img: np.ndarray, stages: list[list[TokenGroup]], grid: int, path
     return path
 
 
-def inhibition_grid(inhibited: torch.Tensor, groups: list[list[int]], grid: int) -> np.ndarray:
-    """(grid, grid) fraction of each patch's image token inhibited: ``inhibited`` (n,) over image tokens,
-    ``groups[j]`` the patches image token j stands for (one each without VMTC)."""
-    heat = np.zeros(grid * grid)
+def inhibition_grid(inhibited: torch.Tensor, groups: list[list[int]], grid: int | tuple[int, int]) -> np.ndarray:
+    """(rows, cols) fraction of each unit's image token inhibited: ``inhibited`` (n,) over image tokens,
+    ``groups[j]`` the units image token j stands for (one each without VMTC)."""
+    rows, cols = _grid(grid)
+    heat = np.zeros(rows * cols)
     for j, patches in enumerate(groups):
         for p in patches:
             heat[p] = float(inhibited[j])
-    return heat.reshape(grid, grid)
+    return heat.reshape(rows, cols)
 
 
 def cmai_figure(
-    img: np.ndarray, maps: dict[int, np.ndarray], gammas: dict[int, float], path: str | Path, token: str
+    img: np.ndarray | list[np.ndarray],
+    maps: dict[int, np.ndarray] | dict[int, list[np.ndarray]],
+    gammas: dict[int, float],
+    path: str | Path,
+    token: str,
+    names: list[str] | None = None,
 ) -> Path:
-    """A grid of small heatmaps, one per LLM layer: red = image patch inhibited for ``token``."""
+    """Small heatmaps, red = image unit inhibited for ``token``: one per LLM layer (8 a row) for one image; for
+    tiles, one row per tile and one column per drawn layer (at most 8, evenly spaced, the last included)."""
     plt = _plt()
     layers = sorted(maps)
-    cols = min(8, len(layers))
-    rows = math.ceil(len(layers) / cols)
+    tiled = isinstance(img, list)
+    if tiled:
+        shown = sorted({layers[round(i * (len(layers) - 1) / 7)] for i in range(8)}) if len(layers) > 8 else layers
+        panels = [(t, layer) for t in range(len(img)) for layer in shown]
+        rows, cols = len(img), len(shown)
+    else:
+        panels = [(None, layer) for layer in layers]
+        cols = min(8, len(layers))
+        rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.2 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.axis("off")
-    for k, layer in enumerate(layers):
+    for k, (t, layer) in enumerate(panels):
         ax = axes.flat[k]
+        picture, heat = (img, maps[layer]) if t is None else (img[t], maps[layer][t])
         ax.axis("on")
-        ax.imshow(img, alpha=0.55)
-        h, w = img.shape[:2]
-        ax.imshow(maps[layer], cmap="Reds", vmin=0, vmax=1, alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-        ax.set_title(f"layer {layer}  γ={gammas.get(layer, 0.0):.2f}", fontsize=7)
-    fig.suptitle(f"CMAI: image patches inhibited (red) when generating {token!r}", fontsize=9)
+        ax.imshow(picture, alpha=0.55)
+        h, w = picture.shape[:2]
+        ax.imshow(heat, cmap="Reds", vmin=0, vmax=1, alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        where = f"{names[t]}, " if t is not None and names else ""
+        ax.set_title(f"{where}layer {layer}  γ={gammas.get(layer, 0.0):.2f}", fontsize=7)
+    fig.suptitle(f"CMAI: image units inhibited (red) when generating {token!r}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -139,7 +195,6 @@ def cmai_figure(
     return path
 
 
-@torch.inference_mode()
 def visualize(
     model,
     processor,
@@ -155,61 +210,91 @@ def visualize(
 ) -> dict:
     """Generate an answer with VMTC + CMAI applied and draw ``vmtc_tokens.png`` and ``cmai_inhibition.png``.
 
-    ``token_index`` picks the generated token whose CMAI inhibition is drawn (0 = the first answer
-    token). Returns the answer, the token and the written paths.
+    ``token_index`` picks the generated token whose CMAI inhibition is drawn (0 = the first answer token). Returns
+    the answer, the token, the written paths, the tiles' names, and per LLM layer the share of the image's units
+    (``inhibited``) and of its image keys (``inhibited_keys``) inhibited for that token.
     """
     from . import apply
     from .evaluation.generation import build_prompt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vmtc = vmtc or VMTCConfig()
-    cmai = cmai or CMAIConfig()
-    handle = apply(model, processor, vmtc=vmtc, cmai=cmai)
+    handle = apply(model, processor, vmtc=vmtc or VMTCConfig(), cmai=cmai or CMAIConfig())
     try:
         handle.cmai_state.tracing = True
-        inputs = processor(images=[image], text=[build_prompt(processor, prompt)], return_tensors="pt").to(model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
-        )
+        # built outside inference mode: the processor's tensors stay ordinary ones (adapters may track them)
+        inputs = processor(images=[[image]], text=[build_prompt(processor, prompt)], return_tensors="pt")
+        inputs = inputs.to(model.device)
+        for key, value in inputs.items():
+            if key.startswith("pixel_values") and value.is_floating_point():
+                inputs[key] = value.to(model.dtype)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+            )
         new = out[0, inputs["input_ids"].shape[1] :]
         answer = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        if not handle.stage_infos:
+            raise ValueError(
+                f"VMTC recorded no stage for this image (handle.stage_infos is empty), so there is nothing to draw: "
+                f"{handle.adapter.family} kept every unit of it (ratio 1.0, or a token budget at least its unit "
+                "count); lower vmtc.ratio or vmtc.num_tokens."
+            )
         infos = list(handle.stage_infos)
-        state = handle.cmai_state
-        trace = dict(state.trace)
-        gammas = dict(state.gammas)
-        blocks = [st.layer for st in handle.stages]
+        tiles = handle.adapter.vision_tiles(handle, inputs)
+        keys = handle.adapter.image_key_map(handle, inputs)
+        trace, gammas = dict(handle.cmai_state.trace), dict(handle.cmai_state.gammas)
+        blocks = handle.adapter.stage_blocks(handle)
+        num_layers = model.config.get_text_config().num_hidden_layers
     finally:
         handle.remove()
 
-    if not infos:
-        raise ValueError("VMTC ran no stage on this model; nothing to draw.")
-    grid = math.isqrt(infos[0].importance.shape[1])
-    img = shown_image(processor, image)
-    stages = trace_groups(infos, grid * grid)
+    imgs = [tile_image(processor, t.pixels) for t in tiles]
+    stages = [trace_groups(infos, t.grid[0] * t.grid[1], t.row, t.units, t.orders) for t in tiles]
+    names = [t.name for t in tiles]
+    titles = [f"block {layer}" for layer in blocks]
+    one = len(tiles) == 1
+    path = out_dir / f"{prefix}vmtc_tokens.png"
     paths = {
-        "vmtc": vmtc_figure(
-            img,
-            stages,
-            grid,
-            out_dir / f"{prefix}vmtc_tokens.png",
-            titles=[f"block {layer}" for layer in blocks],
-        )  # fmt: skip
+        "vmtc": vmtc_figure(imgs[0], stages[0], tiles[0].grid, path, titles=titles)
+        if one
+        else vmtc_figure(imgs, stages, [t.grid for t in tiles], path, titles=titles, names=names)
     }
     token_index = min(token_index, len(new) - 1)
     token = processor.tokenizer.decode(new[token_index : token_index + 1]).strip() or "<eos>"
-    final = [g.patches for g in stages[-1]]
-    num_layers = model.config.text_config.num_hidden_layers
-    maps = {}
+    final = [[g.patches for g in tile_stages[-1]] for tile_stages in stages]
+    for t, (where, groups) in enumerate(zip(tiles, final, strict=True)):
+        held = sorted(k[1] for k in keys if k is not None and k[0] == t)
+        if held != list(range(len(groups))):
+            raise ValueError(
+                f"{type(handle.adapter).__name__}.image_key_map places {len(held)} keys on {where.name}, which sends "
+                f"{len(groups)} tokens: the adapter's picture layout is wrong for this input."
+            )
+    maps, shares = {}, {}
     for layer in range(num_layers):
         steps = trace.get(layer)
-        row = steps[token_index][0] if steps and token_index < len(steps) else torch.zeros(len(final), dtype=torch.bool)
-        maps[layer] = inhibition_grid(row, final, grid)
-    paths["cmai"] = cmai_figure(img, maps, gammas, out_dir / f"{prefix}cmai_inhibition.png", token)
+        row = steps[token_index][0] if steps and token_index < len(steps) else torch.zeros(len(keys), dtype=torch.bool)
+        if len(row) != len(keys):
+            raise ValueError(
+                f"CMAI traced {len(row)} image keys but {type(handle.adapter).__name__}.image_key_map gives {len(keys)}."
+            )
+        per_tile = [torch.zeros(len(groups), dtype=torch.bool) for groups in final]
+        for k, flag in zip(keys, row.tolist(), strict=True):
+            if k is not None:
+                per_tile[k[0]][k[1]] = flag
+        maps[layer] = [inhibition_grid(p, g, t.grid) for p, g, t in zip(per_tile, final, tiles, strict=True)]
+        shares[layer] = float(row.float().mean()) if len(row) else 0.0
+    path = out_dir / f"{prefix}cmai_inhibition.png"
+    paths["cmai"] = (
+        cmai_figure(imgs[0], {k: v[0] for k, v in maps.items()}, gammas, path, token)
+        if one
+        else cmai_figure(imgs, maps, gammas, path, token, names=names)
+    )
     return {
         "answer": answer,
         "token": token,
         "paths": paths,
-        "inhibited": {k: float(v.mean()) for k, v in maps.items()},
+        "tiles": names,
+        "inhibited": {k: float(np.mean([m.mean() for m in v])) for k, v in maps.items()},
+        "inhibited_keys": shares,
     }

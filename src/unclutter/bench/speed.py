@@ -1,10 +1,12 @@
-"""Speed and memory of every method against stock transformers, on random-init real-shape models.
+"""Speed and memory of every method against stock transformers, on random-init real-shape models of any family.
 
-One image + ~40 text tokens, ``new_tokens`` greedy tokens with the length forced. Methods are
-interleaved over repetitions (one warm-up round first) and reported as medians, with ratios to
-stock taken in the same run. Phases are timed with forward hooks inside a normal ``generate()``:
-time to first token runs from the start of the vision tower (or of the first forward call) to the
-end of the first forward call; every later forward call is one decode step.
+One image (the preset's size) + ``text_tokens`` words per prompt, built by the family's own processor (with the
+method applied, so it expands the image to the method's token count), then ``new_tokens`` greedy tokens with the
+length forced. Methods are interleaved over repetitions (one warm-up round first) and reported as medians, with
+ratios to stock taken in the same run; methods the family does not support are skipped and listed. Phases are
+timed with forward hooks inside a normal ``generate()``: the vision phase runs between the adapter's
+`Adapter.vision_modules`; time to first token runs from the start of the first vision pass (or of the first
+forward call) to the end of the first forward call; every later forward call is one decode step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import platform
 import statistics
 import threading
@@ -20,12 +23,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .. import apply
 from ..compat import output_cache
+from ..config import SPDConfig
+from ..integrations.base import adapter_for
 from ..methods import resolve
-from ..models.presets import IMAGE_TOKEN_ID, build_preset
+from ..models.presets import build_preset
+from ..models.tiny import WORDS
 
 METHODS = ("stock", "spd", "vmtc", "cmai", "vmtc+cmai")
 FIELDS = (
@@ -52,16 +60,16 @@ class Row:
 class _Clock:
     """Wall-clock marks from forward hooks; synchronises CUDA so marks are real."""
 
-    def __init__(self, model: torch.nn.Module, device: str) -> None:
+    def __init__(self, model: torch.nn.Module, vision: tuple[torch.nn.Module, torch.nn.Module], device: str) -> None:
         self.cuda = device.startswith("cuda")
         self.calls: list[tuple[float, float]] = []
         self.vision: list[tuple[float, float]] = []
-        llava = model.model
+        first, last = vision
         self._handles = [
             model.register_forward_pre_hook(lambda *a: self._mark("call_start")),
             model.register_forward_hook(lambda *a: self._mark("call_end")),
-            llava.vision_tower.register_forward_pre_hook(lambda *a: self._mark("vision_start")),
-            llava.multi_modal_projector.register_forward_hook(lambda *a: self._mark("vision_end")),
+            first.register_forward_pre_hook(lambda *a: self._mark("vision_start")),
+            last.register_forward_hook(lambda *a: self._mark("vision_end")),
         ]
         self._open: dict[str, float] = {}
 
@@ -71,10 +79,10 @@ class _Clock:
         now = time.perf_counter()
         kind, edge = what.split("_")
         if edge == "start":
-            self._open[kind] = now
+            self._open.setdefault(kind, now)  # a module re-entered inside its own pass (per-tile calls) stays one pass
         elif kind == "call":
             self.calls.append((self._open.pop("call"), now))
-        else:
+        elif "vision" in self._open:
             self.vision.append((self._open.pop("vision"), now))
 
     def remove(self) -> None:
@@ -135,60 +143,81 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def make_inputs(num_image_tokens: int, batch: int, text_tokens: int, device: str, dtype: torch.dtype, seed: int = 0):
-    """LLaVA-style ids: BOS + 4 prefix tokens, the image placeholders, then the rest of the text."""
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, 31000, (text_tokens,), generator=g)
-    ids = torch.cat([torch.tensor([1]), text[:4], torch.full((num_image_tokens,), IMAGE_TOKEN_ID), text[4:]])
-    ids = ids[None].repeat(batch, 1)
-    pixels = torch.randn(1, 3, 336, 336, generator=g).repeat(batch, 1, 1, 1)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": pixels.to(device, dtype),
-    }
+def bench_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A deterministic noise image of (height, width)."""
+    pixels = np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
 
 
-def run_once(model, method: str, *, batch: int, text_tokens: int, new_tokens: int, device: str) -> Row:
-    handle = apply(model, **resolve(method))
+def make_inputs(processor, image: Image.Image, batch: int, text_tokens: int, device: str, dtype: torch.dtype):
+    """The processor's batch for ``batch`` copies of one prompt: the image placeholder, then ``text_tokens`` words."""
+    words = " ".join(WORDS[i % len(WORDS)] for i in range(text_tokens))
+    prompt = f"{processor.image_token} {words}"
+    inputs = processor(images=[[image]] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
+    inputs = inputs.to(device)
+    for key, value in inputs.items():
+        if key.startswith("pixel_values") and value.is_floating_point():
+            inputs[key] = value.to(dtype)
+    return inputs
+
+
+def method_configs(method: str, spd_grid: int) -> dict:
+    """``apply``'s keyword arguments for ``method``, SPD pooled to the preset's grid."""
+    configs = {k: v for k, v in resolve(method).items() if v is not None}
+    if "spd" in configs:
+        configs["spd"] = SPDConfig(grid=spd_grid)
+    return configs
+
+
+def run_once(
+    model, processor, image, method: str, *, batch: int, text_tokens: int, new_tokens: int, device: str, spd_grid: int
+) -> Row:
+    handle = apply(model, processor, **method_configs(method, spd_grid))
     dtype = next(model.parameters()).dtype
-    inputs = make_inputs(handle.num_image_tokens, batch, text_tokens, device, dtype)
     _release_memory(device)
-    clock = _Clock(model, device)
+    clock = None
     try:
+        inputs = make_inputs(processor, image, batch, text_tokens, device, dtype)
+        media = torch.tensor(handle.adapter.media_token_ids(), device=inputs["input_ids"].device)
+        tokens = int(torch.isin(inputs["input_ids"][0], media).sum())
+        clock = _Clock(model, handle.adapter.vision_modules(), device)
         with _PeakRSS() as rss, torch.inference_mode():
             start = time.perf_counter()
             out = model.generate(
                 **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
+                return_dict_in_generate=True, eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id,
             )  # fmt: skip
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             e2e = time.perf_counter() - start
         kv = cache_bytes(output_cache(out))
         extra = handle.cmai_state.allocated_bytes if handle.cmai_state is not None else 0
-        tokens = handle.num_image_tokens
     finally:
-        clock.remove()
+        if clock is not None:
+            clock.remove()
         handle.remove()
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss.peak
-    # generate() may encode the image before the first forward call: TTFT spans both.
-    (v0, v1), (c0, c1), decode = clock.vision[0], clock.calls[0], clock.calls[1:]
-    ttft, vision = c1 - min(v0, c0), v1 - v0
+    (c0, c1), decode = clock.calls[0], clock.calls[1:]
+    passes = [(a, b) for a, b in clock.vision if b <= c1]  # generate() may encode the image before the first call
+    if not passes:
+        raise RuntimeError(
+            f"no vision pass was timed: {type(handle.adapter).__name__}.vision_modules() names modules that did not "
+            f"run for method {method!r}; the adapter must name the first and last module of every vision pass."
+        )
+    ttft = c1 - min(passes[0][0], c0)
+    vision = sum(b - a for a, b in passes)
     step = statistics.median(b - a for a, b in decode) if decode else 0.0
-    return Row(
-        method,
-        batch,
-        1e3 * vision,
-        1e3 * (ttft - vision),
-        1e3 * ttft,
-        1e3 * step,
-        1e3 * e2e,
-        int(peak),
-        kv,
-        extra,
-        tokens,
-    )
+    return Row(method, batch, 1e3 * vision, 1e3 * (ttft - vision), 1e3 * ttft, 1e3 * step, 1e3 * e2e, int(peak), kv,
+               extra, tokens)  # fmt: skip
+
+
+def supported(adapter, method: str) -> str | None:
+    """Why ``method`` cannot run on this family (None: it can)."""
+    configs = resolve(method)
+    for name, flag in (("vmtc", adapter.vmtc), ("spd", adapter.spd)):
+        if configs.get(name) is not None and not flag:
+            return f"{name.upper()} is not available for {adapter.family}"
+    return None
 
 
 def run_speed(
@@ -199,17 +228,25 @@ def run_speed(
     reps: int = 2,
     warmup: int = 1,
     text_tokens: int = 40,
-    new_tokens: int = 64,
+    new_tokens: int | None = None,
     device: str = "cpu",
-    cpu_layers: int = 4,
+    cpu_layers: int | None = None,
     progress=None,
 ) -> dict:
     """Run the benchmark; returns {"meta", "rows", "ratios"} (rows are per-method medians)."""
-    model = build_preset(preset, device=device, cpu_layers=cpu_layers)
+    model, processor, spec = build_preset(preset, device=device, cpu_layers=cpu_layers)
+    new_tokens = new_tokens or spec.new_tokens
+    image = bench_image(spec.image)
+    adapter = adapter_for(model)
+    skipped = {m: why for m in methods if (why := supported(adapter, m))}
+    methods = tuple(m for m in methods if m not in skipped)
     samples: dict[str, list[Row]] = {m: [] for m in methods}
     for rep in range(warmup + reps):
         for m in methods:  # interleaved: drift hits every method alike
-            row = run_once(model, m, batch=batch, text_tokens=text_tokens, new_tokens=new_tokens, device=device)
+            row = run_once(
+                model, processor, image, m, batch=batch, text_tokens=text_tokens, new_tokens=new_tokens, device=device,
+                spd_grid=spec.spd_grid,
+            )  # fmt: skip
             if rep >= warmup:
                 samples[m].append(row)
             if progress:
@@ -221,19 +258,28 @@ def run_speed(
         for r in rows:
             ratios[r.method] = {
                 k: (getattr(r, k) / getattr(stock, k) if getattr(stock, k) else None)
-                for k in FIELDS[2:-1]
+                for k in FIELDS[2:]
                 if k != "extra_state_bytes"
             }
             ratios[r.method]["extra_state_over_kv"] = (
                 r.extra_state_bytes / r.kv_cache_bytes if r.kv_cache_bytes else None
             )
     meta = {
-        "preset": preset, "device": device, "batch": batch, "reps": reps, "warmup": warmup,
-        "text_tokens": text_tokens, "new_tokens": new_tokens,
-        "llm_layers": model.config.text_config.num_hidden_layers, "dtype": str(next(model.parameters()).dtype),
+        "preset": preset, "about": spec.about, "family": adapter.family, "image": list(spec.image),
+        "spd_grid": spec.spd_grid if "spd" in methods else None,
+        "device": device, "batch": batch, "reps": reps, "warmup": warmup, "text_tokens": text_tokens,
+        "new_tokens": new_tokens, "llm_layers": model.config.get_text_config().num_hidden_layers,
+        "dtype": str(next(model.parameters()).dtype), "skipped": skipped, "load": _load_average(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": _machine(device),
     }  # fmt: skip
     return {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": ratios}
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages when the run ended (a shared machine slows every method)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
 
 
 def _median(rows: list[Row]) -> Row:
@@ -266,11 +312,15 @@ TARGETS = [  # (label, method, ratio key, bound) for preset cpu, batch 1
 
 def to_markdown(result: dict) -> str:
     m = result["meta"]
+    load = f", load average {' / '.join(map(str, m['load']))} (1/5/15 min) at the end" if m.get("load") else ""
+    about = f" ({m['about']})" if m.get("about") else ""
     head = (
-        f"preset `{m['preset']}` ({m['llm_layers']} LLM layers, {m['dtype']}) on {m['machine']}; batch {m['batch']}, "
-        f"{m['text_tokens']} text tokens, {m['new_tokens']} new tokens, median of {m['reps']} interleaved reps "
-        f"after {m['warmup']} warm-up, torch {m['torch']}.\n\n"
+        f"preset `{m['preset']}`{about}: {m['llm_layers']} LLM layers, {m['dtype']}, on {m['machine']}{load}; batch "
+        f"{m['batch']}, {m['text_tokens']} text words, {m['new_tokens']} new tokens, median of {m['reps']} "
+        f"interleaved reps after {m['warmup']} warm-up, torch {m['torch']}.\n\n"
     )
+    for method, why in (m.get("skipped") or {}).items():
+        head += f"Skipped `{method}`: {why}.\n\n"
     lines = [
         "| method | image tokens | vision ms | prefill ms | TTFT ms | decode ms/token | e2e ms | peak mem MiB | KV cache MiB | CMAI state KiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -284,7 +334,7 @@ def to_markdown(result: dict) -> str:
             return fmt.format(value) + (f" ({ratio:.2f}x)" if ratio is not None and not stock else "")
 
         lines.append(
-            f"| {r['method']} | {r['llm_image_tokens']} | {cell('vision_ms', r['vision_ms'])} | "
+            f"| {r['method']} | {cell('llm_image_tokens', r['llm_image_tokens'])} | {cell('vision_ms', r['vision_ms'])} | "
             f"{cell('prefill_ms', r['prefill_ms'])} | {cell('ttft_ms', r['ttft_ms'])} | "
             f"{cell('decode_ms_per_token', r['decode_ms_per_token'], '{:.1f}')} | {cell('e2e_ms', r['e2e_ms'])} | "
             f"{cell('peak_mem_bytes', r['peak_mem_bytes'] / 2**20)} | {cell('kv_cache_bytes', r['kv_cache_bytes'] / 2**20, '{:.1f}')} | "

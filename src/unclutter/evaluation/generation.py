@@ -55,39 +55,44 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
     return model.eval(), processor
 
 
-def build_prompt(processor, question: str, with_image: bool = True) -> str:
-    """The processor's chat template when it has one, else the LLaVA-1.5 (Vicuna v1) conversation."""
+def build_prompt(processor, question: str, with_image: bool | int = True) -> str:
+    """The processor's chat template when it has one, else the LLaVA-1.5 (Vicuna v1) conversation with the
+    processor's image placeholder. ``with_image``: whether the question comes with an image, or how many."""
+    images = int(with_image)
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
     if template:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    image = f"{processor.image_token}\n" if with_image else ""
-    return f"{LLAVA_SYSTEM} USER: {image}{question} ASSISTANT:"
+    placeholders = f"{processor.image_token}\n" * images
+    return f"{LLAVA_SYSTEM} USER: {placeholders}{question} ASSISTANT:"
 
 
-@torch.inference_mode()
 def generate(
     model,
     processor,
     prompts: list[str],
-    images: list[Image.Image] | None,
+    images: list[Image.Image] | list[list[Image.Image]] | None,
     *,
     max_new_tokens: int = 128,
     do_sample: bool = False,
     temperature: float = 1.0,
 ) -> list[str]:
-    """Answers for a batch of chat-formatted prompts (with one image each, or none)."""
-    # one image list per prompt: Gemma 3 and SmolVLM read a flat list as one sample's images
-    nested = [[image] for image in images] if images else None
+    """Answers for a batch of chat-formatted prompts, each with one image (``images[i]``), several
+    (``images[i]`` a list), or none (``images=None``)."""
+    # one image list per prompt: Gemma 3 and SmolVLM read a flat list as one sample's images. The processor runs
+    # outside inference mode: its tensors stay ordinary ones (an adapter may track them across calls).
+    nested = [im if isinstance(im, list) else [im] for im in images] if images else None
     inputs = processor(images=nested, text=prompts, return_tensors="pt", padding=True)
     inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for key, value in inputs.items():
+        if key.startswith("pixel_values") and value.is_floating_point():
+            inputs[key] = value.to(model.dtype)
     tok = processor.tokenizer
     kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
     if do_sample:
         kwargs["temperature"] = temperature
-    out = model.generate(**inputs, **kwargs)
+    with torch.inference_mode():
+        out = model.generate(**inputs, **kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
 

@@ -30,15 +30,26 @@ def load_metrics(run: str | Path) -> dict[str, Any]:
 
 
 def compare(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rows keyed by method (each run's metrics contribute their benchmark's headline number)."""
-    rows: dict[str, dict[str, float]] = defaultdict(dict)
+    """Rows keyed by method (each run's metrics contribute their benchmark's headline number). Runs of several
+    models side by side (one method on LLaVA-NeXT and on Qwen2.5-VL, say) get one row per model and method."""
+    several = len({m.get("model") for m in metrics}) > 1
+    rows: dict[str, dict[str, Any]] = defaultdict(dict)
     for m in metrics:
-        label = m.get("label") or m.get("method") or m["name"]
+        label = row_label(m, several)
+        if several:
+            rows[label].update({k: m[k] for k in ("model", "family") if m.get(k)})
         for title, (bench, key) in COLUMNS.items():
             if m["bench"] == bench and key in m:
                 rows[label][title] = m[key]
     cols = [c for c in COLUMNS if any(c in r for r in rows.values())]
     return {"columns": cols, "rows": [{"method": k, **v} for k, v in rows.items()]}
+
+
+def row_label(m: dict[str, Any], several_models: bool) -> str:
+    """A run's row: its method and overrides, after its model's name (the last part of its hub id or folder) when
+    the runs compared come from several models."""
+    label = m.get("label") or m.get("method") or m["name"]
+    return f"{Path(m['model']).name if m.get('model') else '?'}: {label}" if several_models else label
 
 
 def compare_markdown(tab: dict[str, Any]) -> str:
@@ -80,10 +91,9 @@ def write_comparison(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     (out / "comparison.md").write_text(compare_markdown(tab), encoding="utf-8")
     write_json_atomic(out / "comparison.json", tab)
     compare_chart(tab, out / "comparison.png")
+    several = len({m.get("model") for m in metrics}) > 1
     if_runs = [
-        (m.get("label") or m.get("method") or m["name"], m["if16"])
-        for m in metrics
-        if m["bench"] == "if16" and "per_task" in m.get("if16", {})
+        (row_label(m, several), m["if16"]) for m in metrics if m["bench"] == "if16" and "per_task" in m.get("if16", {})
     ]
     if if_runs:
         itab = table(if_runs)

@@ -207,6 +207,7 @@ def run_eval(
     log = PredictionLog(out / "predictions.jsonl")
     todo = [r for r in records if r["id"] not in log.rows]
 
+    family = _previous_family(out / "metrics.json")
     if todo:
         if model_and_processor is None:
             from .generation import load_model
@@ -214,7 +215,8 @@ def run_eval(
             model_and_processor = load_model(model_name, dtype=dtype, device=device)
         model, processor = model_and_processor
         patch = {k: v for k, v in configs.items() if v is not None}
-        with apply(model, processor, **patch):
+        with apply(model, processor, **patch) as handle:
+            family = handle.adapter.family
             done = len(records) - len(todo)
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
@@ -224,11 +226,20 @@ def run_eval(
                     progress(done, len(records))
     metrics = compute_metrics(bench, records, log.rows)
     metrics["name"] = out.name
+    metrics["model"] = model_name
+    metrics["family"] = family
     metrics["method"] = method
     metrics["label"] = " ".join([method, *overrides])  # report rows: one per method + overrides
     write_json_atomic(out / "metrics.json", metrics)
     (out / "metrics.md").write_text(metrics_markdown(out.name, metrics), encoding="utf-8")
     return metrics
+
+
+def _previous_family(path: Path) -> str | None:
+    """The model family an earlier pass of this run recorded (a finished run resumes without loading the model)."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")).get("family")
+    return None
 
 
 def _check_or_write_config(path: Path, config: dict) -> None:

@@ -47,6 +47,13 @@ class Tile:
     grid: tuple[int, int]  # VMTC units per column and per row of the tile (rows, cols)
     row: int  # its batch row in every VMTCInfo of handle.stage_infos
     name: str
+    # the grid cell (raster index, row-major in ``grid``) of each unit entering the first stage, in the order that
+    # stage indexes them; None: raster order
+    units: list[int] | None = None
+    # per entry of handle.stage_infos, the order in which the stage's outputs (its kept units in ascending order,
+    # then clusters 0..c-1) move on to the next stage or out of the tower: ``orders[s][j]`` is the output index of
+    # the j-th unit the next stage (or, after the last stage, the tower's end) receives; None: in output order
+    orders: list[list[int]] | None = None
 
 
 class Adapter:
@@ -148,12 +155,18 @@ class Adapter:
         name = ["image"] if len(tiles) == 1 else [f"tile {i}" for i in range(len(tiles))]
         return [Tile(tile, (side, side), i, name[i]) for i, tile in enumerate(tiles)]
 
+    def stage_blocks(self, handle: Handle) -> list[int]:
+        """The vision block of each entry of ``handle.stage_infos`` (pictures title their panels with it). Default:
+        the blocks of ``handle.active_stages``. Override when stages are planned per input (per image size)."""
+        return [stage.layer for stage in handle.active_stages]
+
     def image_key_map(self, handle: Handle, inputs: dict) -> list[tuple[int, int] | None]:
         """For each image key of the first prompt (its media tokens, in sequence order): ``(tile, token)``, the
         index of the `vision_tiles` entry and of that tile's output token after the last VMTC stage it holds, or
         None for a key that holds no tile token (a newline embedding, a CLS token). Pictures map CMAI's
         per-key inhibition back onto the tiles with it. Default: every tile's ``handle.num_image_tokens`` tokens,
-        tile after tile. Override when the LLM sees another layout (newlines, CLS, reordering).
+        tile after tile. Override when the LLM sees another layout (newlines, CLS, reordering). A tile's tokens
+        are numbered in the order its last stage's outputs leave it (`Tile.orders`).
         """
         tiles = len(self.vision_tiles(handle, inputs))
         return [(t, j) for t in range(tiles) for j in range(handle.num_image_tokens)]

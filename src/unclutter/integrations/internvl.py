@@ -238,7 +238,7 @@ class InternVLAdapter(Adapter):
             patches = features[:, 1:]  # (tiles, P, D), CLS dropped
             if handle.spd is not None:  # pool the row-major grid, then the stock pixel shuffle
                 g = handle.spd.grid
-                square = pool_grid(patches, g).reshape(patches.shape[0], g, g, -1)
+                square = pool_grid(patches, g).reshape(patches.shape[0], g, g, -1).contiguous()  # shuffle views it
                 tokens = base.pixel_shuffle(square, scale_factor=base.config.downsample_ratio).flatten(1, 2)
             else:  # VMTC left whole units, in unit order
                 tokens = units_to_tokens(patches, s)

@@ -12,6 +12,6 @@ def manifest():
 
     return ModelManifest(
         model_id="unclutter",
-        simple_class_path="unclutter.integrations.lmms_eval_model.UnclutterLlava",
+        simple_class_path="unclutter.integrations.lmms_eval_model.UnclutterVLM",
         aliases=("unclutter_llava",),
     )

@@ -1,4 +1,4 @@
-"""The lmms-eval model class: a LLaVA checkpoint with an unclutter method applied."""
+"""The lmms-eval model class: a checkpoint of any family `unclutter.apply` supports, with a method applied."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from ..evaluation.generation import build_prompt, generate, load_model
 from ..methods import resolve
 
 
-class UnclutterLlava(lmms):
-    """model_args: ``pretrained`` (hub id / dir), ``method`` (a preset of `unclutter.methods`),
+class UnclutterVLM(lmms):
+    """Any supported family (loaded through ``AutoModelForImageTextToText``), prompts in the processor's chat
+    template, one or several images per prompt.
+
+    model_args: ``pretrained`` (hub id / dir), ``method`` (a preset of `unclutter.methods`),
     ``set`` (overrides joined by ';', e.g. ``set=vmtc.num_tokens=64;cmai.gamma_max=0.5``),
     ``device``, ``dtype``, ``batch_size``, ``max_new_tokens``."""
 
@@ -62,15 +65,15 @@ class UnclutterLlava(lmms):
                 for req in reqs:
                     context, _, doc_to_visual, doc_id, task, split = req.args
                     visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
-                    if len(visuals) > 1:
-                        raise ValueError("LLaVA-1.5 takes one image per prompt; this task gives several.")
-                    text = context.replace(self.processor.image_token, "").strip()
-                    prompts.append(build_prompt(self.processor, text, with_image=bool(visuals)))
-                    images.extend(v.convert("RGB") for v in visuals)
-                if images and len(images) != len(prompts):
+                    text = context
+                    for placeholder in {self.processor.image_token, "<image>"}:  # the chat template places images
+                        text = text.replace(placeholder, "")
+                    prompts.append(build_prompt(self.processor, text.strip(), with_image=len(visuals)))
+                    images.append([v.convert("RGB") for v in visuals])
+                if any(images) and not all(images):
                     raise ValueError("a batch mixes prompts with and without images; use batch_size=1 for this task.")
                 outs = generate(
-                    self.model, self.processor, prompts, images or None,
+                    self.model, self.processor, prompts, images if any(images) else None,
                     max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
                     do_sample=float(gen_kwargs.get("temperature", 0) or 0) > 0,
                     temperature=float(gen_kwargs.get("temperature", 1.0) or 1.0),
@@ -88,3 +91,6 @@ class UnclutterLlava(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("unclutter's lmms-eval model supports single-round generation only.")
+
+
+UnclutterLlava = UnclutterVLM  # the class's name before it served every family (kept for saved configs)

@@ -26,6 +26,12 @@ token. A stage, between a block's attention and its MLP:
    computes them with the stock function on the prompt re-expanded to its stock length, then picks the emitted
    cells (text positions are unchanged, so the prompt after an image reads exactly as in the stock model).
 
+Pictures (`unclutter.viz`): after a vision forward whose frames share one size (one plan), ``handle.stage_infos``
+holds one `VMTCInfo` per stage that compressed, a row per image / video frame, indexing each frame's units in the
+order the stage received them; `vision_tiles` unpacks the processor's patches into one tile per image / frame and
+gives the tower's unit order (`Tile.units`, `Tile.orders`). Frames of different sizes have no common rows: then it
+stays empty.
+
 `generate` computes position ids before it encodes the images, so the overridden `get_rope_index` encodes them
 itself when it gets the pixels and hands its features to the encode call that follows (one vision pass); inside
 a forward it reads the layout of the images that forward just encoded. The processor expands every image and
@@ -47,7 +53,7 @@ from torch import nn
 from .. import vmtc as vmtc_math
 from .._amp import autocast_off
 from ..config import VMTCConfig
-from .base import Adapter, Handle
+from .base import Adapter, Handle, Tile
 from .vision import VMTCStage, plan_vmtc
 
 MODALITIES = (("image", 1, "pixel_values", "image_grid_thw"), ("video", 2, "pixel_values_videos", "video_grid_thw"))
@@ -92,6 +98,39 @@ class StageRecord:
     layer: int
     importance: torch.Tensor
     cu_seqlens: torch.Tensor
+
+
+@dataclass
+class StageStep:
+    """What one stage did to the frames of one size in the last vision forward (for pictures).
+
+    stage: the stage's index in the per-frame plan. frames: the frames (numbered over the forward's grids) it
+    compressed, one row each of: info: the `VMTCInfo`, indices of each frame's units in the order the stage
+    received them; cells: (B, N) raster cell (within its frame's grid of merge units) of each unit it received;
+    order: (B, k + c) the order its outputs (kept units, then clusters) move on in (the tower's order): ``order[b,
+    j]`` is the output index of the j-th unit after the stage.
+    """
+
+    stage: int
+    frames: list[int]
+    info: vmtc_math.VMTCInfo
+    cells: torch.Tensor
+    order: torch.Tensor
+
+
+@dataclass
+class Trace:
+    """The last vision forward (for pictures): the modality it encoded, its grids and the frames' stage steps."""
+
+    modality: str
+    grid: list[list[int]]
+    frame_units: list[int]
+    steps: list[StageStep]
+
+    @property
+    def uniform(self) -> bool:
+        """All frames have one size, so one plan: every step holds every frame, a `VMTCInfo` row each."""
+        return len(set(self.frame_units)) <= 1
 
 
 class Budget:
@@ -141,6 +180,9 @@ class Packed:
         self.unit, self.merge, self.grid = unit, merge, grid
         self.rep, self.key, self.window = order, torch.arange(order.numel(), device=order.device), window
         self.frame = frame_of_cell[order]
+        sizes = torch.tensor(self.frame_units, device=order.device)
+        self.first_cell = sizes.cumsum(0) - sizes  # global raster index of each frame's first cell
+        self.steps: list[StageStep] = []  # what each stage did, for pictures
 
     def _cumulative(self, ids: torch.Tensor) -> torch.Tensor:
         _, counts = torch.unique_consecutive(ids, return_counts=True)
@@ -205,6 +247,8 @@ class Packed:
             source = torch.cat([idx.gather(1, info.kept_index), idx.gather(1, _representatives(info))], dim=1)
             perm = torch.argsort(self.key[source], dim=1)  # back to the tower's order: windows stay contiguous
             rows = [r.gather(1, perm[..., None].expand(-1, -1, r.shape[-1])) for r in rows]
+            cells = self.rep[idx] - self.first_cell[frames][:, None]
+            self.steps.append(StageStep(stage, frames, info, cells, perm))
             pieces.append((frames, rows, source.gather(1, perm)))
         new, source = _assemble(pieces, len(counts))
         self.rep, self.key, self.frame = self.rep[source], self.key[source], self.frame[source]
@@ -214,6 +258,11 @@ class Packed:
                 raise RuntimeError("VMTC split a window of the compressed sequence; this is a bug, please report it.")
         new = [n.reshape(-1, t.shape[-1]) for n, t in zip(new, (x, *extras), strict=True)]
         return new[0], new[1:], source
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place modification counter; inference-mode tensors have none (identity is checked alongside)."""
+    return None if t.is_inference() else t._version
 
 
 def _assemble(pieces: list, frames: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -303,6 +352,8 @@ class QwenVLAdapter(Adapter):
         self.records: list[StageRecord] = []  # the last vision forward's stages
         self._last: dict[str, list[Layout]] = {}  # layouts of the images the current forward encoded
         self._pending: dict[str, tuple] = {}  # features get_rope_index encoded for generate's encode call
+        self.handle: Handle | None = None
+        self.trace: Trace | None = None  # the last vision forward's stages (pictures)
 
     def structural_token_ids(self) -> list[int]:
         ids = [getattr(self.config, name, None) for name in ("vision_start_token_id", "vision_end_token_id")]
@@ -348,6 +399,7 @@ class QwenVLAdapter(Adapter):
     def install(self, handle: Handle) -> None:
         if not self.active:
             return
+        self.handle = handle
         base = self.base
         stock_rope = base.get_rope_index
 
@@ -383,13 +435,16 @@ class QwenVLAdapter(Adapter):
         if grid is None:
             raise ValueError(f"{self.family} needs {modality}_grid_thw with the pixels.")
         pixels_then, version, grid_then, output = self._pending.pop(modality, (None, None, None, None))
-        if not (pixels_then is pixels and version == pixels._version and torch.equal(grid_then, grid)):
-            output = self._encode(pixels, grid)  # not what get_rope_index just encoded: encode these
+        if not (pixels_then is pixels and version == _version(pixels) and torch.equal(grid_then, grid)):
+            output = self._encode(modality, pixels, grid)  # not what get_rope_index just encoded: encode these
         self._last[modality] = output.unclutter_layouts
         return output
 
-    def _encode(self, pixels: torch.Tensor, grid: torch.Tensor):
+    def _encode(self, modality: str, pixels: torch.Tensor, grid: torch.Tensor):
         hidden, merged, packed, deepstack = self.run_tower(pixels.type(self.base.visual.dtype), grid)
+        self.trace = Trace(modality, grid.tolist(), packed.frame_units, packed.steps)
+        if self.handle is not None:  # one VMTCInfo per stage, a row per frame, when the frames share one plan
+            self.handle.stage_infos = [step.info for step in packed.steps] if self.trace.uniform else []
         order, layouts = packed.layouts()
         sizes = [layout.units.numel() for layout in layouts]
         fields = {"last_hidden_state": hidden, "pooler_output": torch.split(merged[order], sizes)}
@@ -460,8 +515,8 @@ class QwenVLAdapter(Adapter):
 
     def _layouts_for(self, modality: str, pixels, grid) -> list[Layout]:
         if pixels is not None:  # generate(): positions come first; encode now and hand the features on
-            output = self._encode(pixels, grid)
-            self._pending[modality] = (pixels, pixels._version, grid.clone(), output)
+            output = self._encode(modality, pixels, grid)
+            self._pending[modality] = (pixels, _version(pixels), grid.clone(), output)
             return output.unclutter_layouts
         layouts = self._last.get(modality)
         if layouts is None or [list(g) for g in grid.tolist()] != [_stock_grid(x, self.merge) for x in layouts]:
@@ -479,6 +534,80 @@ class QwenVLAdapter(Adapter):
     def vision_modules(self) -> tuple[nn.Module, nn.Module]:
         """VMTC runs ``visual``'s blocks itself, but both paths start at the patch embedding and end at the merger."""
         return self.base.visual.patch_embed, self.base.visual.merger
+
+    # --- pictures: each image (video frame) as its 2x2 merge units --------------------------------------------------
+    def _uniform_trace(self, handle: Handle) -> Trace:
+        trace = self.trace
+        if trace is None or not trace.steps:
+            raise ValueError(f"{self.family}: the last vision forward recorded no VMTC stage (handle.stage_infos).")
+        if not trace.uniform:
+            raise ValueError(
+                f"{self.family}: the last vision forward packed {trace.modality} frames of different sizes "
+                f"({sorted(set(trace.frame_units))} merge units), which VMTC plans separately, so handle.stage_infos "
+                "has no row per frame; draw one image (or images of one size) at a time."
+            )
+        return trace
+
+    def vision_tiles(self, handle: Handle, inputs: dict) -> list[Tile]:
+        """One tile per image (per frame of a video) of the last vision forward, a row of every `VMTCInfo` each.
+
+        The processor resizes each image to a grid of ``patch`` px patches and flattens them merge unit by merge
+        unit (the 2x2 patches of a unit contiguous, units in raster order, each patch repeated over the temporal
+        patch): that layout is undone here (a video frame shows the first picture of its temporal pair). A unit is
+        ``merge * patch`` px square; the tower receives units in its own order (Qwen2.5-VL: window by window), which
+        `Tile.units` gives, and keeps them in that order after each stage (`Tile.orders`).
+        """
+        trace = self._uniform_trace(handle)
+        _, _, pixel_key, grid_key = next(m for m in MODALITIES if m[0] == trace.modality)
+        pixels, grid = inputs.get(pixel_key), inputs.get(grid_key)
+        if pixels is None or grid is None or grid.tolist() != trace.grid:
+            raise ValueError(
+                f"{self.family}: these inputs' {grid_key} is not that of the last vision forward ({trace.grid}); "
+                "pass the processor output the model just ran on."
+            )
+        vision, m = self.config.vision_config, self.merge
+        patch, step = vision.patch_size, vision.temporal_patch_size
+        channels = pixels.shape[-1] // (step * patch * patch)
+        tiles, start = [], 0
+        for item, (t, h, w) in enumerate(trace.grid):
+            for k in range(t):
+                units = pixels[start : start + h * w].reshape(h // m, w // m, m, m, channels, step, patch, patch)
+                image = units[..., 0, :, :].permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch, w * patch)
+                row = len(tiles)
+                name = trace.modality if len(trace.grid) == 1 else f"{trace.modality} {item}"
+                name += f", frame {k}" if t > 1 else ""
+                cells = trace.steps[0].cells[row].tolist()
+                orders = [s.order[row].tolist() for s in trace.steps]
+                tiles.append(Tile(image, (h // m, w // m), row, name, cells, orders))
+                start += h * w
+        return tiles
+
+    def image_key_map(self, handle: Handle, inputs: dict) -> list[tuple[int, int] | None]:
+        """The LLM receives each frame's tokens in raster order of the grid cells they sit at (a kept unit's own, a
+        merged unit's most important member's), the tower's output order sorted by cell; pads of the other
+        modality (not in the last vision forward) hold no tile token."""
+        tiles = self.vision_tiles(handle, inputs)
+        last = self.trace.steps[-1]
+        info = last.info
+        source = torch.cat([info.kept_index, _representatives(info)], dim=1)  # (frames, k + c) stage input units
+        emitted = last.cells.gather(1, source).gather(1, last.order)  # cell of each unit leaving the tower
+        tokens = [(t.row, j) for t in tiles for j in torch.argsort(emitted[t.row], stable=True).tolist()]
+        token_id = getattr(self.config, f"{self.trace.modality}_token_id")
+        ids = inputs["input_ids"][0]
+        media = ids[torch.isin(ids, torch.tensor(self.media_token_ids(), device=ids.device))].tolist()
+        if sum(i == token_id for i in media) > len(tokens):
+            raise ValueError(
+                f"{self.family}: the prompt has more {self.trace.modality} tokens than the last vision forward sent."
+            )
+        keys, emitted_tokens = [], iter(tokens)
+        for i in media:
+            keys.append(next(emitted_tokens) if i == token_id else None)
+        return keys
+
+    def stage_blocks(self, handle: Handle) -> list[int]:
+        if self.trace is None or not self.trace.uniform:
+            return []
+        return [self.budget.layers[step.stage] for step in self.trace.steps]
 
     # --- prompt and processor ----------------------------------------------------------------------------------
     def check_prompt(self, handle: Handle, input_ids, kwargs: dict) -> None:

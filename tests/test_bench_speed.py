@@ -1,0 +1,89 @@
+"""`unclutter bench speed`: the pipeline gives a row for every method on each family's micro preset, and the real
+presets' processors expand the benchmark image to the published checkpoints' token counts (no 7B model is built)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from unclutter.bench.speed import bench_image, run_speed, to_markdown, write_results
+from unclutter.cli import app
+from unclutter.models.presets import PRESETS, gemma3_config, get_preset, qwen25_config
+
+
+@pytest.mark.parametrize(
+    "family, methods",
+    [
+        ("llava_next", ["stock", "spd", "vmtc", "cmai", "vmtc+cmai"]),
+        ("qwen2_5_vl", ["stock", "vmtc", "cmai", "vmtc+cmai"]),
+        ("gemma3", ["stock", "spd", "vmtc", "cmai", "vmtc+cmai"]),
+    ],
+)
+def test_micro_preset_gives_a_row_per_method(family, methods):
+    result = run_speed(f"micro-{family}", reps=1, warmup=0, new_tokens=2, text_tokens=6)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == methods
+    assert set(result["meta"]["skipped"]) == ({"spd"} if "spd" not in methods else set())
+    stock = rows["stock"]
+    for name, row in rows.items():
+        assert row["vision_ms"] > 0 and row["ttft_ms"] >= row["vision_ms"] and row["decode_ms_per_token"] > 0
+        assert row["kv_cache_bytes"] > 0
+        reduced = "vmtc" in name or name == "spd"
+        # the LLM sees the method's token count: fewer image tokens (and a smaller cache) exactly when reducing
+        assert (row["llm_image_tokens"] < stock["llm_image_tokens"]) == reduced
+        assert (row["kv_cache_bytes"] < stock["kv_cache_bytes"]) == reduced
+        assert (row["extra_state_bytes"] > 0) == ("cmai" in name)
+    assert result["ratios"]["vmtc"]["llm_image_tokens"] == pytest.approx(
+        rows["vmtc"]["llm_image_tokens"] / stock["llm_image_tokens"]
+    )
+    assert result["meta"]["family"] and len(result["meta"]["load"]) == 3
+
+
+def test_results_files_and_cli(tmp_path):
+    out = tmp_path / "micro.json"
+    res = CliRunner().invoke(
+        app, ["bench", "speed", "--preset", "micro-llava", "--out", str(out), "--reps", "1", "--warmup", "0",
+              "--new-tokens", "2", "--methods", "stock,vmtc+cmai", "--device", "cpu"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["rows"]] == ["stock", "vmtc+cmai"]
+    md = out.with_suffix(".md").read_text()
+    assert "| target | measured | bound | holds |" in md and "VMTC+CMAI time to first token" in md
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert write_results(result, tmp_path / "again.json")[1].read_text() == to_markdown(result)
+    bad = CliRunner().invoke(app, ["bench", "speed", "--preset", "nope", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown preset" in bad.output
+
+
+@pytest.mark.parametrize(
+    "preset, tokens",
+    [
+        ("llava-1.5-7b", 576),
+        ("llava-next-7b-cpu", 2928),  # base 576 + 2x2 tiles as a 48x48 grid + 48 newlines
+        ("qwen2.5-vl-7b-cpu", 391),  # 480x640 -> 476x644 px -> 34x46 patches -> 17x23 merged tokens
+        ("gemma-3-4b-cpu", 256),
+    ],
+)
+def test_real_presets_expand_the_image_like_the_published_models(preset, tokens):
+    spec = get_preset(preset)
+    processor = spec.processor()
+    batch = processor(images=[[bench_image(spec.image)]], text=[f"{processor.image_token} what"], return_tensors="pt")
+    tok = processor.tokenizer
+    image_token = getattr(tok, "image_token", None) or processor.image_token
+    if preset.startswith("gemma"):
+        image_token = tok.image_token  # the soft token; processor.image_token is <start_of_image>
+    assert int((batch["input_ids"] == tok.convert_tokens_to_ids(image_token)).sum()) == tokens
+
+
+def test_preset_shapes():
+    qwen = qwen25_config(8, 7, tied=True)
+    assert qwen.vision_config.fullatt_block_indexes == [1, 3, 5, 7]
+    assert qwen25_config().vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+    assert qwen.text_config.tie_word_embeddings and qwen.text_config.hidden_size == 3584
+    gemma = gemma3_config(7, 9)
+    assert gemma.text_config.layer_types.count("full_attention") == 1 and gemma.mm_tokens_per_image == 256
+    assert gemma3_config().text_config.layer_types.count("full_attention") == 5
+    assert PRESETS["cpu"] is PRESETS["llava-1.5-7b-cpu"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("llava-9b")
