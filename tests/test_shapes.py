@@ -1,5 +1,6 @@
 """The shapes world: determinism, ground truth that matches the pixels, answers that pass IFEval's checkers,
-files the trainer and the harness accept, and the model starting point (tokenizer, random init)."""
+files the trainer and the harness accept (a LLaVA-mix-like stage 2 without instruction turns), and the ViT's
+pretraining (patch targets, the CLS objective and the CLS attention measurement)."""
 
 import json
 import random
@@ -191,13 +192,37 @@ def _kwarg_candidates(task, prompt):
     return spaces.get(task, [{}])
 
 
-def test_finetune_conversations_mix_short_answers_and_instructions(world):
+def _instructed(text: str) -> bool:
+    return any(ifeval.describe(TASKS[t][0], {}) in text for t in ("T1", "T2", "T3", "T6", "T9", "T14"))
+
+
+def test_finetune_mix_is_llava_like_without_instruction_turns(world, tmp_path):
+    """Short answers with LLaVA's suffix, sentence answers, descriptions, several turns; no IFEval-style turns
+    unless asked for (``if_rate``)."""
     out, _ = world
     records = json.loads((out / "finetune.json").read_text())
     human = [t["value"] for r in records for t in r["conversations"] if t["from"] == "human"]
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
-    assert sum("single word or phrase" in h for h in human) > len(human) / 3
-    assert sum(any(ifeval.describe(TASKS[t][0], {}) in h for t in ("T1", "T2", "T3", "T6", "T9", "T14")) for h in human)
+    assert all(5 <= len(r["conversations"]) // 2 <= 8 for r in records)
+    assert len(human) * 0.6 < sum("single word or phrase" in h for h in human) < len(human) * 0.9
+    assert sum("in detail" in h or "detailed description" in h for h in human) >= 10
+    assert not any(_instructed(h) for h in human)
+    build_shapes(tmp_path / "if", 40, seed=3, if_rate=0.3, if_per_task=2)
+    human = [t["value"] for r in json.loads((tmp_path / "if" / "finetune.json").read_text())
+             for t in r["conversations"] if t["from"] == "human"]  # fmt: skip
+    assert sum(map(_instructed, human)) > 5
+
+
+def test_description_names_every_object_in_its_cell():
+    from unclutter.shapes.text import description
+
+    for seed in range(40):
+        scene = sample_scene(random.Random(seed))
+        text = description(scene)
+        n = len(scene.objects)
+        assert text.startswith("There is one shape" if n == 1 else f"There are {NUMBER_WORDS[n]} shapes")
+        assert all(f"A {o.name} is at the {o.position}." in text for o in scene.objects)
+        assert text.count(" is at the ") == n
 
 
 def test_data_shapes_cli(tmp_path):
@@ -212,85 +237,84 @@ def test_data_shapes_cli(tmp_path):
     assert bad.exit_code != 0 and "--num must be >= 1" in " ".join(bad.output.split())
 
 
-def test_tokenizer_round_trips_and_init_assembles(world, tmp_path):
-    from unclutter.shapes.model import write_init
-    from unclutter.training.trainer import assemble
+def test_object_coverage_is_the_mask_render_pastes():
+    from unclutter.shapes.world import object_coverage
 
-    out, _ = world
-    vision, llm = write_init(out, tmp_path / "init")
-    model, processor = assemble(str(vision), str(llm))
-    tok = processor.tokenizer
-    for text in ('{"answer": "red"}', "<<About the Image>>\n\nP.P.S ok", "* The red circle is at the top left."):
-        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    assert tok.convert_tokens_to_ids("<image>") == model.config.image_token_id
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    assert grid >= 12
+    scene = sample_scene(random.Random(5))
+    cover = object_coverage(scene)
+    assert cover.shape == (IMAGE_SIZE, IMAGE_SIZE) and cover.min() >= 0 and cover.max() <= 1
+    for o in scene.objects:
+        assert cover[round(o.cy), round(o.cx)] > 0.99  # every centre is covered
+    assert cover[0, 0] == 0 or any(o.row == 0 and o.col == 0 for o in scene.objects)
+    assert 0.02 < cover.mean() < 0.4
 
 
-def test_inference_prompt_is_a_prefix_of_the_training_sequence(world, tmp_path):
-    """The v1 training sequence and `build_prompt` + processor agree token for token up to the answer,
-    and the answer's first token is the one generation starts with (no stray separator token)."""
-    from unclutter.evaluation.generation import build_prompt
-    from unclutter.shapes.model import write_init
-    from unclutter.training.data import encode_record
-    from unclutter.training.trainer import assemble
+def test_cell_and_scene_labels_match_the_scene(world):
+    from unclutter.shapes.vision import PAIRS, cell_labels, cell_of_patch, scene_labels
 
-    out, _ = world
-    _, processor = assemble(*map(str, write_init(out, tmp_path / "init")))
-    for rec in json.loads((out / "finetune.json").read_text())[:12]:
-        enc = encode_record(rec, processor.tokenizer, "v1", image_tokens=144, max_length=2048)
-        question = rec["conversations"][0]["value"].replace("<image>\n", "")
-        image = __import__("PIL.Image").Image.open(out / "images" / rec["image"])
-        ids = list(processor(images=[image], text=[build_prompt(processor, question)])["input_ids"][0])
-        assert enc.input_ids[: len(ids)] == ids, rec["id"]
-        assert enc.labels[len(ids) - 1] == -100 and enc.labels[len(ids)] != -100  # the answer starts right there
-        answer = processor.tokenizer(" " + rec["conversations"][1]["value"], add_special_tokens=False)["input_ids"]
-        assert enc.input_ids[len(ids) : len(ids) + len(answer)] == answer  # space-prefixed, as generation continues
-
-
-def test_cell_labels_match_the_scene(world):
-    from unclutter.shapes.model import _cell_labels
-
+    assert cell_of_patch(12).view(12, 12)[::4, ::4].flatten().tolist() == list(range(9))
     out, _ = world
     for line in (out / "scenes.jsonl").read_text().splitlines():
         scene = json.loads(line)
-        shapes, colors = _cell_labels(scene)
+        shapes, colors = cell_labels(scene)
         occupied = {o["row"] * 3 + o["col"]: o for o in scene["objects"]}
         for cell in range(9):
             o = occupied.get(cell)
             assert shapes[cell] == (SHAPES.index(o["shape"]) + 1 if o else 0)
             assert colors[cell] == (list(COLORS).index(o["color"]) + 1 if o else 0)
+        present, count = scene_labels(scene)
+        assert count == len(scene["objects"]) - 1
+        assert {PAIRS[i] for i, p in enumerate(present) if p} == {(o["color"], o["shape"]) for o in scene["objects"]}
+
+
+def test_cls_attention_ratio_weighs_attention_by_coverage():
+    """A tower whose CLS attends only to covered patches scores 1/area; uniform attention scores 1."""
+    from types import SimpleNamespace
+
+    from unclutter.shapes.vision import cls_attention_ratio
+
+    class Fake(torch.nn.Module):
+        config = SimpleNamespace(_attn_implementation="sdpa")
+
+        def __init__(self, rows):
+            super().__init__()
+            self.rows = rows
+
+        def set_attn_implementation(self, name):
+            self.config._attn_implementation = name
+
+        def forward(self, pixel_values, output_attentions):
+            b = pixel_values.shape[0]
+            attn = torch.zeros(b, 2, 5, 5)
+            attn[:, :, 0, 1:] = self.rows[:b, None]
+            return SimpleNamespace(attentions=(attn, attn))
+
+    cover = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    focused = cls_attention_ratio(Fake(torch.tensor([[0.9, 0, 0, 0], [0.4, 0.4, 0, 0]])), torch.zeros(2, 1), cover)
+    assert [r["block"] for r in focused] == [0, 1]
+    assert focused[0]["share"] == pytest.approx(0.75) and focused[0]["area"] == pytest.approx(0.25)
+    assert focused[0]["ratio"] == pytest.approx((1 / 0.25 + 0.5 / 0.25) / 2)  # 4x and 2x the area
+    uniform = cls_attention_ratio(Fake(torch.full((2, 4), 0.2)), torch.zeros(2, 1), cover)
+    assert uniform[1]["ratio"] == pytest.approx(1.0)
 
 
 def test_pretrain_vision_learns_and_writes_a_loadable_tower(world, tmp_path):
-    """A few steps on 40 images: the loss falls, the weights change, and `assemble` loads the new tower."""
+    """A few steps on 40 images: the loss falls, every record is there, and the tower reloads."""
     from transformers import CLIPVisionModel
 
-    from unclutter.shapes.model import pretrain_vision, write_init
-    from unclutter.training.trainer import assemble
+    from unclutter.shapes.vision import pretrain_vision
 
     out, _ = world
-    vision, llm = write_init(out, tmp_path / "init")
-    log = pretrain_vision(out, vision, tmp_path / "vision", steps=24, batch_size=8, lr=2e-3, holdout=8)
+    log = pretrain_vision(out, tmp_path / "vision", steps=16, batch_size=8, lr=2e-3, holdout=8)
     losses = [e["loss"] for e in log["log"]]
     assert len(losses) == 8 and losses[-1] < losses[0]
-    for key in (
-        "heldout_shape_acc",
-        "heldout_color_acc",
-        "heldout_shape_empty_acc",
-        "heldout_color_empty_acc",
-        "heldout_cell_acc",
-    ):
+    for key in ("heldout_shape_acc", "heldout_color_acc", "heldout_cell_acc", "heldout_cls_objects_exact",
+                "heldout_cls_count_acc"):  # fmt: skip
         assert 0.0 <= log[key] <= 1.0
-    before = CLIPVisionModel.from_pretrained(vision).state_dict()
-    after = CLIPVisionModel.from_pretrained(tmp_path / "vision").state_dict()
-    assert before.keys() == after.keys()
-    assert not torch.equal(
-        before["encoder.layers.0.self_attn.q_proj.weight"], after["encoder.layers.0.self_attn.q_proj.weight"]
-    )
-    assert json.loads((tmp_path / "vision" / "vision_pretrain.json").read_text())["steps"] == 24
-    model, _ = assemble(str(tmp_path / "vision"), str(llm))
-    assert torch.equal(model.model.vision_tower.state_dict()["encoder.layers.0.self_attn.q_proj.weight"],
-                       after["encoder.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert [r["block"] for r in log["cls_attention"]] == list(range(5))
+    assert all(r["ratio"] > 0 and 0 < r["area"] < 1 for r in log["cls_attention"])
+    tower = CLIPVisionModel.from_pretrained(tmp_path / "vision")
+    assert tower.config.image_size == IMAGE_SIZE and tower.config.patch_size == 8
+    assert json.loads((tmp_path / "vision" / "vision_pretrain.json").read_text())["steps"] == 16
     with pytest.raises(ValueError, match="need more than"):
-        pretrain_vision(out, vision, tmp_path / "v2", steps=1, holdout=40)
+        pretrain_vision(out, tmp_path / "v2", steps=1, holdout=40)

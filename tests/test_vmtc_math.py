@@ -170,7 +170,9 @@ def test_received_importance_equals_full_attention_in_any_chunking(chunk):
     torch.testing.assert_close(got, naive_received(q, k, 0.3, valid), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.sum(1), torch.ones(2))
     assert got.dtype == torch.float32 and (got[1, 30:] == 0).all()
-    torch.testing.assert_close(vmtc.received_importance(q, k, 0.3, chunk=chunk), naive_received(q, k, 0.3, valid | True))
+    torch.testing.assert_close(
+        vmtc.received_importance(q, k, 0.3, chunk=chunk), naive_received(q, k, 0.3, valid | True)
+    )
 
 
 def test_compress_without_cls_keeps_whole_units():

@@ -16,6 +16,8 @@ bench_app = typer.Typer(help="Speed and memory benchmarks.", no_args_is_help=Tru
 app.add_typer(bench_app, name="bench")
 data_app = typer.Typer(help="Benchmark data: converters and generated worlds.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+model_app = typer.Typer(help="The shipped mini-LLaVA.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 console = Console()
 
 
@@ -147,7 +149,7 @@ def eval_cmd(
                 batch_size=batch_size, limit=limit, overrides=set_ or [], max_new_tokens=max_new_tokens,
                 dtype=dtype, device=device, progress=progress,
             )  # fmt: skip
-        except (DataError, ValueError) as exc:
+        except (DataError, ValueError, NotImplementedError, TypeError) as exc:  # a method the family lacks, a bad class
             fail(str(exc))
     console.print(metrics_markdown(out.name, metrics))
 
@@ -260,13 +262,16 @@ def data_convert(
 
 @app.command("demo")
 def demo_cmd(
-    model: Annotated[str | None, typer.Option(help="hub id or LLaVA dir (default: the shipped shapes model)")] = None,
-    image: Annotated[list[Path] | None, typer.Option(help="your own image(s); default: bundled shapes images")] = None,
+    model: Annotated[str | None, typer.Option(help="hub id or LLaVA dir (default: the shipped mini-LLaVA)")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="your own image(s); default: generated shapes images")
+    ] = None,
     out: Annotated[Path, typer.Option(help="where pictures and demo.json go")] = Path("demo-output"),
-    bench_size: Annotated[int, typer.Option(help="VQA and IF prompts each in the chart's benchmark")] = 80,
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    bench_size: Annotated[int, typer.Option(help="VQA and IF prompts each in the chart's benchmark")] = 16,
+    max_new_tokens: Annotated[int, typer.Option()] = 48,
 ) -> None:
-    """Stock vs SPD vs VMTC+CMAI side by side, a small benchmark chart, and VMTC / CMAI pictures."""
+    """Stock-trained vs SPD vs trained with VMTC+CMAI (the shipped mini-LLaVA; with --model: stock / SPD /
+    VMTC+CMAI plug-ins) side by side, a small benchmark chart, and VMTC / CMAI pictures."""
     from .demo import run_demo
 
     for path in image or []:
@@ -282,12 +287,15 @@ def demo_cmd(
 def visualize_cmd(
     image: Annotated[Path, typer.Option(help="image file")],
     prompt: Annotated[str, typer.Option(help="question (with an instruction, if you like)")],
-    model: Annotated[str | None, typer.Option(help="hub id or LLaVA dir (default: the shipped shapes model)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="hub id or dir of any supported family (default: the shipped shapes model)")
+    ] = None,
     out: Annotated[Path, typer.Option()] = Path("demo-output"),
     token_index: Annotated[int, typer.Option(help="which generated token's CMAI map to draw (0 = first)")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. vmtc.ratio=0.25")] = None,
 ) -> None:
-    """Draw VMTC's kept / merged patches per stage and CMAI's inhibited patches per layer for one prompt."""
+    """Draw VMTC's kept / merged patches per stage and CMAI's inhibited patches per layer for one prompt (one row
+    per tile for tiled families)."""
     from .demo import load
     from .evaluation.generation import open_image
     from .methods import resolve
@@ -300,7 +308,7 @@ def visualize_cmd(
             llava, processor, open_image(image), prompt, out, vmtc=configs.get("vmtc"), cmai=configs.get("cmai"),
             token_index=token_index,
         )  # fmt: skip
-    except ValueError as exc:
+    except (ValueError, NotImplementedError, TypeError) as exc:  # a family without pictures or a reduction
         fail(str(exc))
     console.print(f"answer: {result['answer']}")
     for name, path in result["paths"].items():
@@ -313,31 +321,63 @@ def data_shapes(
     num: Annotated[int, typer.Option(help="number of images")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
     if_per_task: Annotated[int | None, typer.Option(help="if16 records per task (default num // 16)")] = None,
+    if_rate: Annotated[
+        float, typer.Option(help="share of stage-2 turns that are instruction-following turns (LLaVA's mix: 0)")
+    ] = 0.0,
 ) -> None:
     """Generate the shapes world: training data (LLaVA JSON) and benchmarks (vqa as gqa, if16)."""
     from .shapes.dataset import build_shapes
 
     try:
-        counts = build_shapes(out, num, seed, if_per_task=if_per_task)
+        counts = build_shapes(out, num, seed, if_per_task=if_per_task, if_rate=if_rate)
     except ValueError as exc:
         fail(str(exc))
     console.print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+@model_app.command("export")
+def model_export(
+    out: Annotated[Path, typer.Option(help="folder for the Hugging Face checkpoint")],
+    which: Annotated[str, typer.Option(help="stock (trained stock) or method (trained with VMTC + CMAI)")] = "stock",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+) -> None:
+    """Write the shipped mini-LLaVA as a plain checkpoint (config, safetensors, processor) that stock
+    `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained` load; `--method checkpoint` re-applies its
+    training-time configs."""
+    import torch
+
+    from .mini.ship import export
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        fail(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}.")
+    try:
+        path = export(out, which, dtypes[dtype])
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(f"wrote {which}-trained mini-LLaVA to {path}")
+
+
 @bench_app.command("speed")
 def bench_speed(
     out: Annotated[Path, typer.Option(help="results JSON (a .md table and a .png chart are written beside it)")],
-    preset: Annotated[str, typer.Option(help="cpu or llava-1.5-7b")] = "cpu",
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="llava-1.5-7b, llava-next-7b, qwen2.5-vl-7b, gemma-3-4b, each also as NAME-cpu (sized for 2 CPU "
+            "cores; cpu = llava-1.5-7b-cpu), or micro-FAMILY (a tiny test model)"
+        ),
+    ] = "cpu",
     batch: Annotated[int, typer.Option()] = 1,
     reps: Annotated[int, typer.Option(help="measured repetitions (after one warm-up round)")] = 2,
     warmup: Annotated[int, typer.Option()] = 1,
-    new_tokens: Annotated[int, typer.Option()] = 64,
+    new_tokens: Annotated[int | None, typer.Option(help="generated tokens (default: the preset's)")] = None,
     text_tokens: Annotated[int, typer.Option()] = 40,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    cpu_layers: Annotated[int, typer.Option(help="LLM layers of the cpu preset")] = 4,
+    cpu_layers: Annotated[int | None, typer.Option(help="LLM layers (default: the preset's)")] = None,
     methods: Annotated[str, typer.Option(help="comma-separated")] = "stock,spd,vmtc,cmai,vmtc+cmai",
 ) -> None:
-    """Speed and memory of every method against stock on a random-init real-shape model."""
+    """Speed and memory of every method against stock on a random-init real-shape model of any family."""
     import torch
 
     from .bench.speed import run_speed, to_markdown, write_results
@@ -350,10 +390,13 @@ def bench_speed(
             f"rep {rep} {method:>10}: TTFT {row.ttft_ms:8.0f} ms  decode {row.decode_ms_per_token:7.1f} ms/token"
         )
 
-    result = run_speed(
-        preset, methods=tuple(methods.split(",")), batch=batch, reps=reps, warmup=warmup,
-        text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
-    )  # fmt: skip
+    try:
+        result = run_speed(
+            preset, methods=tuple(methods.split(",")), batch=batch, reps=reps, warmup=warmup,
+            text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
+        )  # fmt: skip
+    except ValueError as exc:
+        fail(str(exc))
     paths = write_results(result, out)
     console.print(to_markdown(result))
     console.print("wrote " + ", ".join(map(str, paths)))

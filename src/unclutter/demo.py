@@ -1,10 +1,12 @@
-"""`unclutter demo`: the shipped shapes model (or any LLaVA) with and without the method, side by side.
+"""`unclutter demo`: the shipped mini-LLaVA (or any LLaVA) with and without the method, side by side.
 
-For a few images it asks questions with instructions and prints, per method (stock / SPD /
-VMTC+CMAI), the answer, whether the instruction was followed, whether the answer is right (when the
-ground truth is known), the image tokens sent to the LLM and the time. It also scores a small
-bundled benchmark per method for the IF / VQA chart, and draws VMTC's token map and CMAI's
-inhibition map for the first image (`unclutter.viz`). Everything lands in ``out`` (demo-output/).
+By default three arms of the shipped mini-LLaVA (SmolLM2-135M-Instruct + the shapes ViT, `unclutter.mini`):
+the stock-trained model, the same model with SPD, and the model trained with VMTC + CMAI active (the paper's
+recipe), run with its training-time configs. With ``--model`` (any LLaVA): stock / SPD / VMTC+CMAI as plug-ins.
+For a few images it asks questions with instructions and prints, per arm, the answer, whether the instruction
+was followed, whether the answer is right (when the ground truth is known), the image tokens sent to the LLM
+and the time. It also scores a small bundled benchmark per arm for the IF / VQA chart, and draws VMTC's token
+map and CMAI's inhibition map for the first image (`unclutter.viz`). Everything lands in ``out``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from .ifeval import describe, follows
 from .ifeval.suite import TASKS, _draw
 from .metrics import gqa_match
 
-SHIPPED = Path(__file__).parent / "shapes" / "weights"
 DEMO_SEED = 2026
 DEMO_TASKS = ("T3", "T9", "T11", "T15", "T6", "T2")  # visible formats: caps, JSON, bullets, end phrase...
 
@@ -73,14 +74,50 @@ def image_items(paths: list[Path], seed: int = DEMO_SEED) -> list[Item]:
     return items
 
 
-def demo_methods(model) -> dict[str, dict]:
-    """stock / SPD / VMTC+CMAI, SPD's grid chosen to send about VMTC's 50% of the patch tokens."""
+@dataclass
+class Arm:
+    """One column of the demo: a model, its processor and the method configs applied to it."""
+
+    model: object
+    processor: object
+    configs: dict = field(default_factory=dict)
+
+
+def spd_grid(model) -> int:
+    """SPD's grid for about VMTC's 50% of the patch tokens (8x8 = 64 of 12x12 = 144 on the mini-LLaVA)."""
     vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
+    return max(1, round(vision.image_size // vision.patch_size / math.sqrt(2)))
+
+
+def demo_methods(model, processor) -> dict[str, Arm]:
+    """Any LLaVA: stock / SPD / VMTC+CMAI as plug-ins on the one model."""
     return {
-        "stock": {},
-        "spd": {"spd": SPDConfig(grid=max(1, round(grid / math.sqrt(2))))},
-        "vmtc+cmai": {"vmtc": VMTCConfig(), "cmai": CMAIConfig()},
+        "stock": Arm(model, processor),
+        "spd": Arm(model, processor, {"spd": SPDConfig(grid=spd_grid(model))}),
+        "vmtc+cmai": Arm(model, processor, {"vmtc": VMTCConfig(), "cmai": CMAIConfig()}),
+    }
+
+
+def shipped_arms() -> dict[str, Arm]:
+    """The shipped mini-LLaVA: stock-trained, stock-trained + SPD, and trained with VMTC + CMAI (its recorded
+    configs re-applied, as `unclutter eval --method checkpoint` does). SmolLM2's GGUF is read once."""
+    import copy
+
+    import torch
+
+    from .methods import resolve
+    from .mini.assemble import load_llm
+    from .mini.ship import load_shipped
+
+    llm = load_llm()
+    stock, stock_proc = load_shipped("stock", llm=(copy.deepcopy(llm[0]), llm[1]))
+    ours, ours_proc = load_shipped("method", llm=llm)
+    stock, ours = stock.to(torch.bfloat16), ours.to(torch.bfloat16)  # as the miniature runs them; twice fp32's speed
+    configs = {k: v for k, v in resolve("checkpoint", (), ours.config.unclutter).items() if v is not None}
+    return {
+        "stock": Arm(stock, stock_proc),
+        "spd": Arm(stock, stock_proc, {"spd": SPDConfig(grid=spd_grid(stock))}),
+        "ours (trained)": Arm(ours, ours_proc, configs),
     }
 
 
@@ -93,14 +130,15 @@ def correct(prediction: str, answer: str) -> bool:
     return f" {' '.join(answer.lower().split())} " in f" {' '.join(words)} "
 
 
-def run_methods(model, processor, items: list[Item], methods: dict[str, dict], max_new_tokens: int, batch: int = 8):
-    """{method: {"answers", "followed", "correct", "tokens", "seconds"}} for ``items``."""
+def run_methods(arms: dict[str, Arm], items: list[Item], max_new_tokens: int, batch: int = 8):
+    """{arm: {"answers", "followed", "correct", "tokens", "seconds"}} for ``items``."""
     from . import apply
     from .evaluation.generation import build_prompt, generate
 
     results = {}
-    for name, configs in methods.items():
-        with apply(model, processor, **configs) as handle:  # stock ({}) too: the handle knows the token count
+    for name, arm in arms.items():
+        model, processor = arm.model, arm.processor
+        with apply(model, processor, **arm.configs) as handle:  # stock ({}) too: the handle knows the token count
             start = time.perf_counter()
             answers: list[str] = []
             for s in range(0, len(items), batch):
@@ -166,13 +204,13 @@ def bench_items(num: int, seed: str = "unclutter-demo-bench") -> tuple[list[Item
 
 
 def load(model: str | None):
-    """The shipped shapes model (default) or a hub id / local LLaVA directory."""
+    """The shipped mini-LLaVA trained with VMTC + CMAI (default) or a hub id / local LLaVA directory."""
     from .evaluation.generation import load_model
 
     if model is None:
-        if not (SHIPPED / "model.safetensors").is_file():
-            raise ValueError(f"the shipped model is missing from {SHIPPED}; reinstall unclutter or pass --model.")
-        return load_model(str(SHIPPED), dtype="float32", device="cpu")
+        from .mini.ship import load_shipped
+
+        return load_shipped("method")
     return load_model(model)
 
 
@@ -182,8 +220,8 @@ def run_demo(
     out: str | Path = "demo-output",
     *,
     num_items: int = 4,
-    bench_size: int = 32,
-    max_new_tokens: int = 64,
+    bench_size: int = 16,
+    max_new_tokens: int = 48,
     console=None,
 ) -> dict:
     """Run the demo; returns (and writes to ``out/demo.json``) everything it printed and drew."""
@@ -196,15 +234,17 @@ def run_demo(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    llava, processor = load(model)
-    console.print(f"[bold]model[/]: {model or 'shipped shapes model'}  (loaded in {time.perf_counter() - start:.1f}s)")
+    methods = shipped_arms() if model is None else demo_methods(*load(model))
+    console.print(
+        f"[bold]model[/]: {model or 'shipped mini-LLaVA (SmolLM2-135M-Instruct)'}  "
+        f"(loaded in {time.perf_counter() - start:.1f}s)"
+    )
     items = image_items(images) if images else shapes_items(num_items)
     for it in items:
         it.image.save(out / "images" / f"{it.name}.png")
-    methods = demo_methods(llava)
-    results = run_methods(llava, processor, items, methods, max_new_tokens)
+    results = run_methods(methods, items, max_new_tokens)
 
-    table = Table(title="Questions with instructions: stock vs SPD vs VMTC+CMAI", show_lines=True)
+    table = Table(title=f"Questions with instructions: {' vs '.join(methods)}", show_lines=True)
     table.add_column("image / prompt", max_width=38)
     for name in methods:
         r = results[name]
@@ -224,7 +264,7 @@ def run_demo(
     console.print(table)
 
     vqa, ifs = bench_items(bench_size)
-    scored = run_methods(llava, processor, vqa + ifs, methods, max_new_tokens)
+    scored = run_methods(methods, vqa + ifs, max_new_tokens)
     summary = {
         name: {
             "vqa": sum(map(bool, r["correct"][: len(vqa)])) / len(vqa),
@@ -241,7 +281,11 @@ def run_demo(
         bench.add_row(name, f"{100 * s['vqa']:.1f}%", f"{100 * s['if']:.1f}%", str(s["tokens"]), f"{s['seconds']:.1f}s")
     console.print(bench)
 
-    pictures = visualize(llava, processor, items[0].image, items[0].prompt, out, max_new_tokens=max_new_tokens)
+    drawn = list(methods.values())[-1]  # the method's arm: the trained model's own configs, or the plug-in's
+    pictures = visualize(
+        drawn.model, drawn.processor, items[0].image, items[0].prompt, out, vmtc=drawn.configs.get("vmtc"),
+        cmai=drawn.configs.get("cmai"), max_new_tokens=max_new_tokens,
+    )  # fmt: skip
     paths = {k: str(v) for k, v in pictures["paths"].items()}
     paths["chart"] = str(chart(summary, out / "if_vqa_chart.png"))
     record = {

@@ -5,8 +5,9 @@ Layout of ``out``::
     images/000000.png ...   the pictures (96x96 RGB)
     scenes.jsonl            ground truth: objects with colour, shape, cell, centre, radius
     pretrain.json           stage 1, LLaVA JSON: one caption per image
-    finetune.json           stage 2, LLaVA JSON: multi-turn conversations (short answers, sentences,
-                            instruction-following turns)
+    finetune.json           stage 2, LLaVA JSON: multi-turn conversations in the style of LLaVA-1.5's mix
+                            (short answers with LLaVA's answer-format suffix, sentence answers, detailed
+                            descriptions); instruction-following turns only with ``if_rate`` > 0
     vqa.jsonl               benchmark, the harness's "gqa" format (question, answer), one per image
     if16.jsonl              benchmark, the 16-task suite built from vqa.jsonl's questions
     questions.jsonl         vqa.jsonl's questions in LLaVA's question format (for `ifeval build`)
@@ -21,7 +22,7 @@ from pathlib import Path
 from ..evaluation.runner import SHORT_ANSWER
 from ..ifeval.scoring import write_jsonl_atomic
 from ..ifeval.suite import TASKS, build_suite
-from .text import QUESTION_TYPES, ask, caption, instructed_turn
+from .text import DESCRIBE_PROMPTS, QUESTION_TYPES, ask, caption, description, instructed_turn
 from .world import render, sample_scene
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -41,14 +42,18 @@ def _stream(seed: int, i: int, purpose: str | None = None) -> random.Random:
     return random.Random(key if purpose is None else f"{key}:{purpose}")
 
 
-def _conversation(scene, rng: random.Random, turns: int, if_rate: float) -> list[dict]:
-    """Alternating human/gpt turns: short answers, sentence answers, instruction turns (each turn is one
-    with probability ``if_rate``); question types drawn with ``TURN_WEIGHTS``."""
+def _conversation(scene, rng: random.Random, turns: int, if_rate: float, describe_rate: float = 0.0) -> list[dict]:
+    """Alternating human/gpt turns, as in LLaVA-1.5's mix: short answers with its answer-format suffix,
+    sentence answers (a fifth of the question turns), at most one detailed description (each turn is one with
+    probability ``describe_rate`` until one is drawn) and, with probability ``if_rate`` per turn, an
+    instruction-following turn of the 16-task suite; question types drawn with ``TURN_WEIGHTS``."""
     kinds = rng.choices(list(TURN_WEIGHTS), weights=list(TURN_WEIGHTS.values()), k=turns)
-    conv = []
+    conv, described = [], False
     for t, kind in enumerate(kinds):
         qa = ask(scene, kind, rng, COUNT_MIX)
-        if rng.random() < if_rate:
+        if not described and describe_rate and rng.random() < describe_rate:
+            prompt, answer, described = rng.choice(DESCRIBE_PROMPTS), description(scene), True
+        elif if_rate and rng.random() < if_rate:
             prompt, answer = instructed_turn(rng.choice(list(TASKS)), qa, scene, rng)
         elif rng.random() < 0.2:
             prompt, answer = qa.question, qa.sentence
@@ -65,18 +70,22 @@ def build_shapes(
     num: int,
     seed: int = 0,
     *,
-    turns: tuple[int, int] = (6, 10),
-    if_rate: float = 0.2,
+    turns: tuple[int, int] = (5, 8),
+    if_rate: float = 0.0,
+    describe_rate: float = 0.12,
     if_per_task: int | None = None,
 ) -> dict[str, int]:
     """Write ``num`` images and every file above under ``out``; returns counts per file.
 
     ``if_per_task`` (default ``max(1, num // 16)``) sizes the if16 suite. Deterministic for ``seed``.
+    The default stage-2 mix has no instruction-following turns (``if_rate=0``): as in the paper, instruction
+    following must come from the LLM, and the miniature measures how much of it survives the image tokens.
     """
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}.")
-    if not 0 <= if_rate <= 1:
-        raise ValueError(f"if_rate must be in [0, 1], got {if_rate}.")
+    for name, rate in (("if_rate", if_rate), ("describe_rate", describe_rate)):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}.")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     scenes, pretrain, finetune, vqa = [], [], [], []
@@ -93,7 +102,9 @@ def build_shapes(
         )  # fmt: skip
         conv_rng = _stream(seed, i, "conversation")
         finetune.append(
-            {"id": f"conv-{i:06d}", "image": name, "conversations": _conversation(scene, conv_rng, conv_rng.randint(*turns), if_rate)}
+            {"id": f"conv-{i:06d}", "image": name, "conversations": _conversation(
+                scene, conv_rng, conv_rng.randint(*turns), if_rate, describe_rate
+            )}
         )  # fmt: skip
         qa = ask(scene, QUESTION_TYPES[i % len(QUESTION_TYPES)], _stream(seed, i, "vqa"))
         vqa.append(

@@ -1,4 +1,4 @@
-"""Where the shapes model looks when a question names an object: a diagnostic for its failures.
+"""Where a shapes-world LLaVA looks when a question names an object: a diagnostic for its failures.
 
 For benchmark-phrased questions that name one object by a single attribute ("What shape is the red
 object?" names it by colour, "What color is the square?" by shape), this measures, in every LLM layer
@@ -6,10 +6,9 @@ and head, the attention that the attribute word and the last prompt token pay to
 grid cell, against the mean over each other object's cell. A head that finds objects by that attribute
 gives the named cell far more than the others. Run R (a trained projector) had such a head for colour
 in its first layer, at the colour word, but for shape only in its last layer, at the last token, too late
-to count shapes or check a "red star"; the shipped model (run AC, the projector frozen at its random init)
-finds objects by shape from the last token in its second layer (model card).
+to count shapes or check a "red star" (the retired 4.6 M shapes model's history, in the git log).
 
-``python -m unclutter.shapes.probe --data DIR [--model DIR] [--num N]``
+``python -m unclutter.shapes.probe --data DIR [--model DIR] [--num N]`` (default: the shipped mini-LLaVA)
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 from ..evaluation.generation import build_prompt, load_model, open_image
 from ..evaluation.runner import SHORT_ANSWER
 from ..ifeval.scoring import read_jsonl
-from .model import CELLS, cell_of_patch
+from .vision import CELLS, cell_of_patch
 
 KEYS = {  # attribute that names the object -> (question, the word that names it)
     "color": lambda o: (f"What shape is the {o['color']} object?", o["color"]),
@@ -52,7 +51,10 @@ def lookup_attention(
                 prompt = build_prompt(processor, f"{question}\n{SHORT_ANSWER}")
                 inputs = processor(images=image, text=prompt, return_tensors="pt")
                 ids = inputs["input_ids"][0].tolist()
-                word_pos = len(ids) - 1 - ids[::-1].index(tokenizer.convert_tokens_to_ids("Ġ" + word))
+                word_id = tokenizer.convert_tokens_to_ids("Ġ" + word)  # byte-level BPE: the word after a space
+                if word_id not in ids:
+                    continue
+                word_pos = len(ids) - 1 - ids[::-1].index(word_id)
                 attentions = model(**inputs, output_attentions=True).attentions  # each (1, H, T, T)
                 image_pos = torch.tensor([i for i, t in enumerate(ids) if t == image_id])
                 target = cells == o["row"] * CELLS + o["col"]
@@ -65,14 +67,17 @@ def lookup_attention(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..demo import SHIPPED
-
     parser = argparse.ArgumentParser(prog="python -m unclutter.shapes.probe", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="a LLaVA checkpoint (default: the shipped shapes model)")
+    parser.add_argument("--model", default=None, help="a LLaVA checkpoint (default: the shipped stock mini-LLaVA)")
     parser.add_argument("--data", required=True, help="a `unclutter data shapes` directory (scenes.jsonl, images/)")
     parser.add_argument("--num", type=int, default=100, help="scenes to read")
     args = parser.parse_args(argv)
-    model, processor = load_model(args.model or str(SHIPPED), dtype="float32", device="cpu")
+    if args.model:
+        model, processor = load_model(args.model, dtype="float32", device="cpu")
+    else:
+        from ..mini.ship import load_shipped
+
+        model, processor = load_shipped("stock")
     model.set_attn_implementation("eager")  # attention weights are only returned by the eager path
     scenes = [s for _, s in read_jsonl(Path(args.data) / "scenes.jsonl")][: args.num]
     for (key, where), table in sorted(lookup_attention(model, processor, scenes, Path(args.data) / "images").items()):

@@ -122,6 +122,25 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
     return f"{head} {', '.join(f'{o.shape} {o.color} {o.position}' for o in objs)}."
 
 
+DESCRIBE_PROMPTS = (  # LLaVA's detailed-description requests, a few phrasings
+    "Describe the image in detail.",
+    "What do you see in this image? Describe it in detail.",
+    "Give a detailed description of the image.",
+)
+
+
+def description(scene: Scene) -> str:
+    """A detailed description: the count, every object with its cell in reading order, and the background.
+
+    Complete by construction (every question about the scene can be answered from it), so it is also the
+    ground-truth text the LLM's own ceiling is measured with, and what describe-then-answer should produce.
+    """
+    n = len(scene.objects)
+    head = "There is one shape" if n == 1 else f"There are {NUMBER_WORDS[n]} shapes"
+    body = " ".join(f"A {o.name} is at the {o.position}." for o in scene.objects)
+    return f"{head} on a textured background. {body} Nothing else is in the image."
+
+
 _PLACEHOLDERS = ("[location]", "[name]", "[date]")
 _TITLE = "<<About the Image>>"
 

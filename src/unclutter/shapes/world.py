@@ -143,9 +143,9 @@ def _polygon(o: Obj, scale: float) -> list[tuple[float, float]] | None:
     return None  # circle
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """The scene as an RGB image (shapes drawn supersampled, so edges are anti-aliased)."""
-    image = _background(scene.background_seed, size)
+def _layers(scene: Scene, size: int) -> tuple[Image.Image, Image.Image]:
+    """(coverage mask "L", colour layer "RGB") of the scene's shapes, drawn supersampled and resized to ``size``
+    (so edges are anti-aliased)."""
     big = size * _SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     layer = Image.new("RGB", (big, big), (0, 0, 0))
@@ -161,7 +161,17 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
         else:
             dm.polygon(poly, fill=255)
             dl.polygon(poly, fill=rgb)
-    mask = mask.resize((size, size), Image.Resampling.LANCZOS)
-    layer = layer.resize((size, size), Image.Resampling.LANCZOS)
+    return mask.resize((size, size), Image.Resampling.LANCZOS), layer.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene as an RGB image."""
+    image = _background(scene.background_seed, size)
+    mask, layer = _layers(scene, size)
     image.paste(layer, (0, 0), mask)
     return image
+
+
+def object_coverage(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(size, size) float in [0, 1]: how much of each pixel the shapes cover (the mask `render` pastes with)."""
+    return np.asarray(_layers(scene, size)[0], dtype=np.float32) / 255.0

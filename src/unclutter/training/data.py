@@ -4,7 +4,8 @@ Records (LLaVA's JSON): ``{"id", "image" (optional: text-only samples have none)
 [{"from": "human"|"gpt", "value": ...}, ...]}``; the first human turn of an image sample holds
 ``<image>``. Stage 1 ("plain"): the image tokens then the caption (the first gpt turn), loss on the
 caption. Stage 2 (Vicuna v1): ``SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: ...``, loss on the
-assistant turns (and their ``</s>``) only.
+assistant turns (and their ``</s>``) only. Stage 2 in "chat" format: the processor's chat template (the
+one `build_prompt` asks with at inference), loss on each assistant answer through its end-of-turn token.
 """
 
 from __future__ import annotations
@@ -71,9 +72,13 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-def segments(rec: dict, fmt: str, image_text: str, eos: str) -> list[tuple[str, bool]]:
-    """(text, is_target) pieces of one record in ``fmt`` ("plain" or "v1")."""
+def segments(
+    rec: dict, fmt: str, image_text: str, eos: str, chat_template: str | None = None
+) -> list[tuple[str, bool]]:
+    """(text, is_target) pieces of one record in ``fmt`` ("plain", "v1", or "chat" with ``chat_template``)."""
     turns = rec["conversations"]
+    if fmt == "chat":
+        return chat_segments(rec, image_text, eos, chat_template)
     if fmt == "plain":
         caption = turns[1]["value"]
         return [(image_text if rec.get("image") else "", False), (caption + "\n", True)]
@@ -90,6 +95,46 @@ def segments(rec: dict, fmt: str, image_text: str, eos: str) -> list[tuple[str, 
     return pieces
 
 
+def render_chat(messages: list[dict], chat_template: str, add_generation_prompt: bool = False) -> str:
+    """``messages`` through a Jinja chat template, as transformers renders them (no tokenizer needed)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        conversations=[messages], chat_template=chat_template, add_generation_prompt=add_generation_prompt
+    )
+    return rendered[0]
+
+
+def chat_segments(rec: dict, image_text: str, eos: str, chat_template: str | None) -> list[tuple[str, bool]]:
+    """Pieces of ``rec`` rendered by ``chat_template``: the text up to each answer (what the template writes
+    with ``add_generation_prompt`` after the question, so training prefixes equal inference prompts), then the
+    answer through the first ``eos`` after it (the target: the model learns to stop), then the rest of the
+    turn's markup (not a target)."""
+    if not chat_template:
+        raise ValueError("prompt format 'chat' needs a processor with a chat template.")
+    roles = {"human": "user", "gpt": "assistant"}
+    messages = [
+        {"role": roles[t["from"]], "content": t["value"].replace(IMAGE_PLACEHOLDER + "\n", image_text, 1)}
+        for t in rec["conversations"]
+    ]
+    if not rec.get("image"):
+        messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, "")} for m in messages]
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for j in range(0, len(messages) - 1, 2):
+        prompt = render_chat(messages[: j + 1], chat_template, add_generation_prompt=True)
+        full = render_chat(messages[: j + 2], chat_template)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation.")
+        reply = full[len(prompt) :]
+        answer_end = reply.find(messages[j + 1]["content"]) + len(messages[j + 1]["content"])
+        end = reply.find(eos, answer_end) if eos else -1
+        cut = len(reply) if end < 0 else end + len(eos)
+        pieces += [(prompt[len(done) :], False), (reply[:cut], True), (reply[cut:], False)]
+        done = full
+    return pieces
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -97,17 +142,28 @@ class Encoded:
     image: str | None
 
 
-def encode_record(rec: dict, tokenizer, fmt: str, image_tokens: int, max_length: int) -> Encoded:
-    """Token ids with labels masked to the target pieces; the image placeholder expanded to ``image_tokens``.
+def encode_record(
+    rec: dict,
+    tokenizer,
+    fmt: str,
+    image_tokens: int,
+    max_length: int,
+    chat_template: str | None = None,
+    image_text: str | None = None,
+) -> Encoded:
+    """Token ids with labels masked to the target pieces; the image placeholder expanded to ``image_tokens``
+    (or replaced by ``image_text``, the processor's own expansion for families whose count depends on the image).
 
     Pieces are tokenized separately so a label boundary never splits a token. Sequences longer than
-    ``max_length`` are cut at the end (never inside the image tokens: such a record is an error).
+    ``max_length`` are cut at the end (never inside the image tokens: such a record is an error). The "chat"
+    format starts with whatever the template writes first (no BOS added: inference adds none either).
     """
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    image_text = IMAGE_PLACEHOLDER * image_tokens + "\n" if rec.get("image") else ""
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if image_text is None or not rec.get("image"):
+        image_text = IMAGE_PLACEHOLDER * image_tokens + "\n" if rec.get("image") else ""
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and fmt != "chat" else []
     labels = [IGNORE_INDEX] * len(ids)
-    for text, target in segments(rec, fmt, image_text, tokenizer.eos_token or ""):
+    for text, target in segments(rec, fmt, image_text, tokenizer.eos_token or "", chat_template):
         if not text:
             continue
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -125,8 +181,10 @@ def encode_record(rec: dict, tokenizer, fmt: str, image_tokens: int, max_length:
 class LlavaDataset(torch.utils.data.Dataset):
     """Tokenized records; images are loaded, padded to square and processed lazily per item."""
 
-    def __init__(self, records, tokenizer, image_processor, images_dir, *, fmt, image_tokens, max_length):
-        self.items = [encode_record(r, tokenizer, fmt, image_tokens, max_length) for r in records]
+    def __init__(
+        self, records, tokenizer, image_processor, images_dir, *, fmt, image_tokens, max_length, chat_template=None
+    ):
+        self.items = [encode_record(r, tokenizer, fmt, image_tokens, max_length, chat_template) for r in records]
         self.image_processor = image_processor
         self.images_dir = Path(images_dir) if images_dir is not None else None
         mean = getattr(image_processor, "image_mean", [0.5, 0.5, 0.5])

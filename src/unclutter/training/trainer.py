@@ -4,7 +4,9 @@ Stage ``pretrain`` trains the projector only on captions ("plain" format); stage
 projector + LLM (full, or LoRA through PEFT, merged at the end) on conversations (Vicuna v1), the
 vision tower frozen. The method's configs are written into the checkpoint's ``config.json``
 (``unclutter`` field) so that evaluation re-applies them (`unclutter eval --method checkpoint`).
-A rerun with the same ``output`` resumes from its last ``checkpoint-*``.
+A rerun with the same ``output`` resumes from its last ``checkpoint-*``. ``prompt_format: chat`` trains stage 2
+in the processor's chat template instead of Vicuna v1 (for an instruction-tuned LLM, whose own format is what
+its instruction following is tied to); with LoRA, the adapter is also saved unmerged under ``adapter/``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from .. import apply
 from ..ifeval.scoring import DataError
 from ..methods import resolve, to_dict
 from ..runlock import main_process_lock
-from .data import LlavaDataset, collate, load_llava_json, modality_length_order
+from .data import load_llava_json, modality_length_order
+from .families import collator, load_loose, make_dataset, save_loose, trainable_parameters
 
 MODULES = ("vision", "projector", "llm")
 STAGE_DEFAULTS = {  # LLaVA-1.5: (learning rate, global batch, prompt format)
@@ -55,10 +58,12 @@ class TrainConfig:
     lora: bool = False
     lora_r: int = 128
     lora_alpha: int = 256
+    lora_dropout: float = 0.05
     deepspeed: str | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
     group_by_modality_length: bool = False
+    prompt_format: str | None = None  # "plain", "v1" or "chat"; default: the stage's (plain / v1)
     save_steps: int = 500
     logging_steps: int = 1
     seed: int = 0
@@ -72,6 +77,8 @@ class TrainConfig:
         unknown = sorted(set(self.tune or ()) - set(MODULES))
         if unknown or (self.tune is not None and not self.tune):
             raise ValueError(f"--tune takes a non-empty subset of {', '.join(MODULES)}; got {self.tune}.")
+        if self.prompt_format not in (None, "plain", "v1", "chat"):
+            raise ValueError(f"prompt_format must be 'plain', 'v1' or 'chat', got {self.prompt_format!r}.")
         if self.lora and self.stage != "finetune":
             raise ValueError("--lora applies to the finetune stage (stage 1 trains only the projector).")
 
@@ -90,19 +97,17 @@ class TrainConfig:
 
 def assemble(vision: str, llm: str):
     """A LLaVA-1.5 model from a CLIP vision tower and a causal LM, with a fresh 2-layer GELU projector."""
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
     tower = CLIPVisionModel.from_pretrained(vision, use_safetensors=True)
     lm = AutoModelForCausalLM.from_pretrained(llm, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
+    return assemble_from(tower, lm, AutoTokenizer.from_pretrained(llm), AutoImageProcessor.from_pretrained(vision))
+
+
+def assemble_from(tower, lm, tokenizer, image_processor, chat_template: str | None = None):
+    """`assemble` from loaded parts (a tower, a causal LM, its tokenizer, the tower's image processor)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -117,8 +122,8 @@ def assemble(vision: str, llm: str):
     if len(tokenizer) > model.config.text_config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))
     processor = LlavaProcessor(
-        image_processor=AutoImageProcessor.from_pretrained(vision), tokenizer=tokenizer,
-        patch_size=tower.config.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=tower.config.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=chat_template,
     )  # fmt: skip
     return model, processor
 
@@ -136,9 +141,10 @@ def _load(cfg: TrainConfig):
     return model.train(), processor
 
 
-def _freeze(model, stage: str, tune: list[str] | None) -> None:
+def _freeze(model, stage: str, tune: list[str] | None) -> dict[str, torch.nn.Parameter]:
     """LLaVA-1.5 trains the projector in stage 1 and projector + LLM in stage 2; ``tune`` overrides that
-    (a from-scratch vision tower, as in the shapes model, must be trained too)."""
+    (a from-scratch vision tower, as in the shapes model, must be trained too). Returns the tuned loose
+    parameters (`trainable_parameters`)."""
     tune = tune or (["projector"] if stage == "pretrain" else ["projector", "llm"])
     for p in model.parameters():
         p.requires_grad = False
@@ -150,12 +156,26 @@ def _freeze(model, stage: str, tune: list[str] | None) -> None:
     for module in (m for name in tune for m in parts[name]):
         for p in module.parameters():
             p.requires_grad = True
+    loose = trainable_parameters(model, tune)  # a tuned part's loose parameters (LLaVA-NeXT's image_newline)
+    for p in loose.values():
+        p.requires_grad = True
+    return loose
 
 
 class _LlavaTrainer(Trainer):
-    def __init__(self, *args, order_fn=None, **kwargs):
+    def __init__(self, *args, order_fn=None, loose=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._order_fn = order_fn
+        self._loose = loose or {}  # parameters a (PEFT) checkpoint leaves out: saved and restored beside it
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        if self._loose and self.args.should_save:
+            save_loose(self._loose, output_dir or self.args.output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_loose(self._loose, resume_from_checkpoint)
 
     def _get_train_sampler(self, *args, **kwargs):
         if self._order_fn is None:
@@ -175,6 +195,7 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
 
 def _train(cfg: TrainConfig, callbacks=None) -> Path:
     lr_default, batch_default, fmt = STAGE_DEFAULTS[cfg.stage]
+    fmt = cfg.prompt_format or fmt
     records = load_llava_json(cfg.data, cfg.images)  # every record validated before anything trains
     if any(r.get("image") for r in records) and cfg.images is None:
         raise DataError("the data has image samples: give --images.")
@@ -184,20 +205,23 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
     model, processor = _load(cfg)
     configs = resolve(cfg.method, cfg.overrides)
     handle = apply(model, processor, **{k: v for k, v in configs.items() if v is not None})
-    dataset = LlavaDataset(
-        records, processor.tokenizer, processor.image_processor, cfg.images,
+    dataset = make_dataset(
+        records, model, processor, cfg.images,
         fmt=fmt, image_tokens=handle.num_image_tokens, max_length=cfg.max_length,
+        chat_template=getattr(processor, "chat_template", None),
     )  # fmt: skip
-    _freeze(model, cfg.stage, cfg.tune)
+    loose = _freeze(model, cfg.stage, cfg.tune)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.05, task_type="CAUSAL_LM",
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
             modules_to_save=["multi_modal_projector"],
         )  # fmt: skip
         model = get_peft_model(model, lora)
+        for p in loose.values():  # PEFT froze all but the adapter and modules_to_save: image_newline is in neither
+            p.requires_grad = True
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -225,13 +249,16 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
             return modality_length_order(lengths, group, cfg.seed + int(epoch))
 
     trainer = _LlavaTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=lambda b: collate(b, pad_id),
-        callbacks=callbacks, order_fn=order_fn,
+        model=model, args=args, train_dataset=dataset, data_collator=collator(dataset, pad_id),
+        callbacks=callbacks, order_fn=order_fn, loose=loose if cfg.lora else None,
     )  # fmt: skip
     resume = any(Path(cfg.output).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
 
     if cfg.lora:
+        model.save_pretrained(Path(cfg.output) / "adapter")  # the trained delta alone (a few MB), for shipping
+        if loose:
+            save_loose(loose, Path(cfg.output) / "adapter")
         model = model.merge_and_unload()
     handle.remove()  # save the plain model; the configs travel in config.json
     model.config.unclutter = {"method": cfg.method, "overrides": list(cfg.overrides), "configs": to_dict(configs)}

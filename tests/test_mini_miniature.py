@@ -1,0 +1,70 @@
+"""The miniature's statistics and tables: bootstrap intervals over seeds and questions, paired differences,
+and results written from finished harness run folders (pending rows labelled, not invented)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from unclutter.evaluation.data import load_records
+from unclutter.mini.miniature import BY_NAME, bootstrap, run_dir, write_results
+from unclutter.shapes.dataset import build_shapes
+
+
+def test_bootstrap_mean_and_interval():
+    rng = np.random.default_rng(1)
+    x = (rng.random((3, 400)) < 0.7).astype(float)
+    mean, lo, hi = bootstrap(x, None)
+    assert mean == pytest.approx(100 * x.mean())
+    assert lo < mean < hi and 2 < hi - lo < 15  # about +-2 SE of a 1,200-sample proportion plus seed spread
+    assert bootstrap(np.ones((1, 50)), None) == (100.0, 100.0, 100.0)
+    # grouped: the statistic is the mean of the group means, whatever the group sizes
+    groups = np.array([0] * 10 + [1] * 30)
+    x = np.array([[1.0] * 10 + [0.0] * 30])
+    assert bootstrap(x, groups)[0] == pytest.approx(50.0)
+
+
+def test_paired_difference_is_tighter_than_the_unpaired_spread():
+    rng = np.random.default_rng(2)
+    base = (rng.random((3, 500)) < 0.6).astype(float)
+    better = base.copy()
+    better[:, :25] = 1.0  # a few questions fixed, the rest identical
+    d_mean, d_lo, d_hi = bootstrap(better - base, None)
+    assert d_mean == pytest.approx(100 * (better - base).mean())
+    assert d_lo > 0  # paired: clearly positive even though the two unpaired intervals overlap
+    _, b_lo, b_hi = bootstrap(base, None)
+    assert d_hi - d_lo < b_hi - b_lo
+
+
+def _fake_run(root, cond, seed, bench, records, answer):
+    out = run_dir(root, cond, seed, bench)
+    out.mkdir(parents=True)
+    rows = [{"id": r["id"], "prediction": answer(r)} for r in records]
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "metrics.json").write_text("{}")
+    (out / "tokens.json").write_text(json.dumps({"image_tokens": 144 if cond.name == "stock" else 72}))
+
+
+def test_results_from_finished_runs_with_pending_rows(tmp_path):
+    root = tmp_path / "mini"
+    build_shapes(root / "test", 20, seed=1, if_per_task=2)
+    records = {"gqa": load_records("gqa", root / "test" / "vqa.jsonl", None),
+               "if16": load_records("if16", root / "test" / "if16.jsonl", None)}  # fmt: skip
+    right = lambda r: r.get("answer", "")  # noqa: E731
+    half = lambda r: r["answer"] if int(r["question_id"]) % 2 else "no idea"  # noqa: E731
+    for seed in (0, 1):
+        _fake_run(root, BY_NAME["stock"], seed, "gqa", records["gqa"], half)
+        _fake_run(root, BY_NAME["stock"], seed, "if16", records["if16"], right)
+        _fake_run(root, BY_NAME["plugin"], seed, "gqa", records["gqa"], right)
+    data = write_results(root, tmp_path / "out", [0, 1], records, {"trained": [0, 1]})
+    stock, plugin = data["conditions"]["stock"], data["conditions"]["plugin"]
+    assert stock["vqa"]["mean"] == pytest.approx(50.0) and stock["vqa"]["seeds"] == [0, 1]
+    assert plugin["vqa"]["mean"] == pytest.approx(100.0)
+    assert plugin["vqa"]["diff_vs_stock"]["mean"] == pytest.approx(50.0)
+    assert 20 < plugin["vqa"]["diff_vs_stock"]["ci"][0] < 50
+    assert "if_strict" not in plugin and set(stock["if_strict"]["per_task"]) == {f"T{i}" for i in range(1, 17)}
+    assert stock["image_tokens"] == 144
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| VMTC + CMAI, trained in (ours) | pending |" in md
+    assert "50.0 [" in md and "Pending (model not built yet): trained seeds [0, 1]" in md
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["pending"] == {"trained": [0, 1]}
