@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..evaluation.data import load_records
 from ..evaluation.runner import PredictionLog, compute_metrics, question_text, run_eval, score_record
@@ -178,7 +179,7 @@ def run_condition(cond: Condition, seeds: list[int], root: Path, models: Models,
             if finished(out):
                 continue
             model, processor = models.get(cond.recipe, seed)
-            model.to(getattr(__import__("torch"), dtype))
+            model.to(getattr(torch, dtype))
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / "tokens.json", {"image_tokens": image_tokens(model, processor, cond)})
             print(f"[miniature] {cond.name} seed {seed} {bench}", flush=True)
