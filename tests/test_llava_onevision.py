@@ -107,23 +107,74 @@ def _reference_pack(tiles: torch.Tensor, grid: tuple[int, int] | None, newline: 
     return torch.cat(out)
 
 
-def _reference_tiles(model, pixel_values, handle) -> torch.Tensor:
-    """Layer-by-layer SigLIP with compression; importance = eager attention received, averaged over heads and queries."""
+def _reference_tiles(model, pixel_values, handle, with_importance: bool = False):
+    """Layer-by-layer SigLIP with compression; importance = eager attention received, averaged over heads and queries.
+
+    ``with_importance``: also return each output token's importance after the last stage, written out: a kept
+    patch's own, a merged token's the sum over its members."""
     tower, cfg = model.model.vision_tower, handle.vmtc
     h = tower.embeddings(pixel_values)
     by_layer = {s.layer: s for s in handle.active_stages}
     last = unclutter.vmtc.feature_block(len(tower.encoder.layers), model.config.vision_feature_layer)
+    out_importance = None
     for i, block in enumerate(tower.encoder.layers[: last + 1]):
         attn_out, weights = block.self_attn(block.layer_norm1(h))
         h = h + attn_out
         if i in by_layer:
             s = by_layer[i]
             imp = weights.mean(1).mean(1)
-            h, _ = unclutter.vmtc.compress(
+            h, info = unclutter.vmtc.compress(
                 h, imp, s.keep, s.clusters, merge=cfg.merge, normalize=cfg.normalize, has_cls=False
             )
+            out_importance = torch.zeros(h.shape[:2])
+            for row in range(len(h)):
+                for j, patch in enumerate(info.kept_index[row].tolist()):
+                    out_importance[row, j] = imp[row, patch]
+                for patch, cid in zip(info.merged_index[row].tolist(), info.cluster[row].tolist(), strict=True):
+                    if cid >= 0:
+                        out_importance[row, s.keep + cid] += imp[row, patch]
         h = h + block.mlp(block.layer_norm2(h))
-    return model.model.multi_modal_projector(h)
+    feats = model.model.multi_modal_projector(h)
+    return (feats, out_importance) if with_importance else feats
+
+
+# Stock's high-res patch grid (rows x cols of tokens after unpadding, and interpolation for 96x96) and the image's
+# high-res tile grid, per image size; the test below checks the grids against the stock processor's counts.
+STOCK_HIGH_RES = {
+    (96, 96): ((8, 8), (3, 3)),  # 12x12 interpolated to 8x8 (anyres_max_4)
+    (64, 64): ((8, 8), (2, 2)),
+    (30, 50): ((4, 6), (1, 2)),  # unpadded
+    (50, 30): ((6, 4), (2, 1)),
+    (40, 80): ((6, 12), (2, 3)),
+}
+
+
+def _capped(t: int, size: tuple[int, int]) -> int:
+    """Tokens per high-res tile under VMTC: the budget's share (t of 16) of stock's high-res tokens, per tile."""
+    (h, w), (rows, cols) = STOCK_HIGH_RES[size]
+    return max(1, min(t, round(h * w * t / 16) // (rows * cols)))
+
+
+def _reference_image(model, tiles, handle, size: tuple[int, int] | None) -> list[torch.Tensor]:
+    """Per tile, the tokens it sends: `_reference_tiles`, then for an image whose share of stock's count is below
+    its tiles' (``size``: its STOCK_HIGH_RES entry) the high-res tiles compressed again to the capped count,
+    ranked and weighted by the written-out output importance. ``size=None``: a single tile."""
+    feats, importance = _reference_tiles(model, tiles, handle, with_importance=True)
+    t, cfg = handle.num_image_tokens, handle.vmtc
+    if size is None or _capped(t, size) == t:
+        return list(feats)
+    capped = _capped(t, size)
+    c = max(1, capped // 8) if cfg.merge == "cluster" else (0 if cfg.merge == "drop" else 1)
+    high, _ = unclutter.vmtc.compress(
+        feats[1:], importance[1:], capped - c, c, merge=cfg.merge, normalize=cfg.normalize, has_cls=False
+    )
+    assert high.shape[1] == capped < t
+    return [feats[0]] + list(high)
+
+
+def _expected(t: int, size: tuple[int, int]) -> int:
+    rows, cols = STOCK_HIGH_RES[size][1]
+    return t + rows * cols * _capped(t, size) + rows
 
 
 def _bilinear_half(x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +207,15 @@ def test_processor_counts_equal_model_features(cfg):
     lengths = [len(f) for f in feats]
     assert [_grid(model, s) for s in sizes] == [(3, 3), (2, 2), (1, 2), (2, 1), (2, 3)]
     assert images == [lengths[0], lengths[1] + lengths[2], 0, lengths[3]]
-    assert lengths == [t * 10 + 3, t + 1, t + 1, t * 3 + 2]  # 3x3 tiles, two single tiles, 2x1 tiles
+    stock_data = tiny_llava_onevision_processor()._get_num_multimodal_tokens(image_sizes=sizes)
+    assert stock_data.num_image_tokens == [16 + h * (w + 1) for (h, w), _ in STOCK_HIGH_RES.values()]
+    assert list(STOCK_HIGH_RES) == sizes
+    assert lengths == [_expected(t, (96, 96)), t + 1, t + 1, _expected(t, (50, 30))]  # two single tiles between
+    assert _capped(t, (96, 96)) < t and _capped(t, (50, 30)) < t and _capped(t, (64, 64)) == t
     assert videos == [0, 0, video.shape[1], 0] and video.shape[1] == 3 * per_frame + 1
-    assert data.num_image_tokens == [t * 10 + 3, t * 5 + 2, t * 3 + 1, t * 3 + 2, t * 7 + 2]
+    assert data.num_image_tokens == [_expected(t, size) for size in sizes]
+    for ours, stock in zip(data.num_image_tokens, stock_data.num_image_tokens, strict=True):
+        assert ours <= stock * t / 16 + 3  # the budget's share of stock's count (+ newlines, rounding)
     assert data.num_video_tokens == [3 * per_frame + 1]
     assert all(a < b for a, b in zip(images + videos, stock_images + stock_videos, strict=True) if b)
 
@@ -200,9 +257,9 @@ def test_vmtc_features_equal_layerwise_reference(cfg):
         video = model.model.get_video_features(pixel_values_videos=batch["pixel_values_videos"]).pooler_output[0]
         newline = model.model.image_newline
         grids = [_grid(model, (96, 96)), None, None, _grid(model, (50, 30))]
-        for i, grid in enumerate(grids):
+        for i, (grid, size) in enumerate(zip(grids, [(96, 96), None, None, (50, 30)], strict=True)):
             tiles = batch["pixel_values"][i][: 1 + grid[0] * grid[1] if grid else 1]
-            ref = _reference_pack(_reference_tiles(model, tiles, h), grid, newline)
+            ref = _reference_pack(_reference_image(model, tiles, h, size), grid, newline)
             torch.testing.assert_close(got[i], ref)
     with torch.no_grad():  # the stock tower (removed VMTC): every patch of every frame
         frames = batch["pixel_values_videos"][0]
@@ -229,7 +286,7 @@ def test_image_key_map_names_each_keys_tile_token(kwargs):
         ).pooler_output[0]  # fmt: skip
         tiles = batch["pixel_values"][0]
         per_tile = (
-            _reference_tiles(model, tiles, h)
+            _reference_image(model, tiles, h, (50, 30))  # high-res tiles compressed again (the share of stock's)
             if "vmtc" in kwargs
             else model.model.multi_modal_projector(
                 model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1]
@@ -238,7 +295,7 @@ def test_image_key_map_names_each_keys_tile_token(kwargs):
         big = _batch(processor, PROMPTS[:1])  # 3x3 tiles
         interpolated, big_count = h.adapter.image_key_map(h, big), _counts(model, big)[0][0]
     assert len(keys) == len(packed) == _counts(model, batch)[0][0]
-    expected = torch.stack([model.model.image_newline if key is None else per_tile[key] for key in keys])
+    expected = torch.stack([model.model.image_newline if key is None else per_tile[key[0]][key[1]] for key in keys])
     torch.testing.assert_close(packed, expected)
     assert len(interpolated) == big_count
     if "cmai" in kwargs:  # stock interpolates the 12x12 grid to 8x8: those keys hold no single tile token
@@ -250,6 +307,52 @@ def test_vmtc_cmai_cached_decode_equals_full_and_batch_equals_single_on_images_a
     assert_cached_equals_full_and_batch_equals_single(
         model, processor, PROMPTS[:3], vmtc=VMTCConfig(), cmai=CMAIConfig()
     )
+
+
+def test_anyres_max_cap_on_the_real_checkpoints_tiling():
+    """The real checkpoints' tiling (384 px tiles of 27x27 patches, grids 1x1 ... 6x6, anyres_max_9): under VMTC
+    no image sends more than the budget's share of stock's count (plus the newlines per tile row), for images
+    that stock interpolates as well as for those it does not; counts from the stock processor (before apply)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from unclutter.models.tiny import text_kwargs, vision_kwargs
+    from unclutter.models.tiny_llava_onevision import tiny_onevision_tokenizer
+
+    pinpoints = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
+    tok = tiny_onevision_tokenizer()
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**vision_kwargs(384, 14, 1, intermediate=32, vision_use_head=False)),
+        text_config=Qwen2Config(**text_kwargs(tok, layers=1, intermediate=32)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=pinpoints),
+        tokenizer=tok, num_image_tokens=27 * 27, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", video_processor=LlavaOnevisionVideoProcessor(),
+    )  # fmt: skip
+    sizes = [(384 * r + 7, 384 * c - 5) for r in range(1, 7) for c in range(1, 7)] + [(3000, 2900), (500, 2300)]
+    stock = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    for ratio in (0.5, 0.25):
+        with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=ratio)) as h:
+            ours = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+            share = h.num_image_tokens / 27**2
+            for size, a, b in zip(sizes, stock, ours, strict=True):
+                rows, _ = h.adapter.image_grid(size)
+                # the share of stock's count; we send one newline per tile row where stock sends one per patch row
+                assert share * a - rows * 27 - 364 <= b <= share * a + rows + 1, (ratio, size, a, b)
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)) as h:  # a per-tile budget alone: 364 x 37 + 6
+        assert h.adapter.image_tokens(h, (2304, 2304)) <= (729 + 81 * 82) / 2 + 6  # stock: 162x162 -> 81x81 + newlines
 
 
 def test_remove_restores_the_processors_stock_counts():

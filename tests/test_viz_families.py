@@ -70,13 +70,34 @@ def test_image_key_map_is_what_the_llm_receives(family, tiles):
     assert len(keys) == len(positions)
     embeds = grabbed["embeds"][0]
     every_token = projected.reshape(-1, projected.shape[-1])
+    sent = [_after_tower(projected[t], handle.post_infos.get(t)) for t in range(tiles)]
+    assert bool(handle.post_infos) == (family == "llava_onevision")  # its 3x3 tiles: a share of stock's 8x8
     for key, pos in zip(keys, positions.tolist(), strict=True):
         if key is None:
             assert not (embeds[pos] == every_token).all(-1).any()
+        elif handle.post_infos:
+            torch.testing.assert_close(embeds[pos], sent[key[0]][key[1]])
         else:
             torch.testing.assert_close(embeds[pos], projected[key], rtol=0, atol=0)
     held = sorted(k for k in keys if k is not None)
-    assert held == [(t, j) for t in range(tiles) for j in range(projected.shape[1])]  # each tile token exactly once
+    assert held == [(t, j) for t in range(tiles) for j in range(len(sent[t]))]  # each tile token exactly once
+
+
+def _after_tower(tokens: torch.Tensor, info) -> torch.Tensor:
+    """(T, E) projected tile tokens -> what the tile sends after a recorded compression after the tower (written
+    out: kept tokens, then each cluster's importance-weighted mean); unchanged without one."""
+    if info is None:
+        return tokens
+    weights = info.importance[0]
+    kept = [tokens[i] for i in info.kept_index[0].tolist()]
+    merged = []
+    for c in range(info.num_clusters):
+        members = [
+            i for i, cid in zip(info.merged_index[0].tolist(), info.cluster[0].tolist(), strict=True) if cid == c
+        ]
+        w = weights[members]
+        merged.append((w[:, None] * tokens[members]).sum(0) / w.sum())
+    return torch.stack(kept + merged)
 
 
 def test_visualize_draws_every_tile(tmp_path):

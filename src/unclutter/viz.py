@@ -49,18 +49,24 @@ def trace_groups(
     groups = [[i] for i in (range(num_patches) if units is None else units)]
     stages = []
     for s, info in enumerate(infos):
-        kept = info.kept_index[sample].tolist()
-        merged = info.merged_index[sample].tolist()
-        cluster = info.cluster[sample].tolist()
-        out = [TokenGroup(groups[i], True, -1) for i in kept]
-        for c in range(info.num_clusters):
-            members = [p for j, cid in zip(merged, cluster, strict=True) if cid == c for p in groups[j]]
-            out.append(TokenGroup(sorted(members), False, c))
+        out = step_groups(groups, info, sample)
         if orders is not None:
             out = [out[j] for j in orders[s]]
         stages.append(out)
         groups = [g.patches for g in out]
     return stages
+
+
+def step_groups(groups: list[list[int]], info: VMTCInfo, sample: int = 0) -> list[TokenGroup]:
+    """One compression step's outputs (kept tokens, then clusters), each with the patches of its input tokens."""
+    kept = info.kept_index[sample].tolist()
+    merged = info.merged_index[sample].tolist()
+    cluster = info.cluster[sample].tolist()
+    out = [TokenGroup(groups[i], True, -1) for i in kept]
+    for c in range(info.num_clusters):
+        members = [p for j, cid in zip(merged, cluster, strict=True) if cid == c for p in groups[j]]
+        out.append(TokenGroup(sorted(members), False, c))
+    return out
 
 
 def shown_image(processor, image: Image.Image) -> np.ndarray:
@@ -240,7 +246,7 @@ def visualize(
                 f"{handle.adapter.family} kept every unit of it (ratio 1.0, or a token budget at least its unit "
                 "count); lower vmtc.ratio or vmtc.num_tokens."
             )
-        infos = list(handle.stage_infos)
+        infos, post = list(handle.stage_infos), dict(handle.post_infos)
         tiles = handle.adapter.vision_tiles(handle, inputs)
         keys = handle.adapter.image_key_map(handle, inputs)
         trace, gammas = dict(handle.cmai_state.trace), dict(handle.cmai_state.gammas)
@@ -253,6 +259,12 @@ def visualize(
     stages = [trace_groups(infos, t.grid[0] * t.grid[1], t.row, t.units, t.orders) for t in tiles]
     names = [t.name for t in tiles]
     titles = [f"block {layer}" for layer in blocks]
+    if post:  # a compression after the tower for some tiles (OneVision's cap); the others pass it unchanged
+        for t, tile_stages in zip(tiles, stages, strict=True):
+            last = tile_stages[-1]
+            step = post.get(t.row)
+            tile_stages.append(list(last) if step is None else step_groups([g.patches for g in last], step))
+        titles.append("after the tower")
     one = len(tiles) == 1
     path = out_dir / f"{prefix}vmtc_tokens.png"
     paths = {

@@ -41,6 +41,11 @@ class VMTCInfo:
     def num_clusters(self) -> int:
         return int(self.cluster.max().item()) + 1 if self.cluster.numel() else 0
 
+    def select(self, rows: slice | int) -> VMTCInfo:
+        """The same step for some batch rows only (an int keeps that one row, as a batch of one)."""
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        return VMTCInfo(self.kept_index[rows], self.merged_index[rows], self.cluster[rows], self.importance[rows])
+
 
 @autocast_off
 def cls_importance(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -156,6 +161,19 @@ def compress(
         pieces.append(merged.to(x.dtype))
     info = VMTCInfo(kept_index=kept_index, merged_index=merged_index, cluster=cluster, importance=importance)
     return torch.cat(pieces, dim=1), info
+
+
+def output_importance(info: VMTCInfo) -> torch.Tensor:
+    """(B, k + c) importance of the tokens `compress` returned (CLS excluded): a kept patch keeps its IPS, a merged
+    token gets the sum of its members' IPS (its share of the attention), so merging merged tokens again with these
+    weights equals one importance-weighted merge of the original patches."""
+    kept = info.importance.gather(1, info.kept_index)
+    c = info.num_clusters
+    if c == 0:
+        return kept
+    merged = info.importance.gather(1, info.merged_index)
+    sums = torch.zeros(kept.shape[0], c, dtype=merged.dtype, device=merged.device)
+    return torch.cat([kept, sums.scatter_add(1, info.cluster, merged)], dim=1)
 
 
 def feature_block(num_layers: int, vision_feature_layer: int) -> int:

@@ -20,7 +20,9 @@ tiles*, so the LLM still sees where a row of the image ends, at tile granularity
 (stock spends one per patch row). Tiles are kept whole, padding included: which patches of a tile are
 padding is unknown after compression, and VMTC's ranking tends to merge such uniform patches into
 clusters anyway. An image given as a single tile (OneVision's multi-image prompts) keeps stock's layout:
-its tokens, then one newline. Length: ``t * (1 + rows * cols) + rows``, or ``t + 1`` for a single tile.
+its tokens, then one newline. Length: ``t + rows * cols * h + rows``, or ``t + 1`` for a single tile, where
+``h`` is the high-res tiles' budget: ``t``, unless the family caps a large image's high-res part
+(`AnyresAdapter.high_res_tokens`: OneVision's anyres_max, see `llava_onevision`).
 `Adapter.patch_processor` makes the processor expand ``<image>`` to exactly this count, and
 `image_key_map` names the (tile, token) behind every image key, for the stock and the compressed layout.
 """
@@ -33,36 +35,45 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
+from .. import vmtc as vmtc_math
 from .base import Adapter, Handle
 from .llava import feature_block
 from .vision import plan_vmtc, pool_grid
 
 
-def packed_count(tokens: int, grid: tuple[int, int] | None) -> int:
-    """Tokens one image sends under the compressed packing: ``tokens`` per tile, ``grid`` (rows, cols) or None."""
+def packed_count(tokens: int, grid: tuple[int, int] | None, high: int | None = None) -> int:
+    """Tokens one image sends under the compressed packing: ``tokens`` for the base tile (or the single tile),
+    ``high`` (default ``tokens``) per high-res tile, ``grid`` (rows, cols) or None."""
     if grid is None:
         return tokens + 1
     rows, cols = grid
-    return tokens * (1 + rows * cols) + rows
+    return tokens + rows * cols * (tokens if high is None else high) + rows
 
 
-def pack_tiles(features: torch.Tensor, grid: tuple[int, int] | None, newline: torch.Tensor) -> torch.Tensor:
-    """One image's (tiles, t, E) projected tile features -> (packed_count(t, grid), E) in the layout above."""
-    tiles, t, e = features.shape
-    row = newline.to(features.device, features.dtype)[None]  # (1, E)
+def pack_tiles(
+    base: torch.Tensor, high: torch.Tensor | None, grid: tuple[int, int] | None, newline: torch.Tensor
+) -> torch.Tensor:
+    """One image's projected tile features in the layout above.
+
+    base: (t, E), the base tile (or the single tile); high: (rows * cols, h, E) high-res tiles in raster order,
+    None for a single tile. Returns (packed_count(t, grid, h), E).
+    """
+    row = newline.to(base.device, base.dtype)[None]  # (1, E)
     if grid is None:
-        if tiles != 1:
-            raise ValueError(f"an image without a tile grid should be one tile, got {tiles}.")
-        return torch.cat([features[0], row])
+        if high is not None and len(high):
+            raise ValueError(f"an image without a tile grid should be one tile, got {1 + len(high)}.")
+        return torch.cat([base, row])
     rows, cols = grid
+    tiles = 1 + (0 if high is None else len(high))
     if tiles != 1 + rows * cols:
         raise ValueError(
             f"an image laid out as {rows}x{cols} high-res tiles should have {1 + rows * cols} tiles (base "
             f"included), got {tiles}: the processor's image_grid_pinpoints differ from the model config's."
         )
-    high = features[1:].reshape(rows, cols * t, e)
+    _, h, e = high.shape
+    high = high.reshape(rows, cols * h, e)
     high = torch.cat([high, row.expand(rows, 1, e)], dim=1).reshape(-1, e)
-    return torch.cat([features[0], high])
+    return torch.cat([base, high])
 
 
 class AnyresAdapter(Adapter):
@@ -89,7 +100,22 @@ class AnyresAdapter(Adapter):
 
     def image_tokens(self, handle: Handle, image_size, single_tile: bool = False) -> int:
         """Placeholders one image needs under the compressed packing."""
-        return packed_count(handle.num_image_tokens, None if single_tile else self.image_grid(image_size))
+        if single_tile:
+            return packed_count(handle.num_image_tokens, None)
+        grid = self.image_grid(image_size)
+        return packed_count(handle.num_image_tokens, grid, self.high_res_tokens(handle, image_size, grid))
+
+    def high_res_tokens(self, handle: Handle, image_size, grid: tuple[int, int]) -> int:
+        """Tokens each high-res tile of this image sends under the compressed packing. Default: the per-tile budget.
+        A family that caps large images (OneVision) returns less and implements `cap_high_res`."""
+        return handle.num_image_tokens
+
+    def cap_high_res(
+        self, handle: Handle, high: torch.Tensor, tile_rows: range, tokens: int
+    ) -> tuple[torch.Tensor, vmtc_math.VMTCInfo]:
+        """(tiles, t, E) high-res tile features (``tile_rows``: their rows in the tower's batch) -> (tiles, tokens, E)
+        and what the compression did (pictures draw it as a step after the tower)."""
+        raise NotImplementedError(f"{self.family} does not cap high-res tiles.")
 
     # --- planning and hooks --------------------------------------------------------------------------
     def plan(self, handle: Handle) -> None:
@@ -127,9 +153,9 @@ class AnyresAdapter(Adapter):
 
             handle.add_hook(self.base.multi_modal_projector.register_forward_pre_hook(pool))
         if handle.num_image_tokens != handle.stock_image_tokens:
-            handle.override(self.base, "pack_image_features", self.packer())
+            handle.override(self.base, "pack_image_features", self.packer(handle))
 
-    def packer(self):
+    def packer(self, handle: Handle):
         """A replacement for the model's ``pack_image_features`` (same call, same return) for compressed tiles."""
 
         def pack_image_features(image_features, image_sizes, *args, image_newline=None, **kwargs):
@@ -138,10 +164,17 @@ class AnyresAdapter(Adapter):
                     "unclutter's tile packer needs image_newline (the model's get_image_features passes it); "
                     "it was called without."
                 )
-            packed = [
-                pack_tiles(feats, None if feats.shape[0] == 1 else self.image_grid(size), image_newline)
-                for feats, size in zip(image_features, image_sizes, strict=True)
-            ]
+            packed, first = [], 0  # first: the image's first row in the tower's batch of tiles
+            handle.post_infos = {}
+            for feats, size in zip(image_features, image_sizes, strict=True):
+                grid = None if feats.shape[0] == 1 else self.image_grid(size)
+                high = feats[1:]
+                if grid is not None and (h := self.high_res_tokens(handle, size, grid)) < high.shape[1]:
+                    rows = range(first + 1, first + len(feats))
+                    high, info = self.cap_high_res(handle, high, rows, h)
+                    handle.post_infos.update({row: info.select(i) for i, row in enumerate(rows)})
+                packed.append(pack_tiles(feats[0], high, grid, image_newline))
+                first += len(feats)
             lengths = torch.tensor([len(p) for p in packed], dtype=torch.long, device=packed[0].device)
             return packed, lengths
 
@@ -204,8 +237,9 @@ class AnyresAdapter(Adapter):
         rows, cols = self.image_grid(sizes[0])
         if t == handle.stock_image_tokens:
             return keys + self.stock_keys(sizes[0], rows, cols)
+        h = self.high_res_tokens(handle, sizes[0], (rows, cols))  # t, or less after the cap's compression
         for r in range(rows):
-            keys += [(1 + r * cols + c, j) for c in range(cols) for j in range(t)] + [None]
+            keys += [(1 + r * cols + c, j) for c in range(cols) for j in range(h)] + [None]
         return keys
 
     def stock_keys(self, image_size, rows: int, cols: int) -> list[tuple[int, int] | None]:

@@ -10,11 +10,19 @@ patch grid is bilinearly pooled 2x2 after the projector (`apply_pooling`); one n
   keys as well (see `llava_next`).
 - VMTC on images: per tile, inside the SigLIP blocks (`stage_forward`), ranked by "received" importance
   (no CLS: the mean attention each patch receives); the per-tile budget and the compressed packer
-  (`anyres`) replace unpadding and the anyres_max interpolation, and ``<image>`` expands to exactly
-  that count. Multi-image prompts: each image is one compressed tile plus its newline. Caveat: stock
-  interpolation caps an image's high-res part at about N tiles' worth of tokens, the per-tile budget
-  does not, so an image of more than about N / ratio high-res tiles (ratio 0.5, anyres_max_9: 18 of the real
-  checkpoint's up to 36) sends more tokens than stock.
+  (`anyres`) replace unpadding, and ``<image>`` expands to exactly that count. Multi-image prompts: each
+  image is one compressed tile plus its newline.
+- The budget is a share of *stock's* count. Stock unpads an image's high-res grid and interpolates it
+  down to about ``anyres_max_N`` tiles' worth when it is more than 1.1x that (real checkpoints: up to
+  36 tiles cut to about 9). A per-tile budget alone ignores both (ratio 0.5 on 36 tiles: 18 tiles'
+  worth, twice stock; an elongated image: its half-padding tiles count in full), so the high-res part
+  gets the tiles' share of stock's count: ``h = min(t, floor(round(t / side^2 * H' * W') / (rows * cols)))``
+  tokens per high-res tile (at least 1), H' x W' the grid stock sends (unpadded, interpolated where stock
+  interpolates). Each high-res tile leaves the tower with ``t`` tokens (all tiles of a batch share the
+  tower's stages); where ``h < t`` it is compressed again to ``h`` by `vmtc.compress` on its projected
+  tokens, ranked and merge-weighted by `vmtc.output_importance` of the last stage (kept tokens their IPS,
+  merged ones their members' sum). The base tile keeps ``t`` (stock keeps it whole too). Pictures draw
+  that step as a last panel (``handle.post_infos``).
 - VMTC on videos: compressed *after* OneVision's pooling, per frame. A frame's tower pass keeps every
   patch (a wrapper around `get_video_features` tells the stage blocks it is a video), the last stage
   block records each patch's received importance, the stock `apply_pooling` pools the features and (the
@@ -34,6 +42,7 @@ import math
 from types import MethodType
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from .. import vmtc as vmtc_math
 from .anyres import AnyresAdapter
@@ -83,11 +92,46 @@ class LlavaOnevisionAdapter(AnyresAdapter):
 
     def frame_clusters(self, handle: Handle) -> int:
         """Merged tokens per compressed frame: the config's last stage choice, capped by the frame budget."""
+        return self.clusters_for(handle, self.frame_tokens)
+
+    @staticmethod
+    def clusters_for(handle: Handle, tokens: int) -> int:
+        """Merged tokens of a compression after the tower down to ``tokens``: the last stage's choice, capped."""
         cfg = handle.vmtc
         if cfg.merge != "cluster":
             return 0 if cfg.merge == "drop" else 1
         chosen = cfg.clusters[-1] if isinstance(cfg.clusters, tuple) else cfg.clusters
-        return min(chosen or vmtc_math.default_clusters(self.frame_tokens), self.frame_tokens)
+        return min(chosen or vmtc_math.default_clusters(tokens), tokens)
+
+    # --- the anyres_max cap -----------------------------------------------------------------------------
+    def high_res_tokens(self, handle: Handle, image_size, grid: tuple[int, int]) -> int:
+        t = handle.num_image_tokens
+        if not handle.active_stages:
+            return t
+        rows, cols = grid
+        most = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        shape = unpad_image(torch.empty(0, rows * self.side, cols * self.side), image_size).shape
+        height, width = shape[1], shape[2]
+        ratio = math.sqrt(height * width / (most * self.side**2))
+        # the high-res patch tokens stock sends: the unpadded grid, interpolated down when it is large
+        stock = int(height // ratio) * int(width // ratio) if ratio > 1.1 else height * width
+        return max(1, min(t, round(stock * t / self.side**2) // (rows * cols)))
+
+    def cap_high_res(
+        self, handle: Handle, high: torch.Tensor, tile_rows: range, tokens: int
+    ) -> tuple[torch.Tensor, vmtc_math.VMTCInfo]:
+        infos = handle.stage_infos
+        if len(infos) != len(handle.active_stages) or infos[-1].importance.shape[0] < tile_rows.stop:
+            raise RuntimeError(
+                "unclutter caps OneVision's large images with the importance the tower's last VMTC stage recorded, "
+                "but this pack_image_features call does not follow a VMTC tower pass over these tiles."
+            )
+        weights = vmtc_math.output_importance(infos[-1])[tile_rows.start : tile_rows.stop]
+        clusters = self.clusters_for(handle, tokens)
+        return vmtc_math.compress(
+            high, weights.to(high.device), tokens - clusters, clusters, merge=handle.vmtc.merge,
+            normalize=handle.vmtc.normalize, iters=handle.vmtc.kmeans_iters, has_cls=False,
+        )  # fmt: skip
 
     # --- hooks ----------------------------------------------------------------------------------------
     def install_vmtc(self, handle: Handle) -> None:
