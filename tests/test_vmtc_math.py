@@ -160,7 +160,7 @@ def naive_received(q, k, scale, valid):
     return out
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64, 4096])
+@pytest.mark.parametrize("chunk", [1, 5, 64, 4096, None])
 def test_received_importance_equals_full_attention_in_any_chunking(chunk):
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 3, 37, 8, generator=g), torch.randn(2, 3, 37, 8, generator=g)
@@ -173,6 +173,15 @@ def test_received_importance_equals_full_attention_in_any_chunking(chunk):
     torch.testing.assert_close(
         vmtc.received_importance(q, k, 0.3, chunk=chunk), naive_received(q, k, 0.3, valid | True)
     )
+
+
+def test_received_importance_is_stable_for_large_logits():
+    """Scores of several hundred (attention sinks in trained towers) must not overflow the in-place exponent."""
+    g = torch.Generator().manual_seed(6)
+    q, k = 30 * torch.randn(1, 2, 50, 8, generator=g), 30 * torch.randn(1, 2, 50, 8, generator=g)
+    got = vmtc.received_importance(q, k, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, naive_received(q, k, 1.0, torch.ones(1, 50, dtype=torch.bool)))
 
 
 def test_compress_without_cls_keeps_whole_units():
