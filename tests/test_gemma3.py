@@ -201,15 +201,24 @@ def test_unit_pooling_equals_the_stock_projector_bit_for_bit(model, processor):
     [VMTCConfig(), VMTCConfig(ratio=0.25, merge="single"), VMTCConfig(num_tokens=5, layers=(1, 3), clusters=2)],
     ids=["default", "single", "two-stages"],
 )
-def test_vmtc_equals_a_layer_by_layer_reference(processor, cfg):
-    model = tiny_gemma3(attn_implementation="eager")  # eager attention returns the weights the reference ranks by
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_vmtc_equals_a_layer_by_layer_reference(processor, cfg, attn):
+    """eager: ranked from captured q/k by a second score pass; sdpa: ranked inside the stage blocks' attention
+    (`vision.vmtc_attention`). Both against the reference on an eager twin (same weights)."""
+    model = tiny_gemma3(attn_implementation=attn)
+    twin = tiny_gemma3(attn_implementation="eager")  # eager attention returns the weights the reference ranks by
     pixels = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48), random_image(2, 48)]], QUESTIONS)[
         "pixel_values"
     ]
     with unclutter.apply(model, processor, vmtc=cfg) as handle:
         got = _soft_tokens(model, pixels)
         with torch.no_grad():
-            expected = reference_soft_tokens(model, pixels, handle)
+            expected = reference_soft_tokens(twin, pixels, handle)
+        fused = model.config.vision_config._attn_implementation
+    assert (fused, len(handle._ranked)) == (
+        ("unclutter_vmtc", len(handle.active_stages)) if attn == "sdpa" else ("eager", 0)
+    )
+    assert model.config.vision_config._attn_implementation == attn  # remove() restores it
     assert got.shape == (3, handle.num_image_tokens, model.config.text_config.hidden_size)
     assert handle.num_image_tokens == (cfg.num_tokens or round(cfg.ratio * TOKENS_PER_IMAGE))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -244,11 +244,14 @@ def test_vmtc_budget_per_tile_and_per_frame():
     assert h.adapter.frame_info.importance.shape == (3, 4)  # one row per frame, over its pooled tokens
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])  # sdpa: ranked inside the stage blocks' attention
 @pytest.mark.parametrize("cfg", [VMTCConfig(), VMTCConfig(num_tokens=6, num_stages=2, merge="single")])
-def test_vmtc_features_equal_layerwise_reference(cfg):
-    model = tiny_llava_onevision(attn_implementation="eager")  # eager returns the weights the references need
+def test_vmtc_features_equal_layerwise_reference(cfg, attn):
+    model = tiny_llava_onevision(attn_implementation=attn)
+    reference_model = tiny_llava_onevision(attn_implementation="eager")  # eager returns the weights references need
     processor = tiny_llava_onevision_processor()
     with unclutter.apply(model, processor, vmtc=cfg) as h, torch.no_grad():
+        assert len(h._ranked) == (len(h.active_stages) if attn == "sdpa" else 0)
         batch = _batch(processor)
         got = model.model.get_image_features(
             pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
@@ -259,13 +262,13 @@ def test_vmtc_features_equal_layerwise_reference(cfg):
         grids = [_grid(model, (96, 96)), None, None, _grid(model, (50, 30))]
         for i, (grid, size) in enumerate(zip(grids, [(96, 96), None, None, (50, 30)], strict=True)):
             tiles = batch["pixel_values"][i][: 1 + grid[0] * grid[1] if grid else 1]
-            ref = _reference_pack(_reference_image(model, tiles, h, size), grid, newline)
+            ref = _reference_pack(_reference_image(reference_model, tiles, h, size), grid, newline)
             torch.testing.assert_close(got[i], ref)
     with torch.no_grad():  # the stock tower (removed VMTC): every patch of every frame
         frames = batch["pixel_values_videos"][0]
-        out = model.model.vision_tower(frames, output_hidden_states=True, output_attentions=True)
+        out = reference_model.model.vision_tower(frames, output_hidden_states=True, output_attentions=True)
         importance = out.attentions[h.active_stages[-1].layer].mean(1).mean(1)  # (frames, 16) received
-        pooled = _bilinear_half(model.model.multi_modal_projector(out.hidden_states[-1]))
+        pooled = _bilinear_half(reference_model.model.multi_modal_projector(out.hidden_states[-1]))
         weights = _bilinear_half(importance[..., None])[..., 0]
         clusters = h.adapter.frame_clusters(h)
         ref, _ = unclutter.vmtc.compress(

@@ -175,6 +175,17 @@ def test_received_importance_equals_full_attention_in_any_chunking(chunk):
     )
 
 
+@pytest.mark.parametrize("chunk", [3, None])
+def test_attention_with_received_equals_sdpa_and_the_score_pass(chunk):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 41, 8, generator=g) for _ in range(3))
+    out, received = vmtc.attention_with_received(q, k, v, 0.35, chunk=chunk)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.35))
+    torch.testing.assert_close(received, naive_received(q, k, 0.35, torch.ones(2, 41, dtype=torch.bool)))
+    half, _ = vmtc.attention_with_received(q, k, v.bfloat16(), 0.35)
+    assert half.dtype == torch.bfloat16
+
+
 def test_received_importance_is_stable_for_large_logits():
     """Scores of several hundred (attention sinks in trained towers) must not overflow the in-place exponent."""
     g = torch.Generator().manual_seed(6)

@@ -31,7 +31,7 @@ from torch import nn
 from .. import vmtc as vmtc_math
 from .base import Adapter, Handle, check_placeholders, register
 from .llava import num_images
-from .vision import VMTCStage, capture_qk, plan_vmtc, pool_grid, record, stage_importance
+from .vision import VMTCStage, plan_vmtc, pool_grid, rank_in_attention, record, stage_importance, want_ranking
 
 
 def to_units(patches: torch.Tensor, side: int, kernel: int) -> torch.Tensor:
@@ -80,6 +80,7 @@ def unit_stage_forward(stage: VMTCStage, handle: Handle, side: int, kernel: int,
         if first:  # group each unit's patches; every block from here on is permutation-equivariant
             hidden_states = to_units(hidden_states, side, kernel)
         residual = hidden_states
+        want_ranking(handle, stage.layer)
         hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=None, **kwargs)
         hidden_states = residual + hidden_states
         b, t, d = hidden_states.shape
@@ -164,7 +165,7 @@ class Gemma3Adapter(Adapter):
                 raise TypeError(
                     f"VMTC expects SigLIP's pre-norm encoder layer; {type(block).__name__} lacks {', '.join(missing)}."
                 )
-            capture_qk(handle, block.self_attn, stage.layer)
+            rank_in_attention(handle, self.base.vision_tower, block.self_attn, stage.layer)
             forward = unit_stage_forward(stage, handle, side, kernel, first=i == 0)
             handle.patch_forward(block, MethodType(forward, block))
         if handle.active_stages:

@@ -47,7 +47,7 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image
 from .. import vmtc as vmtc_math
 from .anyres import AnyresAdapter
 from .base import Handle, register
-from .vision import VMTCStage, capture_qk, record, stage_importance
+from .vision import VMTCStage, rank_in_attention, record, stage_importance, want_ranking
 
 
 def images_per_prompt(batch_num_images, image_idx: int) -> int:
@@ -138,7 +138,7 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         layers = self.base.vision_tower.encoder.layers
         for stage in handle.active_stages:
             block = layers[stage.layer]
-            capture_qk(handle, block.self_attn, stage.layer)
+            rank_in_attention(handle, self.base.vision_tower, block.self_attn, stage.layer)
             handle.patch_forward(block, MethodType(self.stage_forward(handle, stage), block))
         handle.override(self.base, "get_video_features", self.video_features(self.base.get_video_features))
         if self.compresses_frames:
@@ -152,9 +152,14 @@ class LlavaOnevisionAdapter(AnyresAdapter):
 
         def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
             if adapter._video:
+                ranked = (
+                    last and adapter.compresses_frames
+                )  # rank the frame's patches for the compression after pooling
+                if ranked:
+                    want_ranking(handle, stage.layer)
                 out = type(self).forward(self, hidden_states, attention_mask, **kwargs)
                 patches = hidden_states.shape[1]
-                if last and adapter.compresses_frames:  # rank the frame's patches for the compression after pooling
+                if ranked:
                     whole = VMTCStage(stage.layer, patches, patches, 0)
                     adapter._frame_importance = stage_importance(handle, whole, self.self_attn, patches, has_cls=False)
                 else:
@@ -163,6 +168,7 @@ class LlavaOnevisionAdapter(AnyresAdapter):
             if attention_mask is not None:
                 raise ValueError("VMTC cannot compress a vision tower called with an attention mask.")
             residual = hidden_states
+            want_ranking(handle, stage.layer)
             hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), **kwargs)
             hidden_states = residual + hidden_states
             importance = stage_importance(handle, stage, self.self_attn, hidden_states.shape[1], has_cls=False)

@@ -1,8 +1,17 @@
-"""Shared vision-side pieces: VMTC stage planning, a VMTC encoder-layer forward, and SPD pooling.
+"""Shared vision-side pieces: VMTC stage planning, a VMTC encoder-layer forward, ranking, and SPD pooling.
 
 Every adapter whose tower is built from pre-norm ViT layers (CLIP, SigLIP: ``layer_norm1 ->
 self_attn -> residual -> layer_norm2 -> mlp -> residual``) uses `vmtc_layer_forward`; towers with
 another layer layout write their own forward around the same pure functions of `unclutter.vmtc`.
+
+Ranking. A stage block ranks its patches from the queries and keys its own attention computes. CLS
+ranking reads them from the q/k projections (`capture_qk`: one query row, cheap). "Received" ranking
+needs every query row, i.e. the block's whole attention map: on an SDPA tower (SigLIP without padding:
+Gemma 3, LLaVA-OneVision) `rank_in_attention` registers `vmtc_attention` with transformers'
+`AttentionInterface` for the tower, which is plain SDPA in every block except a stage block that asks
+for its ranking, where one chunked pass gives both the attention output and the importance
+(`vmtc.attention_with_received`). Elsewhere (eager towers, padding masks) the importance is a second
+score pass over the captured q/k.
 """
 
 from __future__ import annotations
@@ -13,11 +22,14 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import vmtc as vmtc_math
 from ..config import VMTCConfig
 
 DEFAULT_STAGES = 4
+VISION_ATTN = "unclutter_vmtc"  # the vision tower's registered attention function while a stage ranks in it
 
 
 @dataclass
@@ -99,6 +111,57 @@ def capture_qk(handle, attn: nn.Module, layer: int, names: tuple[str, str] = ("q
         handle.add_hook(getattr(attn, name).register_forward_hook(grab))
 
 
+class RankingSlot:
+    """Between a stage block's forward and its attention call: whether the ranking is wanted, and its result."""
+
+    def __init__(self) -> None:
+        self.wanted = False
+        self.importance: torch.Tensor | None = None
+
+
+def vmtc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA, except in a stage block that asked for its ranking (`want_ranking`): then the attention output and the
+    received importance from one pass over the scores, the importance left in the block's `RankingSlot`."""
+    slot = getattr(module, "_unclutter_ranking", None)
+    if slot is None or not slot.wanted:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    slot.wanted = False
+    if attention_mask is not None or (dropout and module.training) or query.shape[1] != key.shape[1]:
+        raise ValueError(
+            "unclutter ranks a VMTC stage inside its attention only without an attention mask, dropout or grouped "
+            f"heads; {type(module).__name__} got one. Load the vision tower with attn_implementation='eager' to rank "
+            "from captured queries and keys instead."
+        )
+    scale = module.scale if scaling is None else scaling
+    out, slot.importance = vmtc_math.attention_with_received(query, key, value, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def rank_in_attention(handle, tower: nn.Module, attn: nn.Module, layer: int) -> None:
+    """Let stage block ``layer`` rank its patches: inside its own attention on an SDPA tower with received
+    importance (see the module docstring), else from its captured q/k projections (`capture_qk`)."""
+    impl = getattr(tower.config, "_attn_implementation", None)
+    if handle.importance != "received" or impl not in ("sdpa", VISION_ATTN):
+        capture_qk(handle, attn, layer)
+        return
+    if impl == "sdpa":
+        AttentionInterface.register(VISION_ATTN, vmtc_attention)
+        tower.set_attn_implementation(VISION_ATTN)
+        handle._undo.append(lambda: tower.set_attn_implementation("sdpa"))
+    slot = RankingSlot()
+    handle.override(attn, "_unclutter_ranking", slot)
+    handle._ranked[layer] = slot
+
+
+def want_ranking(handle, layer: int) -> None:
+    """Before a stage block's attention call: ask for the ranking (a no-op when it comes from captured q/k)."""
+    slot = handle._ranked.get(layer)
+    if slot is not None:
+        slot.wanted, slot.importance = True, None
+
+
 def stage_importance(
     handle, stage: VMTCStage, attn: nn.Module, tokens: int, *, has_cls: bool = True, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -107,6 +170,20 @@ def stage_importance(
     "cls" (the paper): the CLS query's attention to each patch; "received": the mean attention each token
     receives from all tokens (``handle.importance``; towers without CLS). ``valid``: (B, T) patch mask.
     """
+    slot = handle._ranked.get(stage.layer)
+    if slot is not None:  # ranked inside the block's attention (`rank_in_attention`)
+        importance, slot.importance, slot.wanted = slot.importance, None, False
+        if importance is None:
+            raise RuntimeError(
+                f"VMTC stage at block {stage.layer}: the block's attention did not run through unclutter's registered "
+                "attention function (transformers changed how the tower dispatches attention?); cannot rank patches."
+            )
+        if has_cls or valid is not None or importance.shape[1] != tokens or tokens != stage.tokens_in:
+            raise ValueError(
+                f"VMTC stage at block {stage.layer} expected {stage.tokens_in} patch tokens without CLS or padding, got "
+                f"{importance.shape[1]}: the image size does not match the vision config."
+            )
+        return importance
     grab = handle._qk.pop(stage.layer, None)
     if grab is None or "q" not in grab or "k" not in grab:
         raise RuntimeError(
