@@ -132,3 +132,30 @@ def test_miniature_runs_conditions_on_rebuilt_models(built, tiny_llm, tmp_path):
     assert set(data["conditions"]) == {"trained", "ceiling"}
     assert "diff_vs_stock" not in data["conditions"]["trained"]["vqa"]  # no stock run to pair with
     assert (tmp_path / "out" / "results.md").read_text().count("pending") >= 3
+
+
+def test_a_build_is_deterministic_for_its_seed(built, tmp_path):
+    """Two builds of one recipe and seed from the same data, ViT and init write bit-identical trained weights;
+    another seed (the data order, LoRA's init) writes different ones."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, _ = built
+    outs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        other = tmp_path / name
+        for part in ("train", "test", "vision", "configs"):
+            shutil.copytree(root / part, other / part)
+        shutil.copytree(root / "init-s0", other / f"init-s{seed}")  # the same projector init for every run
+        outs.append(build("stock", seed, other, other / "configs"))
+
+    def weights(out: Path) -> dict[str, torch.Tensor]:
+        files = sorted(f for f in out.rglob("*.safetensors") if not any(p.startswith("checkpoint-") for p in f.parts))
+        assert files
+        return {f"{f.relative_to(out)}:{k}": v for f in files for k, v in load_file(f).items()}
+
+    a, b, c = (weights(o) for o in outs)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
