@@ -152,9 +152,8 @@ class LlavaOnevisionAdapter(AnyresAdapter):
 
         def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
             if adapter._video:
-                ranked = (
-                    last and adapter.compresses_frames
-                )  # rank the frame's patches for the compression after pooling
+                # the last stage ranks the frame's patches for the compression after pooling
+                ranked = last and adapter.compresses_frames
                 if ranked:
                     want_ranking(handle, stage.layer)
                 out = type(self).forward(self, hidden_states, attention_mask, **kwargs)
