@@ -26,9 +26,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "lmms-eval==0.7.3" loguru pytz
 	touch $(STAMP)
 
-# The tests run tiny models, where a second torch thread only adds synchronisation (and oversubscribes a machine
-# that is busy with other work): one thread unless the caller sets OMP_NUM_THREADS.
-test test-lowest test-published compat: export OMP_NUM_THREADS ?= 1
+# The tests and the demo run small models, where a second torch thread only adds synchronisation and, on a machine
+# busy with other work, oversubscribes it badly (the demo beside one training run: 61 s with one thread, 423 s with
+# two): one thread unless the caller sets OMP_NUM_THREADS.
+test test-lowest test-published compat demo: export OMP_NUM_THREADS ?= 1
 
 # The whole suite on the newest admitted transformers, then the exactness suite on the lowest.
 test: $(STAMP)
