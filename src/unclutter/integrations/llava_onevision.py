@@ -104,18 +104,24 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         return min(chosen or vmtc_math.default_clusters(tokens), tokens)
 
     # --- the anyres_max cap -----------------------------------------------------------------------------
+    def stock_high_res_grid(self, image_size, grid: tuple[int, int]) -> tuple[int, int, bool]:
+        """(rows, cols) of the high-res patch grid stock packs for this image, and whether it interpolated: the
+        unpadded grid, interpolated down to about anyres_max_N tiles' worth when it is more than 1.1x that (as
+        the model's pack_image_features does)."""
+        rows, cols = grid
+        _, height, width = unpad_image(torch.empty(0, rows * self.side, cols * self.side), image_size).shape
+        most = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        ratio = math.sqrt(height * width / (most * self.side**2))
+        if ratio <= 1.1:
+            return height, width, False
+        return int(height // ratio), int(width // ratio), True
+
     def high_res_tokens(self, handle: Handle, image_size, grid: tuple[int, int]) -> int:
         t = handle.num_image_tokens
         if not handle.active_stages:
             return t
-        rows, cols = grid
-        most = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
-        shape = unpad_image(torch.empty(0, rows * self.side, cols * self.side), image_size).shape
-        height, width = shape[1], shape[2]
-        ratio = math.sqrt(height * width / (most * self.side**2))
-        # the high-res patch tokens stock sends: the unpadded grid, interpolated down when it is large
-        stock = int(height // ratio) * int(width // ratio) if ratio > 1.1 else height * width
-        return max(1, min(t, round(stock * t / self.side**2) // (rows * cols)))
+        height, width, _ = self.stock_high_res_grid(image_size, grid)  # the high-res patch tokens stock sends
+        return max(1, min(t, round(height * width * t / self.side**2) // (grid[0] * grid[1])))
 
     def cap_high_res(
         self, handle: Handle, high: torch.Tensor, tile_rows: range, tokens: int
@@ -216,15 +222,11 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         return pool
 
     def stock_keys(self, image_size, rows: int, cols: int) -> list[tuple[int, int] | None]:
-        keys = super().stock_keys(image_size, rows, cols)
-        height = keys.count(None)
-        width = len(keys) // height - 1
-        most = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
-        ratio = math.sqrt(height * width / (most * self.side**2))
-        if ratio <= 1.1:
-            return keys
+        height, width, interpolated = self.stock_high_res_grid(image_size, (rows, cols))
+        if not interpolated:
+            return super().stock_keys(image_size, rows, cols)
         # stock interpolates the grid down (as its pack_image_features does): each key mixes several patches
-        return [None] * (int(height // ratio) * (int(width // ratio) + 1))
+        return [None] * (height * (width + 1))
 
     # --- counts ---------------------------------------------------------------------------------------
     def video_tokens(self, handle: Handle, frames: int) -> int | None:
