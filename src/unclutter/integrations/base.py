@@ -191,9 +191,8 @@ class Handle:
     cmai_state: cmai_attention.CMAIState | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _qk: dict = field(default_factory=dict)
-    _ranked: dict = field(
-        default_factory=dict
-    )  # stage block -> its `vision.RankingSlot` (ranking fused into attention)
+    # stage block -> its `vision.RankingSlot` (the block ranks inside its own attention)
+    _ranked: dict = field(default_factory=dict)
     _removed: bool = False
 
     @property
