@@ -68,3 +68,32 @@ def test_results_from_finished_runs_with_pending_rows(tmp_path):
     assert "| VMTC + CMAI, trained in (ours) | pending |" in md
     assert "50.0 [" in md and "Pending (model not built yet): trained seeds [0, 1]" in md
     assert json.loads((tmp_path / "out" / "results.json").read_text())["pending"] == {"trained": [0, 1]}
+
+
+def test_first_seed_tables_compare_every_row_on_the_first_seed(tmp_path):
+    """Fig. 2 and Tables 4-5 ran on seed 0 only: their stock and plug-in rows must be seed 0's too, not the
+    all-seed means of the headline (stock here scores 50 on seed 0 and 100 on seed 1)."""
+    root = tmp_path / "mini"
+    build_shapes(root / "test", 20, seed=1, if_per_task=2)
+    records = {"gqa": load_records("gqa", root / "test" / "vqa.jsonl", None),
+               "if16": load_records("if16", root / "test" / "if16.jsonl", None)}  # fmt: skip
+    right = lambda r: r.get("answer", "")  # noqa: E731
+    half = lambda r: r["answer"] if int(r["question_id"]) % 2 else "no idea"  # noqa: E731
+    for seed, answer in ((0, half), (1, right)):
+        for bench in ("gqa", "if16"):
+            _fake_run(root, BY_NAME["stock"], seed, bench, records[bench], answer if bench == "gqa" else right)
+    for name in ("spd10", "t4-llp"):
+        for bench in ("gqa", "if16"):
+            _fake_run(root, BY_NAME[name], 0, bench, records[bench], half if bench == "gqa" else right)
+    data = write_results(root, tmp_path / "out", [0, 1], records, {})
+    assert data["conditions"]["stock"]["vqa"]["mean"] == pytest.approx(75.0)
+    first = data["first_seed_conditions"]
+    assert first["stock"]["vqa"]["mean"] == pytest.approx(50.0) and first["stock"]["vqa"]["seeds"] == [0]
+    assert first["spd10"]["vqa"]["diff_vs_stock"]["mean"] == pytest.approx(0.0)
+    md = (tmp_path / "out" / "results.md").read_text()
+    fig2 = md.split("### Fig. 2")[1].split("###")[0]
+    assert "| stock | 144 | " in fig2 and "| 50.0 [" in fig2 and "| 75.0 [" not in fig2
+    table4 = md.split("### Table 4")[1].split("###")[0]
+    assert "| 75.0 [" not in table4 and "| 1 | 72 | 50.0 [" in table4
+    headline = md.split("### Headline")[1].split("###")[0]
+    assert "| stock | 2 | 144 | 75.0 [" in headline
