@@ -45,13 +45,26 @@ def _fake_run(root, cond, seed, bench, records, answer):
     (out / "tokens.json").write_text(json.dumps({"image_tokens": 144 if cond.name == "stock" else 72}))
 
 
-def test_results_from_finished_runs_with_pending_rows(tmp_path):
+def _held_out(tmp_path):
+    """A small held-out shapes set and its records, as the miniature loads them."""
     root = tmp_path / "mini"
     build_shapes(root / "test", 20, seed=1, if_per_task=2)
     records = {"gqa": load_records("gqa", root / "test" / "vqa.jsonl", None),
                "if16": load_records("if16", root / "test" / "if16.jsonl", None)}  # fmt: skip
-    right = lambda r: r.get("answer", "")  # noqa: E731
-    half = lambda r: r["answer"] if int(r["question_id"]) % 2 else "no idea"  # noqa: E731
+    return root, records
+
+
+def right(r):
+    return r.get("answer", "")
+
+
+def half(r):
+    """Right on odd question ids only."""
+    return r["answer"] if int(r["question_id"]) % 2 else "no idea"
+
+
+def test_results_from_finished_runs_with_pending_rows(tmp_path):
+    root, records = _held_out(tmp_path)
     for seed in (0, 1):
         _fake_run(root, BY_NAME["stock"], seed, "gqa", records["gqa"], half)
         _fake_run(root, BY_NAME["stock"], seed, "if16", records["if16"], right)
@@ -73,12 +86,7 @@ def test_results_from_finished_runs_with_pending_rows(tmp_path):
 def test_first_seed_tables_compare_every_row_on_the_first_seed(tmp_path):
     """Fig. 2 and Tables 4-5 ran on seed 0 only: their stock and plug-in rows must be seed 0's too, not the
     all-seed means of the headline (stock here scores 50 on seed 0 and 100 on seed 1)."""
-    root = tmp_path / "mini"
-    build_shapes(root / "test", 20, seed=1, if_per_task=2)
-    records = {"gqa": load_records("gqa", root / "test" / "vqa.jsonl", None),
-               "if16": load_records("if16", root / "test" / "if16.jsonl", None)}  # fmt: skip
-    right = lambda r: r.get("answer", "")  # noqa: E731
-    half = lambda r: r["answer"] if int(r["question_id"]) % 2 else "no idea"  # noqa: E731
+    root, records = _held_out(tmp_path)
     for seed, answer in ((0, half), (1, right)):
         for bench in ("gqa", "if16"):
             _fake_run(root, BY_NAME["stock"], seed, bench, records[bench], answer if bench == "gqa" else right)
