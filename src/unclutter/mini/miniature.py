@@ -373,8 +373,10 @@ def write_results(root: Path, out: Path, seeds: list[int], records: dict, pendin
         s = summarize_condition(root, cond, seeds, records)
         if s is not None:
             results[cond.name] = s
-        # The ablations ran on the first seed only: their tables compare every row on that seed alone
-        s = summarize_condition(root, cond, seeds[:1], records)
+        # The ablations ran on the first seed only: their tables compare every row on that seed alone (a
+        # condition run on the first seed only is already summarised on it)
+        if cond.all_seeds and len(seeds) > 1:
+            s = summarize_condition(root, cond, seeds[:1], records)
         if s is not None:
             first[cond.name] = s
     data = {"seeds": seeds, "vqa_questions": len(records["gqa"]), "if_prompts": len(records["if16"]),
