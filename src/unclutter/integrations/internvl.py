@@ -79,7 +79,7 @@ def check_block_layout(block: nn.Module) -> None:
             f"VMTC: {type(block).__name__} lacks {', '.join(missing)}: not the InternViT block layout unclutter knows."
         )
     param = block.lambda_1
-    probe = torch.randn(1, 5, param.shape[-1], generator=torch.Generator().manual_seed(0)).to(param)
+    probe = torch.randn(1, 5, param.shape[-1], generator=torch.Generator().manual_seed(0), device="cpu").to(param)
     with torch.no_grad():
         stock = type(block).forward(block, probe)
         ours = _block_mlp(block, _block_attention(block, probe))

@@ -78,7 +78,7 @@ def tiny_gemma3(
     model = Gemma3ForConditionalGeneration(config)
     with torch.no_grad():  # transformers initialises the projection to zeros: images would carry no signal
         weight = model.model.multi_modal_projector.mm_input_projection_weight
-        weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed + 1))
+        weight.normal_(0.0, 0.05, generator=torch.Generator(weight.device).manual_seed(seed + 1))  # built on any device
     model.set_attn_implementation(attn_implementation)
     return model.to(dtype).eval()
 

@@ -84,8 +84,8 @@ def tiny_internvl(
     model = InternVLForConditionalGeneration(config)
     # transformers initialises the CLS token and position embeddings to zeros, layer scales and q/k norms to
     # constants: the CLS query would attend uniformly and every patch would tie in importance
-    g = torch.Generator().manual_seed(seed + 1)
     tower = model.model.vision_tower
+    g = torch.Generator(tower.embeddings.cls_token.device).manual_seed(seed + 1)  # the micro presets build on CUDA too
     with torch.no_grad():
         tower.embeddings.cls_token.normal_(0.0, 1.0, generator=g)
         tower.embeddings.position_embeddings.normal_(0.0, 0.5, generator=g)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The full-size speed presets on one GPU, each in its own process (one failing preset does not stop the others),
+# under a deadline so the whole run fits a short GPU lease. Usage:
+#   scripts/gpu_bench.sh OUT_DIR [DEADLINE_S] [PRESET ...]     (PRESET "none": only the micro smoke runs)
+# Writes OUT_DIR/NAME_<gpu>_batch1.json per preset (the .md and .png beside them go to $EXTRA) and
+# OUT_DIR/log.txt. Smoke-runs every family's micro preset on the device afterwards if time is left.
+set -u
+out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [DEADLINE_S] [PRESET ...]}
+deadline=${2:-480}
+shift $(( $# >= 2 ? 2 : $# ))
+presets=("$@")
+[ ${#presets[@]} -gt 0 ] || presets=(qwen2.5-vl-7b gemma-3-4b llava-next-7b llava-1.5-7b)
+device=${DEVICE:-cuda}
+tag=${TAG:-h200}
+reps=${REPS:-3}
+extra=${EXTRA:-/tmp/gpu_bench_extra}  # only the JSONs and the log go to OUT_DIR (a GPU lease returns few files)
+mkdir -p "$extra" "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} >>"$log" 2>&1
+for p in "${presets[@]}"; do
+  [ "$p" = none ] && continue
+  left=$(( deadline - (SECONDS - start) ))
+  if [ $left -lt 60 ]; then echo "SKIP $p: ${left}s left" >>"$log"; continue; fi
+  t0=$SECONDS
+  timeout $(( left - 10 )) python3 -m unclutter.cli bench speed --preset "$p" --device "$device" --reps "$reps" \
+    --out "$extra/${p}_${tag}_batch1.json" >>"$log" 2>&1
+  rc=$?
+  echo "DONE $p rc=$rc in $(( SECONDS - t0 ))s" >>"$log"
+  mv "$extra/${p}_${tag}_batch1.json" "$out/" 2>/dev/null
+done
+for f in ${MICRO:-llava qwen2_5_vl qwen3_vl gemma3 internvl idefics3 smolvlm llava_next llava_onevision}; do
+  left=$(( deadline - (SECONDS - start) ))
+  if [ $left -lt 20 ]; then echo "SKIP micro-$f: ${left}s left" >>"$log"; continue; fi
+  timeout $(( left - 5 )) python3 -m unclutter.cli bench speed --preset "micro-$f" --device "$device" --reps 1 \
+    --out "$extra/micro.json" >"$extra/micro.log" 2>&1
+  rc=$?
+  echo "SMOKE micro-$f rc=$rc" >>"$log"
+  [ $rc -eq 0 ] || tail -n 25 "$extra/micro.log" >>"$log"
+done
+echo "total $(( SECONDS - start ))s" >>"$log"
