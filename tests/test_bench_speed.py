@@ -87,3 +87,24 @@ def test_preset_shapes():
     assert PRESETS["cpu"] is PRESETS["llava-1.5-7b-cpu"]
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("llava-9b")
+
+
+def test_dispatch_counts_show_where_each_method_adds_work(tmp_path):
+    """`bench dispatch`: VMTC adds work to the vision pass only, CMAI to every decoder layer with one host sync per
+    decode step; stock has none in decoding."""
+    out = tmp_path / "ops.json"
+    res = CliRunner().invoke(
+        app, ["bench", "dispatch", "--out", str(out), "--presets", "micro-llava,micro-gemma3", "--new-tokens", "3"]
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().count("| `micro-") == 10
+    for preset in result["presets"]:
+        rows = {r["method"]: r for r in preset["rows"]}
+        stock, vmtc, cmai = rows["stock"], rows["vmtc"], rows["cmai"]
+        assert stock["decode_syncs"] == vmtc["decode_syncs"] == 0 and cmai["decode_syncs"] == 1
+        assert vmtc["vision_ops"] > stock["vision_ops"] == cmai["vision_ops"]
+        assert vmtc["decode_layer_ops"] == stock["decode_layer_ops"] < cmai["decode_layer_ops"]
+        assert cmai["decode_ops"] > stock["decode_ops"] and rows["vmtc+cmai"]["decode_ops"] == cmai["decode_ops"]
+    bad = CliRunner().invoke(app, ["bench", "dispatch", "--out", str(out), "--presets", "nope"])
+    assert bad.exit_code != 0 and "unknown preset" in bad.output

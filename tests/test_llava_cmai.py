@@ -111,3 +111,56 @@ def test_beam_search_follows_cache_reordering(model, processor, images):
             logits = model(input_ids=seq, pixel_values=batch["pixel_values"]).logits[0, prompt_len - 1 : -1]
             logp = logits.log_softmax(-1).gather(1, seq[0, prompt_len:, None]).sum()
             torch.testing.assert_close(out.sequences_scores[i], logp, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [(0,), (0, 1)], ids=["one-sample", "every-sample"])
+def test_decode_steps_whose_token_is_not_text_equal_the_naive_reference(model, processor, images, masked):
+    """A decode step whose new token is no text query (here: masked out) in some or all samples stores nothing
+    for them and inhibits nothing for them, and the steps after it stay exact (CMAI's decode path runs without
+    the host learning which rows were text, so this is where its bookkeeping could drift)."""
+    batch = encode(processor, images)
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)), torch.no_grad():
+        out = model(**batch, use_cache=True)
+        cache, mask, ids, logits = output_cache(out), batch["attention_mask"], batch["input_ids"], []
+        for step in range(4):
+            new = out.logits[:, -1].argmax(-1, keepdim=True)
+            keep = torch.ones_like(new)
+            if step == 1:
+                keep[list(masked)] = 0
+            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, keep], 1)
+            out = model(input_ids=new, attention_mask=mask, use_cache=True, **{cache_argument(model): cache})
+            logits.append(out.logits[:, -1])
+        full = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+    naive = reference_logits(model, {**batch, "input_ids": ids, "attention_mask": mask}, gammas)
+    for t in (0, 2, 3):  # the steps whose own token is real
+        torch.testing.assert_close(logits[t], full[:, t - 4], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(logits[t], naive[:, t - 4].float(), atol=2e-5, rtol=1e-4)
+
+
+def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, images):
+    """On a GPU every host-device sync stalls the launch queue; CMAI's decode step has one (the check that no
+    image token arrives after the prefill), not one per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncs = {"aten._local_scalar_dense", "aten.nonzero", "aten.nonzero_numpy", "aten.is_nonzero", "aten.item"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) in syncs:
+                self.syncs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    batch = encode(processor, images)
+    assert len(unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)) > 2
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)), torch.no_grad():
+        out = model(**batch, use_cache=True)
+        new = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(new)], 1)
+        with Count() as count:
+            model(input_ids=new, attention_mask=mask, use_cache=True, **{cache_argument(model): output_cache(out)})
+    assert len(count.syncs) == 1, count.syncs

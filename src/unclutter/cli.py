@@ -402,5 +402,27 @@ def bench_speed(
     console.print("wrote " + ", ".join(map(str, paths)))
 
 
+@bench_app.command("dispatch")
+def bench_dispatch(
+    out: Annotated[Path, typer.Option(help="results JSON (a .md table is written beside it)")],
+    presets: Annotated[
+        str, typer.Option(help="comma-separated presets (micro-FAMILY: seconds each; op counts do not depend on width)")
+    ] = ",".join(f"micro-{f}" for f in ("llava", "llava_next", "qwen2_5_vl", "gemma3", "internvl", "idefics3")),
+    methods: Annotated[str, typer.Option(help="comma-separated")] = "stock,spd,vmtc,cmai,vmtc+cmai",
+    new_tokens: Annotated[int, typer.Option()] = 4,
+) -> None:
+    """Operator calls and host syncs per vision pass, prefill and decode step, per method (on CPU): the overhead
+    that decides GPU speed at batch 1, where eager PyTorch launches kernels slower than the GPU runs them."""
+    from .bench.dispatch import run_dispatch, to_markdown, write_dispatch
+
+    try:
+        result = run_dispatch(presets.split(","), methods=tuple(methods.split(",")), new_tokens=new_tokens)
+    except ValueError as exc:
+        fail(str(exc))
+    paths = write_dispatch(result, out)
+    console.print(to_markdown(result))
+    console.print("wrote " + ", ".join(map(str, paths)))
+
+
 if __name__ == "__main__":
     app()

@@ -81,13 +81,28 @@ def masked_row_quantile(x: torch.Tensor, valid: torch.Tensor, q: float) -> torch
     that is not masked out by ``valid`` anyway). Rows may hold different numbers of valid entries, e.g.
     samples of a batch with different image token counts.
     """
-    count = valid.sum(dim=-1, keepdim=True)  # (..., 1)
-    s = x.masked_fill(~valid, float("inf")).sort(dim=-1).values  # valid entries first, ascending
+    plan = quantile_plan(valid.sum(dim=-1, keepdim=True), q, x.dtype)
+    return planned_quantile(x.masked_fill(~valid, float("inf")).sort(dim=-1).values, plan)
+
+
+QuantilePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def quantile_plan(count: torch.Tensor, q: float, dtype: torch.dtype) -> QuantilePlan:
+    """Where a row's q-quantile lies among its ``count`` (..., 1) valid entries once they are sorted first:
+    (lower index, upper index, interpolation weight in ``dtype``, row has an entry). It depends on the counts
+    only, so CMAI computes it once per generation and layer gamma rather than once per layer call."""
     rank = q * (count - 1).clamp_min(0).to(torch.float64)
     lo, hi = rank.floor(), rank.ceil()
-    weight = (rank - lo).to(x.dtype)
-    value = torch.lerp(s.gather(-1, lo.long()), s.gather(-1, hi.long()), weight)
-    return torch.where(count > 0, value, torch.full_like(value, float("inf")))
+    return lo.long(), hi.long(), (rank - lo).to(dtype), count > 0
+
+
+def planned_quantile(ascending: torch.Tensor, plan: QuantilePlan) -> torch.Tensor:
+    """The quantile (..., 1) of rows ``ascending`` (..., n) sorted with their valid entries first (invalid ones
+    +inf); ``plan``'s tensors may broadcast over leading dimensions (they are expanded here)."""
+    lo, hi, weight, nonempty = (t.expand(*ascending.shape[:-1], 1) for t in plan)
+    value = torch.lerp(ascending.gather(-1, lo), ascending.gather(-1, hi), weight)
+    return torch.where(nonempty, value, float("inf"))
 
 
 def inhibition_mask(focus: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -34,7 +34,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..cmai import masked_row_quantile
+from ..cmai import QuantilePlan, planned_quantile, quantile_plan
 from ..compat import TESTED, transformers_version
 
 ATTN_NAME = "unclutter_cmai"
@@ -65,15 +65,43 @@ def register() -> None:
 
 @dataclass
 class Chunk:
-    """Facts about the tokens of the current forward call, shared by all layers."""
+    """Facts about the tokens of the current forward call, shared by all layers.
+
+    Row capacities (``text_pos``, the stored rows) carry one spare slot at the end: rows of the call that are
+    not text queries are written there, so that storing never needs the host to know which rows are text
+    (no device sync per layer).
+    """
 
     past: int  # tokens already in the cache
     q_len: int
-    start: int  # first row of the call that is a text query in some sample (q_len if none)
+    start: int  # first row of the call that may be a text query (q_len if none); 0 in a one-token decode step
     new_text: torch.Tensor  # (B, q_len - start) bool: row is an inhibited text query
     dest: torch.Tensor  # (B, q_len - start) long: text ordinal of each new row
+    slot: torch.Tensor  # (B, q_len - start) long: where the row is stored (dest, or the spare slot)
     prev_count: torch.Tensor  # (B,) text rows stored before this call
-    prev_pos: torch.Tensor  # (B, max(prev_count)) positions of those rows
+    prev_pos: torch.Tensor  # (B, m_prev) positions of those rows; m_prev >= max(prev_count), extra ones invalid
+    prev_valid: torch.Tensor  # (B, m_prev) bool
+    inhibitable: torch.Tensor  # (B, q_len - start, n) bool: a real image key and a text query
+    not_image: torch.Tensor  # (B, 1, n) bool: padding of the image-key list (samples with fewer image tokens)
+    layouts: dict = field(default_factory=dict)  # (offset, kv_len, mask) -> Layout, see `CMAIState.layout`
+
+
+@dataclass
+class Layout:
+    """Everything a layer's inhibition needs that depends only on where its keys sit (its key offset, key count
+    and mask), computed once per forward call and shared by the layers with that layout (all full-attention
+    layers share one): a layer call then runs only the arithmetic on its own attention."""
+
+    mask: torch.Tensor | None  # the attention mask this layout was built for (kept alive: its id is a key)
+    allowed: torch.Tensor  # (B, 1, q_len, kv_len) bool
+    disallowed: torch.Tensor  # (B, 1, q_len - start, kv_len) bool
+    image_index: torch.Tensor  # (B, q_new, n) long: key index of each image key (expanded)
+    image_keep: torch.Tensor  # (B, q_new, n) float32: 1 for a visible image key and a text query
+    columns: torch.Tensor  # (B, q_new, n) long: image key index, or the spare column kv_len if not visible
+    prev_index: torch.Tensor | None  # (B, q_new, m_prev) long: key index of earlier text rows ("paper")
+    prev_weight: torch.Tensor | None  # their validity ("paper"), or their whole weight ("sum", "discounted")
+    new_index: torch.Tensor | None  # (B, q_new, q_new): the same for this call's own text rows (prefill)
+    new_weight: torch.Tensor | None
 
 
 class CMAIState:
@@ -108,9 +136,13 @@ class CMAIState:
         self.image_valid: torch.Tensor | None = None  # (B, n) bool: samples may have fewer image tokens
         self.first_image: torch.Tensor | None = None  # (B,) first image position, or a huge value
         self.pad = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # (B, length) True = real token
-        self.text_pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.text_pos = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, capacity + 1), see `Chunk`
         self.text_count = torch.zeros(batch, dtype=torch.long, device=device)
-        self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity, n) float32
+        # a host-side upper bound of max(text_count): decode steps add a row per sample without the host
+        # learning whether the token was text (that would cost a device sync); exact after the prefill
+        self.text_bound = 0
+        self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity + 1, n) float32
+        self.plans: dict[float, QuantilePlan] = {}  # gamma -> where each row's quantile lies (fixed counts)
         self.chunk: Chunk | None = None
         # layer -> one (B, n) bool per forward call: the image keys inhibited for the call's last row,
         # i.e. for the query that predicts the next generated token (filled only while `tracing`).
@@ -177,27 +209,36 @@ class CMAIState:
             self.image_pos = torch.where(self.image_valid, order, 0)
             big = torch.full((bsz,), torch.iinfo(torch.long).max, dtype=torch.long, device=device)
             self.first_image = torch.where(counts > 0, self.image_pos[:, 0], big) if n else big
-        elif bool(is_image.any()):
+        elif bool(is_image.any()):  # the one device sync of a decode step
             raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
         self.pad = torch.cat([self.pad[:, :past], valid], dim=1)
         text = valid & ~is_image & ~is_structural & (positions[None, :] > self.first_image[:, None])
-        cols = text.any(dim=0).nonzero()
-        start = int(cols[0].item()) if cols.numel() else q_len
+        if q_len == 1 and past > 0:
+            start = 0  # a decode step: a sample whose new token is not text is masked out by new_text below
+        else:
+            cols = text.any(dim=0).nonzero()
+            start = int(cols[0].item()) if cols.numel() else q_len
         new_text = text[:, start:]
         dest = self.text_count[:, None] + new_text.long().cumsum(dim=1) - 1
         prev_count = self.text_count.clone()
-        prev_pos = self.text_pos[:, : int(prev_count.max().item()) if bsz else 0]
-        self.chunk = Chunk(past, q_len, start, new_text, dest, prev_count, prev_pos)
-        added = new_text.sum(dim=1)
-        if bool(added.any()):
-            need = int((self.text_count + added).max().item())
-            if need > self.text_pos.shape[1]:
-                grown = torch.zeros(bsz, max(need, 2 * self.text_pos.shape[1]), dtype=torch.long, device=device)
-                grown[:, : self.text_pos.shape[1]] = self.text_pos
-                self.text_pos = grown
-            b, r = new_text.nonzero(as_tuple=True)
-            self.text_pos[b, dest[b, r]] = positions[start + r]
-            self.text_count = self.text_count + added
+        m_prev = self.text_bound
+        bound = int(new_text.sum(dim=1).max().item()) if past == 0 and bsz else m_prev + q_len - start
+        capacity = self.text_pos.shape[1] - 1
+        if bound > capacity:
+            grown = torch.zeros(bsz, max(bound, 2 * capacity) + 1, dtype=torch.long, device=device)
+            grown[:, :capacity] = self.text_pos[:, :capacity]
+            self.text_pos, capacity = grown, grown.shape[1] - 1
+        slot = torch.where(new_text, dest, capacity)  # rows that are not text go to the spare slot
+        self.text_pos.scatter_(1, slot, positions[start:].expand(bsz, -1))
+        self.text_count = self.text_count + new_text.sum(dim=1)
+        self.text_bound = bound
+        prev_valid = torch.arange(m_prev, device=device)[None] < prev_count[:, None]
+        inhibitable = self.image_valid[:, None, :] & new_text[..., None]
+        prev_pos = self.text_pos[:, :m_prev]
+        self.chunk = Chunk(
+            past, q_len, start, new_text, dest, slot, prev_count, prev_pos, prev_valid, inhibitable,
+            ~self.image_valid[:, None, :],
+        )  # fmt: skip
         self.length = past + q_len
 
     def adopt(self, cache) -> None:
@@ -224,27 +265,70 @@ class CMAIState:
         for name in ("image_pos", "image_valid", "first_image", "pad", "text_pos", "text_count"):
             setattr(self, name, getattr(self, name).index_select(0, beam_idx))
         self.rows = {layer: rows.index_select(0, beam_idx) for layer, rows in self.rows.items()}
+        self.plans = {}  # image counts moved between rows (text_bound stays an upper bound)
 
     def _crop(self, length: int) -> None:
         keep = (self.text_pos < length) & (
             torch.arange(self.text_pos.shape[1], device=self.text_pos.device)[None] < self.text_count[:, None]
         )
-        self.text_count = keep.sum(dim=1)  # text rows are stored in position order
+        self.text_count = keep.sum(dim=1)  # text rows are stored in position order (text_bound stays a bound)
         self.pad = self.pad[:, :length]
         self.length = length
 
     def store(self, layer: int, new_rows: torch.Tensor) -> None:
-        """Append this call's text->image rows (B, q_new, n) for ``layer`` at their text ordinals."""
+        """Store this call's text->image rows (B, q_new, n) for ``layer`` at their text ordinals."""
         ch = self.chunk
         rows = self.rows.get(layer)
-        cap = self.text_pos.shape[1]
-        if rows is None or rows.shape[1] < cap:
-            grown = torch.zeros(self.batch, cap, new_rows.shape[-1], dtype=torch.float32, device=new_rows.device)
+        size = self.text_pos.shape[1]  # capacity + the spare slot
+        if rows is None or rows.shape[1] < size:
+            grown = torch.zeros(self.batch, size, new_rows.shape[-1], dtype=torch.float32, device=new_rows.device)
             if rows is not None:
-                grown[:, : rows.shape[1]] = rows
+                grown[:, : rows.shape[1] - 1] = rows[:, :-1]
             rows = self.rows[layer] = grown
-        b, r = ch.new_text.nonzero(as_tuple=True)
-        rows[b, ch.dest[b, r]] = new_rows[b, r]
+        rows.scatter_(1, ch.slot[..., None].expand(-1, -1, new_rows.shape[-1]), new_rows)
+
+    def quantile(self, focus: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Each text row's gamma-quantile (B, q_new, 1) of ``focus`` over the sample's image keys (as
+        `masked_row_quantile`, whose counting part is computed once per generation and gamma)."""
+        plan = self.plans.get(gamma)
+        if plan is None:
+            plan = self.plans[gamma] = quantile_plan(self.image_valid.sum(dim=1)[:, None, None], gamma, focus.dtype)
+        return planned_quantile(focus.masked_fill(self.chunk.not_image, float("inf")).sort(dim=-1).values, plan)
+
+    def layout(self, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, device) -> Layout:
+        """The call's `Layout` for a layer with these keys (built by the first such layer, then reused)."""
+        ch = self.chunk
+        window = getattr(module, "sliding_window", None)
+        key = (offset, kv_len, id(attention_mask) if attention_mask is not None else window)
+        found = ch.layouts.get(key)
+        if found is not None:
+            return found
+        allowed = _allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
+        q_new = q_len - ch.start
+        img_idx, img_visible = _key_index(self.image_pos, offset, kv_len)
+        img_visible = img_visible & self.image_valid
+        image_keep = (img_visible[:, None, :] & ch.new_text[..., None]).float()
+        columns = torch.where(img_visible, img_idx, kv_len)  # keys not visible go to a spare column
+        expand = (bsz, q_new, img_idx.shape[1])
+        prev_index = prev_weight = new_index = new_weight = None
+        if self.focus != "tia":
+            q_ord = ch.dest.float()  # text ordinal of each query row (used by "discounted")
+            m_prev = ch.prev_pos.shape[1]
+            if m_prev:
+                k_ord = torch.arange(m_prev, device=device).float()
+                prev_index, prev_weight = _weights(self, ch.prev_pos, offset, kv_len, q_ord, k_ord, q_new)
+                prev_weight = prev_weight * ch.prev_valid[:, None, :]
+            if q_new > 1:  # the call's own earlier text rows (a one-row call has none: strictly below is empty)
+                new_pos = (ch.past + ch.start + torch.arange(q_new, device=device)).expand(bsz, q_new)
+                new_index, new_weight = _weights(self, new_pos, offset, kv_len, q_ord, q_ord, q_new)
+                strictly_before = torch.ones(q_new, q_new, dtype=torch.bool, device=device).tril(-1)
+                new_weight = new_weight * (strictly_before[None] & ch.new_text[:, None, :])
+        layout = Layout(
+            attention_mask, allowed, ~allowed[:, :, ch.start :], img_idx[:, None, :].expand(expand), image_keep,
+            columns[:, None, :].expand(expand), prev_index, prev_weight, new_index, new_weight,
+        )  # fmt: skip
+        ch.layouts[key] = layout
+        return layout
 
     def key_offset(self, module, q_len: int, kv_len: int) -> int:
         """Position of this layer's key 0, after checking the call matches the state (see module docstring)."""
@@ -284,11 +368,11 @@ def _check_cache_kind(cache) -> None:
 
 
 def _head_mean_probs(
-    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float, softcap: float | None = None
+    query: torch.Tensor, key: torch.Tensor, disallowed: torch.Tensor, scaling: float, softcap: float | None = None
 ) -> torch.Tensor:
     """Head-averaged softmax attention (B, q, K) in float32, grouped-query aware.
 
-    query: (B, H, q, D); key: (B, Hkv, K, D); allowed: (B, 1, q, K) bool.
+    query: (B, H, q, D); key: (B, Hkv, K, D); disallowed: (B, 1, q, K) bool.
     """
     bsz, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
@@ -296,7 +380,7 @@ def _head_mean_probs(
     logits = (grouped @ key.float().transpose(-1, -2)).reshape(bsz, heads, q_len, -1) * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    logits = logits.masked_fill(disallowed, float("-inf"))
     probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)  # fully masked rows (padding) -> 0
     return probs.mean(dim=1)
 
@@ -308,49 +392,36 @@ def _key_index(pos: torch.Tensor, offset: int, kv_len: int) -> tuple[torch.Tenso
     return idx.clamp(0, max(kv_len - 1, 0)), visible
 
 
-def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, offset: int) -> torch.Tensor:
+def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, lay: Layout) -> torch.Tensor:
     """(B, q_new, n) bool inhibition for the new text rows, from their head-averaged rows ``a`` (B, q_new, K)."""
-    ch = state.chunk
-    bsz, q_new, kv_len = a.shape
-    n = state.image_pos.shape[1]
-    img_idx, img_visible = _key_index(state.image_pos, offset, kv_len)
-    img_visible = img_visible & state.image_valid
-    t2i = a.gather(2, img_idx[:, None, :].expand(bsz, q_new, n)) * img_visible[:, None, :] * ch.new_text[..., None]
-    focus = t2i.clone()
-    if state.focus != "tia":
-        q_ord = ch.dest.to(a.dtype)  # text ordinal of each query row (used by "discounted")
-        prev = state.rows.get(layer)
-        m_prev = ch.prev_pos.shape[1]
-        if prev is not None and m_prev:
-            prev_valid = torch.arange(m_prev, device=a.device)[None] < ch.prev_count[:, None]  # (B, m_prev)
-            k_ord = torch.arange(m_prev, device=a.device).to(a.dtype)
-            w_prev = _weights(state, a, ch.prev_pos, offset, q_ord, k_ord)
-            focus = focus + (w_prev * prev_valid[:, None, :]) @ prev[:, :m_prev]
-        new_pos = ch.past + ch.start + torch.arange(q_new, device=a.device)
-        w_new = _weights(state, a, new_pos.expand(bsz, q_new), offset, q_ord, q_ord)
-        strictly_before = torch.ones(q_new, q_new, dtype=torch.bool, device=a.device).tril(-1)
-        w_new = w_new * (strictly_before[None] & ch.new_text[:, None, :])
+    t2i = a.gather(2, lay.image_index) * lay.image_keep
+    focus = t2i  # never changed in place: each term below makes a new tensor
+    if lay.prev_weight is not None:  # Eq. 10 over the text rows of earlier calls, stored per layer
+        w_prev = lay.prev_weight if lay.prev_index is None else a.gather(2, lay.prev_index) * lay.prev_weight
+        focus = focus + w_prev @ state.rows[layer][:, : w_prev.shape[-1]]
+    if lay.new_weight is not None:  # ... and over this call's own earlier text rows
+        w_new = lay.new_weight if lay.new_index is None else a.gather(2, lay.new_index) * lay.new_weight
         focus = focus + w_new @ t2i
     state.store(layer, t2i)
-    columns = state.image_valid[:, None, :].expand_as(focus)
-    threshold = masked_row_quantile(focus, columns, gamma)
-    return (focus < threshold) & columns & ch.new_text[..., None]
+    return (focus < state.quantile(focus, gamma)) & state.chunk.inhibitable
 
 
-def _weights(state: CMAIState, a: torch.Tensor, key_pos: torch.Tensor, offset: int, q_ord, k_ord) -> torch.Tensor:
-    """W[b, j, h]: how much text key h counts in query j's focus score (before validity masking)."""
-    bsz, q_new, kv_len = a.shape
-    if state.focus == "paper":  # the query's attention to that text token (Eq. 9-10); 0 once out of the window
+def _weights(state: CMAIState, key_pos: torch.Tensor, offset: int, kv_len: int, q_ord, k_ord, q_new: int):
+    """How much text key h counts in query j's focus score, before validity masking: (index, weight) with
+    W = a.gather(2, index) * weight for "paper" (the query's attention to that text token, Eq. 9-10; 0 once out
+    of the window), or (None, W) for the modes whose weights do not depend on the attention."""
+    bsz = key_pos.shape[0]
+    if state.focus == "paper":
         idx, visible = _key_index(key_pos, offset, kv_len)
-        return a.gather(2, idx[:, None, :].expand(bsz, q_new, idx.shape[1])) * visible[:, None, :]
+        return idx[:, None, :].expand(bsz, q_new, idx.shape[1]), visible[:, None, :].float()
     k_ord = k_ord if k_ord.dim() == 2 else k_ord[None].expand(bsz, -1)
     if state.focus == "sum":
-        return torch.ones(bsz, q_new, k_ord.shape[1], dtype=a.dtype, device=a.device)
+        return None, torch.ones(bsz, q_new, k_ord.shape[1], dtype=torch.float32, device=key_pos.device)
     dist = (q_ord[:, :, None] - k_ord[:, None, :]).clamp_min(0)
-    return state.discount**dist
+    return None, state.discount**dist
 
 
-def _allowed(state: CMAIState, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, device):
+def _allowed(state: CMAIState, window, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, device):
     """The layer's boolean mask (B, 1, q, kv): the one transformers built, or causal + padding + window."""
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool:  # additive float mask
@@ -359,7 +430,6 @@ def _allowed(state: CMAIState, module, attention_mask, bsz: int, q_len: int, kv_
     q_pos = state.chunk.past + torch.arange(q_len, device=device)
     k_pos = offset + torch.arange(kv_len, device=device)
     allowed = k_pos[None, :] <= q_pos[:, None]
-    window = getattr(module, "sliding_window", None)
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
     return (allowed[None, None] & state.pad[:, None, None, offset : offset + kv_len]).expand(bsz, 1, q_len, kv_len)
@@ -386,18 +456,18 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
-    allowed = _allowed(state, module, attention_mask, bsz, q_len, kv_len, offset, query.device)
     # autocast off: under bf16 mixed precision the matmuls below would drop to bf16 and shift the quantile
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
-        a = _head_mean_probs(query[:, :, ch.start :], key, allowed[:, :, ch.start :], scaling, kwargs.get("softcap"))
-        inhibit = _inhibited(state, layer, gamma, a, offset)  # (B, q_new, n)
+        lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query.device)
+        a = _head_mean_probs(query[:, :, ch.start :], key, lay.disallowed, scaling, kwargs.get("softcap"))
+        inhibit = _inhibited(state, layer, gamma, a, lay)  # (B, q_new, n)
         if state.tracing:
             state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
-        q_new = q_len - ch.start
-        img_idx, img_visible = _key_index(state.image_pos, offset, kv_len)
-        columns = torch.where(img_visible & state.image_valid, img_idx, kv_len)  # others go to a spare column
-        blocked = torch.zeros(bsz, q_new, kv_len + 1, dtype=torch.bool, device=query.device)
-        blocked.scatter_(2, columns[:, None, :].expand(-1, q_new, -1), inhibit)
-        mask = allowed.clone()
-        mask[:, 0, ch.start :] &= ~blocked[..., :kv_len]
+        blocked = torch.zeros(bsz, q_len - ch.start, kv_len + 1, dtype=torch.bool, device=query.device)
+        blocked.scatter_(2, lay.columns, inhibit)
+        if ch.start == 0:
+            mask = lay.allowed & ~blocked[:, None, :, :kv_len]
+        else:
+            mask = lay.allowed.clone()
+            mask[:, 0, ch.start :] &= ~blocked[..., :kv_len]
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
