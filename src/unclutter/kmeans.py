@@ -63,8 +63,17 @@ def cosine_kmeans(x: torch.Tensor, c: int, iters: int = 10) -> torch.Tensor:
     for _ in range(iters):
         sim = xn @ centroids.transpose(1, 2)  # (B, R, c)
         best, new_assign = sim.max(dim=-1)
-        new_assign = _fill_empty_clusters(new_assign, best, c)
-        if assign is not None and torch.equal(new_assign, assign):
+        # "any cluster empty?" and "any assignment changed?" in one device->host copy: on a GPU each copy
+        # stalls the launch queue, and an iteration needs both answers
+        counts = torch.zeros(bsz, c, dtype=torch.long, device=x.device).scatter_add_(
+            1, new_assign, torch.ones_like(new_assign)
+        )
+        flags = [(counts == 0).any()] + ([] if assign is None else [(new_assign != assign).any()])
+        empty, *changed = torch.stack(flags).tolist()
+        if empty:  # rare: fix, then compare again
+            new_assign = _fill_empty_clusters(new_assign, best, c)
+            changed = [] if assign is None else [not torch.equal(new_assign, assign)]
+        if changed and not changed[0]:
             break
         assign = new_assign
         sums = torch.zeros_like(centroids).scatter_add_(1, assign.unsqueeze(-1).expand_as(xn), xn)

@@ -23,8 +23,12 @@ from ..integrations.base import adapter_for
 from ..models.presets import build_preset
 from .speed import METHODS, bench_image, make_inputs, method_configs, supported
 
-# ATen operators that copy a device value to the host (the caller blocks until the device catches up)
-SYNC_OPS = frozenset({"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.nonzero_numpy"})
+# ATen operators that copy a device value to the host (the caller blocks until the device catches up), and the
+# Tensor methods that do so on a GPU without an ATen call on CPU (counted by wrapping them while counting)
+SYNC_OPS = frozenset(
+    {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.nonzero_numpy", "aten.equal"}
+    | {"tolist", "numpy"}
+)
 
 
 class _Counter(TorchDispatchMode):
@@ -44,10 +48,30 @@ class _Counter(TorchDispatchMode):
         self._open.pop()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
+        self._count(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+    def _count(self, name: str) -> None:
         for counter in self._open:
             counter[name] += 1
-        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._methods = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, self._wrap(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _wrap(self, name: str, method):
+        def counted(tensor, *args, **kwargs):
+            self._count(name)
+            return method(tensor, *args, **kwargs)
+
+        return counted
 
 
 def _totals(counter: Counter) -> tuple[int, int]:
