@@ -100,7 +100,8 @@ def quantile_plan(count: torch.Tensor, q: float, dtype: torch.dtype) -> Quantile
 def planned_quantile(ascending: torch.Tensor, plan: QuantilePlan) -> torch.Tensor:
     """The quantile (..., 1) of rows ``ascending`` (..., n) sorted with their valid entries first (invalid ones
     +inf); ``plan``'s tensors may broadcast over leading dimensions (they are expanded here)."""
-    lo, hi, weight, nonempty = (t.expand(*ascending.shape[:-1], 1) for t in plan)
+    shape = (*ascending.shape[:-1], 1)
+    lo, hi, weight, nonempty = (t if t.shape == shape else t.expand(shape) for t in plan)
     value = torch.lerp(ascending.gather(-1, lo), ascending.gather(-1, hi), weight)
     return torch.where(nonempty, value, float("inf"))
 

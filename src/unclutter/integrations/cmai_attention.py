@@ -83,6 +83,7 @@ class Chunk:
     prev_valid: torch.Tensor  # (B, m_prev) bool
     inhibitable: torch.Tensor  # (B, q_len - start, n) bool: a real image key and a text query
     not_image: torch.Tensor  # (B, 1, n) bool: padding of the image-key list (samples with fewer image tokens)
+    store_index: torch.Tensor  # (B, q_len - start, n) long: ``slot`` expanded over the image keys (for scatter_)
     layouts: dict = field(default_factory=dict)  # (offset, kv_len, mask) -> Layout, see `CMAIState.layout`
 
 
@@ -237,7 +238,7 @@ class CMAIState:
         prev_pos = self.text_pos[:, :m_prev]
         self.chunk = Chunk(
             past, q_len, start, new_text, dest, slot, prev_count, prev_pos, prev_valid, inhibitable,
-            ~self.image_valid[:, None, :],
+            ~self.image_valid[:, None, :], slot[..., None].expand(-1, -1, self.image_valid.shape[1]),
         )  # fmt: skip
         self.length = past + q_len
 
@@ -285,7 +286,7 @@ class CMAIState:
             if rows is not None:
                 grown[:, : rows.shape[1] - 1] = rows[:, :-1]
             rows = self.rows[layer] = grown
-        rows.scatter_(1, ch.slot[..., None].expand(-1, -1, new_rows.shape[-1]), new_rows)
+        rows.scatter_(1, ch.store_index, new_rows)
 
     def quantile(self, focus: torch.Tensor, gamma: float) -> torch.Tensor:
         """Each text row's gamma-quantile (B, q_new, 1) of ``focus`` over the sample's image keys (as
@@ -459,7 +460,8 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     # autocast off: under bf16 mixed precision the matmuls below would drop to bf16 and shift the quantile
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
         lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query.device)
-        a = _head_mean_probs(query[:, :, ch.start :], key, lay.disallowed, scaling, kwargs.get("softcap"))
+        queries = query if ch.start == 0 else query[:, :, ch.start :]
+        a = _head_mean_probs(queries, key, lay.disallowed, scaling, kwargs.get("softcap"))
         inhibit = _inhibited(state, layer, gamma, a, lay)  # (B, q_new, n)
         if state.tracing:
             state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
