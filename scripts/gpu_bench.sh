@@ -3,7 +3,8 @@
 # under a deadline so the whole run fits a short GPU lease. Usage:
 #   scripts/gpu_bench.sh OUT_DIR [DEADLINE_S] [PRESET ...]     (PRESET "none": only the micro smoke runs)
 # Writes OUT_DIR/NAME_<gpu>_batch1.json per preset (the .md and .png beside them go to $EXTRA) and
-# OUT_DIR/log.txt. Smoke-runs every family's micro preset on the device afterwards if time is left.
+# OUT_DIR/log.txt. Then, while time is left: the family exactness contract on the device (EXACT=0 skips it), and
+# a smoke run of every family's micro preset.
 set -u
 out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [DEADLINE_S] [PRESET ...]}
 deadline=${2:-480}
@@ -34,6 +35,17 @@ for p in "${presets[@]}"; do
   echo "DONE $p rc=$rc in $(( SECONDS - t0 ))s" >>"$log"
   mv "$extra/${p}_${tag}_batch1.json" "$out/" 2>/dev/null
 done
+# the exactness contract of every family (tests/test_families.py) on the device: naive Eq. 9-11 reference, cached
+# decoding == one full forward, batch == single, ratio 1.0 == stock, remove() (needs pytest there; SmolVLM's
+# processor needs num2words)
+left=$(( deadline - (SECONDS - start) ))
+if [ "${EXACT:-1}" = 1 ] && [ $left -ge 90 ]; then
+  python3 -c "import num2words" 2>/dev/null && skip=() || skip=(-k "not smolvlm")
+  UNCLUTTER_TEST_DEVICE=$device timeout $(( left - 30 )) python3 -m pytest -p no:cacheprovider \
+    tests/test_families.py "${skip[@]}" >"$extra/exact.log" 2>&1
+  echo "EXACT on $device rc=$? $(tail -n 1 "$extra/exact.log")" >>"$log"
+  grep -E "^(FAILED|ERROR)" "$extra/exact.log" | head -n 30 >>"$log"
+fi
 for f in ${MICRO:-llava qwen2_5_vl qwen3_vl gemma3 internvl idefics3 smolvlm llava_next llava_onevision}; do
   left=$(( deadline - (SECONDS - start) ))
   if [ $left -lt 20 ]; then echo "SKIP micro-$f: ${left}s left" >>"$log"; continue; fi

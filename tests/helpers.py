@@ -1,10 +1,16 @@
 """Helpers shared by the family test files: random inputs, greedy decoding, and the two decoding checks
 (cached decoding == one uncached forward over its tokens; a sample in a batch == that sample alone)."""
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image
 from transformers import TrainerCallback
+
+# the device the family contract runs on: cpu here and in CI; UNCLUTTER_TEST_DEVICE=cuda on a GPU machine
+# (scripts/gpu_bench.sh runs tests/test_families.py so when a lease has time left)
+DEVICE = os.environ.get("UNCLUTTER_TEST_DEVICE", "cpu")
 
 
 def random_image(seed: int, height: int = 80, width: int | None = None) -> Image.Image:
@@ -43,7 +49,7 @@ def extend(batch, sequences):
     for name, value in batch.items():
         if name != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape:
             fill = torch.ones if name == "attention_mask" else torch.zeros
-            out[name] = torch.cat([value, fill(ids.shape[0], extra, dtype=value.dtype)], dim=1)
+            out[name] = torch.cat([value, fill(ids.shape[0], extra, dtype=value.dtype, device=value.device)], dim=1)
     return out
 
 

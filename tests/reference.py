@@ -34,7 +34,8 @@ class NaiveReference:
         scores = (query.double() @ key.double().transpose(-1, -2)) * scaling
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
-        avg = probs.mean(1)
+        avg = probs.mean(1).cpu()  # the loops below read it element by element (on the host, whatever the device)
+        pad = self.pad.cpu()
         gamma = self.gammas.get(module.layer_idx, 0.0)
         for b in range(bsz):
             ids = self.input_ids[b].tolist()
@@ -44,7 +45,7 @@ class NaiveReference:
             text = [
                 p
                 for p in range(length)
-                if p > img[0] and ids[p] not in self.media_ids and ids[p] not in self.structural_ids and self.pad[b, p]
+                if p > img[0] and ids[p] not in self.media_ids and ids[p] not in self.structural_ids and pad[b, p]
             ]
             m, n = len(text), len(img)
             f = torch.zeros(m, n, dtype=torch.float64)

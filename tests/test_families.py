@@ -4,14 +4,22 @@ Each family's tiny model, processor and prompt format come from `unclutter.model
 References are independent of the code under test: stock transformers (gamma 0, ratio 1.0, remove),
 the naive loop implementation of Eq. 9-11 (`reference.py`), and one uncached forward over the tokens
 that cached `generate` produced. Family-specific behaviour (tiles, videos, several images) is tested in
-each family's own file.
+each family's own file. ``UNCLUTTER_TEST_DEVICE=cuda`` runs the same contract on a GPU (`helpers.DEVICE`).
 """
 
 import importlib.util
 
 import pytest
 import torch
-from helpers import assert_cached_equals_full, assert_sample_equals_alone, extend, generate, logits, random_image
+from helpers import (
+    DEVICE,
+    assert_cached_equals_full,
+    assert_sample_equals_alone,
+    extend,
+    generate,
+    logits,
+    random_image,
+)
 from reference import reference_logits
 
 import unclutter
@@ -41,7 +49,7 @@ def _setup(name: str):
     """(family, model, processor, two images of the family's size), the model built after seeding 0."""
     family = tiny_vlm(name)
     torch.manual_seed(0)
-    model, processor = family.model(), family.processor()
+    model, processor = family.model().to(DEVICE), family.processor()
     return family, model, processor, [random_image(0, family.image_size), random_image(1, family.image_size)]
 
 
@@ -51,7 +59,7 @@ def setup(request):
 
 
 def _batch(family, processor, images, questions=QUESTIONS):
-    return family.batch(processor, images, questions)
+    return family.batch(processor, images, questions).to(DEVICE)
 
 
 def _valid(batch):
@@ -60,7 +68,7 @@ def _valid(batch):
 
 def _image_tokens(model, batch) -> list[int]:
     adapter = unclutter.integrations.base.adapter_for(model)(model)
-    media = torch.tensor(adapter.media_token_ids())
+    media = torch.tensor(adapter.media_token_ids(), device=batch["input_ids"].device)
     return torch.isin(batch["input_ids"], media).sum(dim=1).tolist()
 
 
@@ -219,8 +227,8 @@ def test_inputs_made_under_inference_mode_generate_alike(reducing):
     """Serving code builds inputs inside `torch.inference_mode` (inference tensors have no version counter)."""
     family, model, processor, images = reducing
     with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()):
-        expected = generate(model, family.batch(processor, images, QUESTIONS), steps=5).sequences
+        expected = generate(model, _batch(family, processor, images), steps=5).sequences
         with torch.inference_mode():
-            batch = family.batch(processor, images, QUESTIONS)
+            batch = family.batch(processor, images, QUESTIONS).to(DEVICE)
             got = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(got, expected)
