@@ -226,7 +226,9 @@ class CMAIState:
         bound = int(new_text.sum(dim=1).max().item()) if past == 0 and bsz else m_prev + q_len - start
         capacity = self.text_pos.shape[1] - 1
         if bound > capacity:
-            grown = torch.zeros(bsz, max(bound, 2 * capacity) + 1, dtype=torch.long, device=device)
+            # room for 64 more decode steps (or half again as many rows): a generation of up to 64 tokens past the
+            # prompt grows once, and spare rows stay a small part of the state (each growth copies every layer's rows)
+            grown = torch.zeros(bsz, max(bound, capacity + max(64, capacity // 2)) + 1, dtype=torch.long, device=device)
             grown[:, :capacity] = self.text_pos[:, :capacity]
             self.text_pos, capacity = grown, grown.shape[1] - 1
         slot = torch.where(new_text, dest, capacity)  # rows that are not text go to the spare slot
