@@ -96,11 +96,14 @@ class Layout:
     mask: torch.Tensor | None  # the attention mask this layout was built for (kept alive: its id is a key)
     allowed: torch.Tensor  # (B, 1, q_len, kv_len) bool
     disallowed: torch.Tensor  # (B, 1, q_len - start, kv_len) bool
-    image_index: torch.Tensor  # (B, q_new, n) long: key index of each image key (expanded)
-    image_keep: torch.Tensor  # (B, q_new, n) float32: 1 for a visible image key and a text query
+    # one gather from a layer's attention rows serves the image keys (A_t2i) and, for "paper", the earlier text rows
+    # (their A_t2n weights): (B, q_new, n [+ m_prev]) key indices, and float32 factors (1 for a visible image key
+    # and a text query; a text row's validity)
+    gather_index: torch.Tensor
+    gather_keep: torch.Tensor
     columns: torch.Tensor  # (B, q_new, n) long: image key index, or the spare column kv_len if not visible
-    prev_index: torch.Tensor | None  # (B, q_new, m_prev) long: key index of earlier text rows ("paper")
-    prev_weight: torch.Tensor | None  # their validity ("paper"), or their whole weight ("sum", "discounted")
+    prev_gathered: bool  # gather_index holds the earlier text rows after the n image keys ("paper")
+    prev_weight: torch.Tensor | None  # (B, q_new, m_prev) the earlier rows' weights where the attention is not needed
     new_index: torch.Tensor | None  # (B, q_new, q_new): the same for this call's own text rows (prefill)
     new_weight: torch.Tensor | None
 
@@ -313,7 +316,8 @@ class CMAIState:
         image_keep = (img_visible[:, None, :] & ch.new_text[..., None]).float()
         columns = torch.where(img_visible, img_idx, kv_len)  # keys not visible go to a spare column
         expand = (bsz, q_new, img_idx.shape[1])
-        prev_index = prev_weight = new_index = new_weight = None
+        gather_index, gather_keep = img_idx[:, None, :].expand(expand), image_keep
+        prev_weight = new_index = new_weight = None
         if self.focus != "tia":
             q_ord = ch.dest.float()  # text ordinal of each query row (used by "discounted")
             m_prev = ch.prev_pos.shape[1]
@@ -321,14 +325,18 @@ class CMAIState:
                 k_ord = torch.arange(m_prev, device=device).float()
                 prev_index, prev_weight = _weights(self, ch.prev_pos, offset, kv_len, q_ord, k_ord, q_new)
                 prev_weight = prev_weight * ch.prev_valid[:, None, :]
+                if prev_index is not None:
+                    gather_index = torch.cat([gather_index, prev_index], dim=-1)
+                    gather_keep = torch.cat([gather_keep, prev_weight.expand(bsz, q_new, m_prev)], dim=-1)
+                    prev_weight = None
             if q_new > 1:  # the call's own earlier text rows (a one-row call has none: strictly below is empty)
                 new_pos = (ch.past + ch.start + torch.arange(q_new, device=device)).expand(bsz, q_new)
                 new_index, new_weight = _weights(self, new_pos, offset, kv_len, q_ord, q_ord, q_new)
                 strictly_before = torch.ones(q_new, q_new, dtype=torch.bool, device=device).tril(-1)
                 new_weight = new_weight * (strictly_before[None] & ch.new_text[:, None, :])
         layout = Layout(
-            attention_mask, allowed, ~allowed[:, :, ch.start :], img_idx[:, None, :].expand(expand), image_keep,
-            columns[:, None, :].expand(expand), prev_index, prev_weight, new_index, new_weight,
+            attention_mask, allowed, ~allowed[:, :, ch.start :], gather_index, gather_keep,
+            columns[:, None, :].expand(expand), gather_index.shape[-1] > expand[-1], prev_weight, new_index, new_weight,
         )  # fmt: skip
         ch.layouts[key] = layout
         return layout
@@ -397,10 +405,12 @@ def _key_index(pos: torch.Tensor, offset: int, kv_len: int) -> tuple[torch.Tenso
 
 def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, lay: Layout) -> torch.Tensor:
     """(B, q_new, n) bool inhibition for the new text rows, from their head-averaged rows ``a`` (B, q_new, K)."""
-    t2i = a.gather(2, lay.image_index) * lay.image_keep
+    gathered = a.gather(2, lay.gather_index) * lay.gather_keep
+    n = state.image_pos.shape[1]
+    t2i = gathered[..., :n] if lay.prev_gathered else gathered
     focus = t2i  # never changed in place: each term below makes a new tensor
-    if lay.prev_weight is not None:  # Eq. 10 over the text rows of earlier calls, stored per layer
-        w_prev = lay.prev_weight if lay.prev_index is None else a.gather(2, lay.prev_index) * lay.prev_weight
+    w_prev = gathered[..., n:] if lay.prev_gathered else lay.prev_weight
+    if w_prev is not None:  # Eq. 10 over the text rows of earlier calls, stored per layer
         focus = focus + w_prev @ state.rows[layer][:, : w_prev.shape[-1]]
     if lay.new_weight is not None:  # ... and over this call's own earlier text rows
         w_new = lay.new_weight if lay.new_index is None else a.gather(2, lay.new_index) * lay.new_weight
