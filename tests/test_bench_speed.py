@@ -105,6 +105,8 @@ def test_dispatch_counts_show_where_each_method_adds_work(tmp_path):
         assert stock["decode_syncs"] == vmtc["decode_syncs"] == 0 and cmai["decode_syncs"] == 1
         assert vmtc["vision_ops"] > stock["vision_ops"] == cmai["vision_ops"]
         assert vmtc["decode_layer_ops"] == stock["decode_layer_ops"] < cmai["decode_layer_ops"]
+        assert 0 < stock["decode_layer_kernels"] < stock["decode_layer_ops"]  # views are not kernels
+        assert stock["decode_layer_kernels"] < cmai["decode_layer_kernels"] < cmai["decode_layer_ops"]
         assert cmai["decode_ops"] > stock["decode_ops"] and rows["vmtc+cmai"]["decode_ops"] == cmai["decode_ops"]
     bad = CliRunner().invoke(app, ["bench", "dispatch", "--out", str(out), "--presets", "nope"])
     assert bad.exit_code != 0 and "unknown preset" in bad.output

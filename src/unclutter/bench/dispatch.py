@@ -48,7 +48,10 @@ class _Counter(TorchDispatchMode):
         self._open.pop()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self._count(str(func.overloadpacket))
+        name = str(func.overloadpacket)
+        self._count(name)
+        if not func.is_view:  # views only re-describe memory: no kernel runs for them on a GPU
+            self._count(KERNEL + name)
         return func(*args, **(kwargs or {}))
 
     def _count(self, name: str) -> None:
@@ -74,8 +77,18 @@ class _Counter(TorchDispatchMode):
         return counted
 
 
+KERNEL = "kernel:"  # prefix of the second count an operator that is not a view gets
+
+
 def _totals(counter: Counter) -> tuple[int, int]:
-    return sum(counter.values()), sum(v for k, v in counter.items() if k in SYNC_OPS)
+    """(operators, host syncs) of one phase."""
+    ops = sum(v for k, v in counter.items() if not k.startswith(KERNEL))
+    return ops, sum(v for k, v in counter.items() if k in SYNC_OPS)
+
+
+def _kernels(counter: Counter) -> int:
+    """Operators that are not views (on a GPU, roughly the kernels launched)."""
+    return sum(v for k, v in counter.items() if k.startswith(KERNEL))
 
 
 def count_method(model, processor, image, method: str, *, new_tokens: int, text_tokens: int, spd_grid: int) -> dict:
@@ -125,7 +138,7 @@ def count_method(model, processor, image, method: str, *, new_tokens: int, text_
             calls.append(c)
             layers.append([])
         elif name == "layer" and layers:
-            layers[-1].append(sum(c.values()))
+            layers[-1].append((_totals(c)[0], _kernels(c)))
     vision = [_totals(c) for name, c in counter.phases if name.startswith("vision")]
     inside = [_totals(c) for name, c in counter.phases if name == "vision-in-call"]
     vision_ops, vision_syncs = sum(v[0] for v in vision), sum(v[1] for v in vision)
@@ -140,7 +153,8 @@ def count_method(model, processor, image, method: str, *, new_tokens: int, text_
         "decode_ops": int(statistics.median(d[0] for d in decode)),
         "decode_syncs": int(statistics.median(d[1] for d in decode)),
         # one decoder layer in the last decode step (median over layers): independent of the model's depth
-        "decode_layer_ops": int(statistics.median(layers[-1])),
+        "decode_layer_ops": int(statistics.median(ops for ops, _ in layers[-1])),
+        "decode_layer_kernels": int(statistics.median(k for _, k in layers[-1])),
     }  # fmt: skip
 
 
@@ -165,16 +179,22 @@ def run_dispatch(presets: list[str], *, methods: tuple[str, ...] = METHODS, new_
 def to_markdown(result: dict) -> str:
     lines = [
         "| preset | LLM layers | method | vision ops (syncs) | prefill ops (syncs) | decode ops per step (syncs) | "
-        "ops per decoder layer in a decode step |",
+        "one decoder layer in a decode step: ops / non-view ops |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in result["presets"]:
         stock = next((r for r in p["rows"] if r["method"] == "stock"), None)
         for r in p["rows"]:
             ratio = f" ({r['decode_layer_ops'] / stock['decode_layer_ops']:.2f}x)" if stock and r is not stock else ""
+            k = r.get("decode_layer_kernels")
+            kernels = (
+                ""
+                if k is None
+                else f" / {k}" + (f" ({k / stock['decode_layer_kernels']:.2f}x)" if stock and r is not stock else "")
+            )
             lines.append(
                 f"| `{p['preset']}` | {p['llm_layers']} | {r['method']} | {r['vision_ops']} ({r['vision_syncs']}) | "
-                f"{r['prefill_ops']} ({r['prefill_syncs']}) | {r['decode_ops']} ({r['decode_syncs']}) | {r['decode_layer_ops']}{ratio} |"
+                f"{r['prefill_ops']} ({r['prefill_syncs']}) | {r['decode_ops']} ({r['decode_syncs']}) | {r['decode_layer_ops']}{ratio}{kernels} |"
             )
     return "\n".join(lines) + "\n"
 
