@@ -217,16 +217,20 @@ class CMAIState:
             raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
         self.pad = torch.cat([self.pad[:, :past], valid], dim=1)
         text = valid & ~is_image & ~is_structural & (positions[None, :] > self.first_image[:, None])
+        m_prev = self.text_bound
         if q_len == 1 and past > 0:
             start = 0  # a decode step: a sample whose new token is not text is masked out by new_text below
-        else:
-            cols = text.any(dim=0).nonzero()
-            start = int(cols[0].item()) if cols.numel() else q_len
+            bound = m_prev + 1
+        elif not bsz:
+            start, bound = q_len, m_prev
+        else:  # the first text column of the call and (prefill) the most text rows of a sample, in one host copy
+            columns = torch.arange(q_len, device=device)
+            first = torch.where(text.any(dim=0), columns, q_len).min()
+            start, most = torch.stack([first, text.sum(dim=1).max()]).tolist()
+            bound = most if past == 0 else m_prev + q_len - start
         new_text = text[:, start:]
         dest = self.text_count[:, None] + new_text.long().cumsum(dim=1) - 1
         prev_count = self.text_count.clone()
-        m_prev = self.text_bound
-        bound = int(new_text.sum(dim=1).max().item()) if past == 0 and bsz else m_prev + q_len - start
         capacity = self.text_pos.shape[1] - 1
         if bound > capacity:
             # room for 64 more decode steps (or half again as many rows): a generation of up to 64 tokens past the
