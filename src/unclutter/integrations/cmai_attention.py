@@ -11,6 +11,13 @@ Per-call facts (which cache positions are image keys, which new tokens are text)
 per forward by a pre-hook on the VLM (see `CMAIState.begin`), because `generate()` rejects unknown
 kwargs.
 
+Launches. At batch 1 on a GPU, eager decoding is bound by kernel launches and host syncs, not arithmetic
+(`unclutter bench dispatch` counts both). So whatever depends only on where a layer's keys sit is built once
+per forward call and shared by every layer with that layout (`CMAIState.layout`), quantile positions once per
+generation (`CMAIState.quantile`), and no layer call copies a value to the host: rows that are not text are
+stored in a spare slot instead of being located with ``nonzero``, and a one-token decode step keeps a host-side
+upper bound of the stored rows instead of asking the device which of its tokens were text.
+
 Positions. Image keys and text tokens are stored by absolute position. A layer's keys are the last
 ``kv_len`` positions of the sequence (a full-attention layer holds all of them; a sliding-window layer
 of the dynamic cache, as in Gemma 3 or Mistral-style configs, holds only its window), so key index =
