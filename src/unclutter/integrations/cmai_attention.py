@@ -84,13 +84,11 @@ class Chunk:
     start: int  # first row of the call that may be a text query (q_len if none); 0 in a one-token decode step
     new_text: torch.Tensor  # (B, q_len - start) bool: row is an inhibited text query
     dest: torch.Tensor  # (B, q_len - start) long: text ordinal of each new row
-    slot: torch.Tensor  # (B, q_len - start) long: where the row is stored (dest, or the spare slot)
-    prev_count: torch.Tensor  # (B,) text rows stored before this call
-    prev_pos: torch.Tensor  # (B, m_prev) positions of those rows; m_prev >= max(prev_count), extra ones invalid
+    prev_pos: torch.Tensor  # (B, m_prev) positions of the text rows stored before this call (m_prev: an upper bound)
     prev_valid: torch.Tensor  # (B, m_prev) bool
     inhibitable: torch.Tensor  # (B, q_len - start, n) bool: a real image key and a text query
     not_image: torch.Tensor  # (B, 1, n) bool: padding of the image-key list (samples with fewer image tokens)
-    store_index: torch.Tensor  # (B, q_len - start, n) long: ``slot`` expanded over the image keys (for scatter_)
+    store_index: torch.Tensor  # (B, q_len - start, n) long: each row's store slot (text ordinal or the spare one)
     layouts: dict = field(default_factory=dict)  # (offset, kv_len, mask) -> Layout, see `CMAIState.layout`
 
 
@@ -237,7 +235,7 @@ class CMAIState:
             bound = most if past == 0 else m_prev + q_len - start
         new_text = text[:, start:]
         dest = self.text_count[:, None] + new_text.long().cumsum(dim=1) - 1
-        prev_count = self.text_count.clone()
+        prev_count = self.text_count  # never changed in place: the update below makes a new tensor
         capacity = self.text_pos.shape[1] - 1
         if bound > capacity:
             # room for 64 more decode steps (or half again as many rows): a generation of up to 64 tokens past the
@@ -253,7 +251,7 @@ class CMAIState:
         inhibitable = self.image_valid[:, None, :] & new_text[..., None]
         prev_pos = self.text_pos[:, :m_prev]
         self.chunk = Chunk(
-            past, q_len, start, new_text, dest, slot, prev_count, prev_pos, prev_valid, inhibitable,
+            past, q_len, start, new_text, dest, prev_pos, prev_valid, inhibitable,
             ~self.image_valid[:, None, :], slot[..., None].expand(-1, -1, self.image_valid.shape[1]),
         )  # fmt: skip
         self.length = past + q_len
