@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from ._amp import autocast_off
 
 
+def _cluster_sizes(assign: torch.Tensor, c: int) -> torch.Tensor:
+    """(B, c) members per cluster of assignments ``assign`` (B, R)."""
+    sizes = torch.zeros(assign.shape[0], c, dtype=torch.long, device=assign.device)
+    return sizes.scatter_add_(1, assign, torch.ones_like(assign))
+
+
 def _fill_empty_clusters(assign: torch.Tensor, sim_to_own: torch.Tensor, c: int) -> torch.Tensor:
     """Move the worst-fitting point of a multi-member cluster into each empty cluster.
 
@@ -21,8 +27,7 @@ def _fill_empty_clusters(assign: torch.Tensor, sim_to_own: torch.Tensor, c: int)
     """
     b_idx = torch.arange(assign.shape[0], device=assign.device)
     for _ in range(c):
-        counts = torch.zeros(assign.shape[0], c, dtype=torch.long, device=assign.device)
-        counts.scatter_add_(1, assign, torch.ones_like(assign))
+        counts = _cluster_sizes(assign, c)
         empty = counts == 0
         needs = empty.any(dim=1)
         if not bool(needs.any()):
@@ -65,10 +70,9 @@ def cosine_kmeans(x: torch.Tensor, c: int, iters: int = 10) -> torch.Tensor:
         best, new_assign = sim.max(dim=-1)
         # "any cluster empty?" and "any assignment changed?" in one device->host copy: on a GPU each copy
         # stalls the launch queue, and an iteration needs both answers
-        counts = torch.zeros(bsz, c, dtype=torch.long, device=x.device).scatter_add_(
-            1, new_assign, torch.ones_like(new_assign)
+        flags = [(_cluster_sizes(new_assign, c) == 0).any()] + (
+            [] if assign is None else [(new_assign != assign).any()]
         )
-        flags = [(counts == 0).any()] + ([] if assign is None else [(new_assign != assign).any()])
         empty, *changed = torch.stack(flags).tolist()
         if empty:  # rare: fix, then compare again
             new_assign = _fill_empty_clusters(new_assign, best, c)

@@ -235,7 +235,7 @@ class CMAIState:
             bound = most if past == 0 else m_prev + q_len - start
         new_text = text[:, start:]
         dest = self.text_count[:, None] + new_text.long().cumsum(dim=1) - 1
-        prev_count = self.text_count  # never changed in place: the update below makes a new tensor
+        prev_valid = torch.arange(m_prev, device=device)[None] < self.text_count[:, None]  # rows stored before
         capacity = self.text_pos.shape[1] - 1
         if bound > capacity:
             # room for 64 more decode steps (or half again as many rows): a generation of up to 64 tokens past the
@@ -247,7 +247,6 @@ class CMAIState:
         self.text_pos.scatter_(1, slot, positions[start:].expand(bsz, -1))
         self.text_count = self.text_count + new_text.sum(dim=1)
         self.text_bound = bound
-        prev_valid = torch.arange(m_prev, device=device)[None] < prev_count[:, None]
         inhibitable = self.image_valid[:, None, :] & new_text[..., None]
         prev_pos = self.text_pos[:, :m_prev]
         self.chunk = Chunk(
