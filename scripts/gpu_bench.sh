@@ -41,12 +41,14 @@ done
 left=$(( deadline - (SECONDS - start) ))
 if [ "${EXACT:-1}" = 1 ] && [ $left -ge 90 ]; then
   python3 -c "import num2words" 2>/dev/null && skip=() || skip=(-k "not smolvlm")
+  python3 -c "import xdist" 2>/dev/null && skip+=(-n 4)  # four processes share the device
   UNCLUTTER_TEST_DEVICE=$device timeout $(( left - 30 )) python3 -m pytest -p no:cacheprovider \
     tests/test_families.py "${skip[@]}" >"$extra/exact.log" 2>&1
   echo "EXACT on $device rc=$? $(tail -n 1 "$extra/exact.log")" >>"$log"
   grep -E "^(FAILED|ERROR)" "$extra/exact.log" | head -n 30 >>"$log"
 fi
 for f in ${MICRO:-llava qwen2_5_vl qwen3_vl gemma3 internvl idefics3 smolvlm llava_next llava_onevision}; do
+  [ "$f" = none ] && continue
   left=$(( deadline - (SECONDS - start) ))
   if [ $left -lt 20 ]; then echo "SKIP micro-$f: ${left}s left" >>"$log"; continue; fi
   timeout $(( left - 5 )) python3 -m unclutter.cli bench speed --preset "micro-$f" --device "$device" --reps 1 \
