@@ -107,7 +107,10 @@ def test_cmai_layers_get_gemma3s_real_masks(model, processor, monkeypatch):
     length = ids.shape[0]
     prefill = [(layer, sliding, m) for layer, sliding, m in seen if m is not None and m.shape[-2] == length]
     decode = [(layer, sliding, m) for layer, sliding, m in seen if m is not None and m.shape[-2] == 1]
-    assert len(prefill) == len(decode) == 4 and len(seen) == 8, "one prefill and one decode call per layer"
+    unmasked = [layer for layer, _, m in seen if m is None]
+    # layer 0 has gamma 0: in a decode step without padding every key is allowed there, so it gets no mask (SDPA's
+    # unmasked kernel, as in stock transformers)
+    assert unmasked == [0] and len(prefill) == 4 and len(decode) == 3, "one prefill and one decode call per layer"
     q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
     for _, sliding, mask in prefill:
         allowed = mask[0, 0]

@@ -74,6 +74,27 @@ def test_manual_decoding_loop_equals_generate(model, processor, images):
         torch.testing.assert_close(logits[t], gen.logits[t], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("focus", ["paper", "tia"])
+def test_fast_decode_steps_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus):
+    """One unpadded prompt takes the fast decode path (the host knows the image block, that nothing is padding and
+    that every stored row is text); a left-padded batch takes the general one. Both against independent results."""
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    for batch, fast in ((encode(processor, images[:1], PROMPTS[:1]), 5), (encode(processor, images), 0)):
+        with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6, focus=focus)) as h, torch.no_grad():
+            gen = _generate(model, batch)
+            assert h.cmai_state.fast_steps == fast
+            ids = gen.sequences[:, :-1]
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1] :])], 1)
+            full = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+        valid = mask[:, -6:].bool()
+        for t in range(6):
+            torch.testing.assert_close(gen.logits[t], full[:, t - 6], atol=2e-5, rtol=1e-4)
+        if focus == "paper":
+            naive = reference_logits(model, {**batch, "input_ids": ids, "attention_mask": mask}, gammas)
+            got = torch.stack(gen.logits, 1)
+            torch.testing.assert_close(got[valid], naive[:, -6:][valid].float(), atol=2e-5, rtol=1e-4)
+
+
 def test_batch_equals_single(model, processor, images):
     batch = encode(processor, images)
     with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
@@ -138,7 +159,7 @@ def test_decode_steps_whose_token_is_not_text_equal_the_naive_reference(model, p
         torch.testing.assert_close(logits[t], naive[:, t - 4].float(), atol=2e-5, rtol=1e-4)
 
 
-def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, images):
+def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, images, monkeypatch):
     """On a GPU every host-device sync stalls the launch queue; CMAI's decode step has one (the check that no
     image token arrives after the prefill), not one per layer."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -161,6 +182,8 @@ def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, 
         out = model(**batch, use_cache=True)
         new = out.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(new)], 1)
-        with Count() as count:
+        with Count() as count, monkeypatch.context() as patch:
+            tolist = torch.Tensor.tolist  # a host copy that is no ATen call on CPU (it is one on a GPU)
+            patch.setattr(torch.Tensor, "tolist", lambda t: count.syncs.append("tolist") or tolist(t))
             model(input_ids=new, attention_mask=mask, use_cache=True, **{cache_argument(model): output_cache(out)})
     assert len(count.syncs) == 1, count.syncs

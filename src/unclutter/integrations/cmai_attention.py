@@ -31,6 +31,7 @@ Each raises `CMAIStateError` naming the transformers release.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,9 @@ class Chunk:
     inhibitable: torch.Tensor  # (B, q_len - start, n) bool: a real image key and a text query
     not_image: torch.Tensor  # (B, 1, n) bool: padding of the image-key list (samples with fewer image tokens)
     store_index: torch.Tensor  # (B, q_len - start, n) long: each row's store slot (text ordinal or the spare one)
+    # a one-token decode step of the common case, where the host knows every fact the general path computes on
+    # the device: see `CMAIState.fast_decode`
+    fast: bool = False
     layouts: dict = field(default_factory=dict)  # (offset, kv_len, mask) -> Layout, see `CMAIState.layout`
 
 
@@ -98,19 +102,25 @@ class Layout:
     and mask), computed once per forward call and shared by the layers with that layout (all full-attention
     layers share one): a layer call then runs only the arithmetic on its own attention."""
 
+    # (the general path's fields below are None in a fast decode step's layout, which sets the fast_* ones)
     mask: torch.Tensor | None  # the attention mask this layout was built for (kept alive: its id is a key)
-    allowed: torch.Tensor  # (B, 1, q_len, kv_len) bool
-    disallowed: torch.Tensor  # (B, 1, q_len - start, kv_len) bool
+    allowed: torch.Tensor | None  # (B, 1, q_len, kv_len) bool
+    disallowed: torch.Tensor | None  # (B, 1, q_len - start, kv_len) bool
     # one gather from a layer's attention rows serves the image keys (A_t2i) and, for "paper", the earlier text rows
     # (their A_t2n weights): (B, q_new, n [+ m_prev]) key indices, and float32 factors (1 for a visible image key
     # and a text query; a text row's validity)
-    gather_index: torch.Tensor
-    gather_keep: torch.Tensor
-    columns: torch.Tensor  # (B, q_new, n) long: image key index, or the spare column kv_len if not visible
+    gather_index: torch.Tensor | None
+    gather_keep: torch.Tensor | None
+    columns: torch.Tensor | None  # (B, q_new, n) long: image key index, or the spare column kv_len if not visible
     prev_gathered: bool  # gather_index holds the earlier text rows after the n image keys ("paper")
     prev_weight: torch.Tensor | None  # (B, q_new, m_prev) the earlier rows' weights where the attention is not needed
     new_index: torch.Tensor | None  # (B, q_new, q_new): the same for this call's own text rows (prefill)
     new_weight: torch.Tensor | None
+    # fast decode step (`Chunk.fast`) in a layer that sees the whole image block and every key: the block's first
+    # key index, the earlier text rows' key indices (B, 1, m_prev) and an all-zero additive mask (B, 1, 1, kv_len)
+    fast_first: int | None = None
+    fast_prev_index: torch.Tensor | None = None
+    fast_mask: torch.Tensor | None = None
 
 
 class CMAIState:
@@ -135,6 +145,7 @@ class CMAIState:
         self.focus = focus
         self.discount = discount
         self._cache_ref = None
+        self._id_tables: dict[tuple, torch.Tensor] = {}
         self.tracing = False  # record each call's last-row inhibition (for pictures; see `trace`)
         self.reset(0)
 
@@ -152,6 +163,14 @@ class CMAIState:
         self.text_bound = 0
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity + 1, n) float32
         self.plans: dict[float, QuantilePlan] = {}  # gamma -> where each row's quantile lies (fixed counts)
+        # Host-side facts that let a decode step skip most bookkeeping (`Chunk.fast`), learned by the syncs the
+        # general path makes anyway: every sample's image keys are the same contiguous positions (start, n);
+        # no token so far is padding; every sample stored exactly `text_bound` rows (all of them valid).
+        self.block: tuple[int, int] | None = None
+        self.unpadded = True
+        self.rows_exact = True
+        self.fast_plans: dict[float, tuple[int, int, torch.Tensor]] = {}  # gamma -> (lower, upper, weight)
+        self.fast_steps = 0  # decode steps of this generation that took the fast path
         self.chunk: Chunk | None = None
         # layer -> one (B, n) bool per forward call: the image keys inhibited for the call's last row,
         # i.e. for the query that predicts the next generated token (filled only while `tracing`).
@@ -206,8 +225,8 @@ class CMAIState:
             if attention_mask is not None
             else torch.ones(bsz, q_len, dtype=torch.bool, device=device)
         )
-        is_image = _isin(input_ids, self.media_token_ids)
-        is_structural = _isin(input_ids, self.structural_token_ids)
+        is_image = self._isin(input_ids, self.media_token_ids)
+        is_structural = self._isin(input_ids, self.structural_token_ids)
         positions = past + torch.arange(q_len, device=device)
         if past == 0:
             counts = is_image.sum(dim=1)
@@ -218,21 +237,44 @@ class CMAIState:
             self.image_pos = torch.where(self.image_valid, order, 0)
             big = torch.full((bsz,), torch.iinfo(torch.long).max, dtype=torch.long, device=device)
             self.first_image = torch.where(counts > 0, self.image_pos[:, 0], big) if n else big
-        elif bool(is_image.any()):  # the one device sync of a decode step
-            raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
-        self.pad = torch.cat([self.pad[:, :past], valid], dim=1)
         text = valid & ~is_image & ~is_structural & (positions[None, :] > self.first_image[:, None])
         m_prev = self.text_bound
+        fast = False
         if q_len == 1 and past > 0:
-            start = 0  # a decode step: a sample whose new token is not text is masked out by new_text below
+            # a decode step; its one device sync. A sample whose new token is not text is masked out by new_text
+            # below; when every sample's token is text, nothing is padding and the image block is simple, the
+            # layers take the fast path (`_fast_decode_mask`)
+            has_image, all_text, all_valid = torch.stack([is_image.any(), text.all(), valid.all()]).tolist()
+            if has_image:
+                raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
+            start = 0
             bound = m_prev + 1
+            self.unpadded = self.unpadded and bool(all_valid)
+            self.rows_exact = self.rows_exact and bool(all_text)  # each sample stored one more row, as the bound
+            fast = bool(all_text) and self.unpadded and self.rows_exact and self.block is not None
+            fast = fast and self.focus in ("paper", "tia")
+            self.fast_steps += fast
         elif not bsz:
             start, bound = q_len, m_prev
-        else:  # the first text column of the call and (prefill) the most text rows of a sample, in one host copy
+        elif past > 0:  # several tokens on top of a cache (assisted decoding): the general path from here on
+            if bool(is_image.any()):
+                raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
+            columns = torch.arange(q_len, device=device)
+            start = int(torch.where(text.any(dim=0), columns, q_len).min())
+            bound = m_prev + q_len - start
+            self.rows_exact = self.unpadded = False
+        else:  # the prefill: the first text column, the most and fewest text rows of a sample, whether any token
+            # is padding, and where the image block starts if it is one contiguous run shared by all samples
             columns = torch.arange(q_len, device=device)
             first = torch.where(text.any(dim=0), columns, q_len).min()
-            start, most = torch.stack([first, text.sum(dim=1).max()]).tolist()
-            bound = most if past == 0 else m_prev + q_len - start
+            per_sample = text.sum(dim=1)
+            block = _block_start(self.image_pos, counts)
+            facts = torch.stack([first, per_sample.max(), per_sample.min(), valid.all().long(), block]).tolist()
+            start, most, least, all_valid, block_start = facts
+            bound = most
+            self.unpadded, self.rows_exact = bool(all_valid), most == least
+            self.block = (block_start, self.image_pos.shape[1]) if block_start >= 0 else None
+        self.pad = torch.cat([self.pad[:, :past], valid], dim=1)
         new_text = text[:, start:]
         dest = self.text_count[:, None] + new_text.long().cumsum(dim=1) - 1
         prev_valid = torch.arange(m_prev, device=device)[None] < self.text_count[:, None]  # rows stored before
@@ -251,9 +293,20 @@ class CMAIState:
         prev_pos = self.text_pos[:, :m_prev]
         self.chunk = Chunk(
             past, q_len, start, new_text, dest, prev_pos, prev_valid, inhibitable,
-            ~self.image_valid[:, None, :], slot[..., None].expand(-1, -1, self.image_valid.shape[1]),
+            ~self.image_valid[:, None, :], slot[..., None].expand(-1, -1, self.image_valid.shape[1]), fast,
         )  # fmt: skip
         self.length = past + q_len
+
+    def _isin(self, ids: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+        """(B, q) bool: which ``ids`` are among ``values`` (the id tensor is built once per device: a copy from
+        the host per decode step would be one more transfer on an accelerator)."""
+        if not values:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        key = (values, ids.device, ids.dtype)
+        table = self._id_tables.get(key)
+        if table is None:
+            table = self._id_tables[key] = torch.tensor(values, device=ids.device, dtype=ids.dtype)
+        return torch.isin(ids, table)
 
     def adopt(self, cache) -> None:
         """Take the cache a prefill created internally (called after each forward with its output cache)."""
@@ -286,12 +339,13 @@ class CMAIState:
             torch.arange(self.text_pos.shape[1], device=self.text_pos.device)[None] < self.text_count[:, None]
         )
         self.text_count = keep.sum(dim=1)  # text rows are stored in position order (text_bound stays a bound)
+        self.rows_exact = False
         self.pad = self.pad[:, :length]
         self.length = length
 
-    def store(self, layer: int, new_rows: torch.Tensor) -> None:
-        """Store this call's text->image rows (B, q_new, n) for ``layer`` at their text ordinals."""
-        ch = self.chunk
+    def store(self, layer: int, new_rows: torch.Tensor, slot: int | None = None) -> None:
+        """Store this call's text->image rows (B, q_new, n) for ``layer`` at their text ordinals (or, in a fast
+        decode step, its one row at ``slot``, every sample's ordinal)."""
         rows = self.rows.get(layer)
         size = self.text_pos.shape[1]  # capacity + the spare slot
         if rows is None or rows.shape[1] < size:
@@ -299,7 +353,10 @@ class CMAIState:
             if rows is not None:
                 grown[:, : rows.shape[1] - 1] = rows[:, :-1]
             rows = self.rows[layer] = grown
-        rows.scatter_(1, ch.store_index, new_rows)
+        if slot is None:
+            rows.scatter_(1, self.chunk.store_index, new_rows)
+        else:
+            rows[:, slot : slot + 1] = new_rows
 
     def quantile(self, focus: torch.Tensor, gamma: float) -> torch.Tensor:
         """Each text row's gamma-quantile (B, q_new, 1) of ``focus`` over the sample's image keys (as
@@ -309,7 +366,17 @@ class CMAIState:
             plan = self.plans[gamma] = quantile_plan(self.image_valid.sum(dim=1)[:, None, None], gamma, focus.dtype)
         return planned_quantile(focus.masked_fill(self.chunk.not_image, float("inf")).sort(dim=-1).values, plan)
 
-    def layout(self, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, device) -> Layout:
+    def fast_plan(self, gamma: float, device) -> tuple[int, int, torch.Tensor]:
+        """`quantile_plan` for the image block every sample shares: the same arithmetic, done on the host."""
+        plan = self.fast_plans.get(gamma)
+        if plan is None:
+            rank = gamma * max(self.block[1] - 1, 0)
+            lower = math.floor(rank)
+            weight = torch.tensor(rank - lower, dtype=torch.float64, device=device).float()
+            plan = self.fast_plans[gamma] = (lower, math.ceil(rank), weight)
+        return plan
+
+    def layout(self, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, query) -> Layout:
         """The call's `Layout` for a layer with these keys (built by the first such layer, then reused)."""
         ch = self.chunk
         window = getattr(module, "sliding_window", None)
@@ -317,6 +384,17 @@ class CMAIState:
         found = ch.layouts.get(key)
         if found is not None:
             return found
+        device = query.device
+        if ch.fast and self.sees_everything(window, kv_len) and 0 <= self.block[0] - offset <= kv_len - self.block[1]:
+            m_prev = ch.prev_pos.shape[1]
+            prev_index = (ch.prev_pos - offset)[:, None, :] if self.focus == "paper" and m_prev else None
+            zeros = torch.zeros(bsz, 1, 1, kv_len, dtype=query.dtype, device=device)
+            layout = Layout(
+                attention_mask, None, None, None, None, None, False, None, None, None,
+                fast_first=self.block[0] - offset, fast_prev_index=prev_index, fast_mask=zeros,
+            )  # fmt: skip
+            ch.layouts[key] = layout
+            return layout
         allowed = _allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
         q_new = q_len - ch.start
         img_idx, img_visible = _key_index(self.image_pos, offset, kv_len)
@@ -349,6 +427,12 @@ class CMAIState:
         ch.layouts[key] = layout
         return layout
 
+    def sees_everything(self, window: int | None, kv_len: int) -> bool:
+        """In a fast decode step (`Chunk.fast`: no padding), the new token is allowed every key of a layer with
+        ``kv_len`` keys: causality lets it see all earlier tokens, and a sliding window of ``window`` keys all of
+        them when kv_len <= window (transformers' rule: key > query - window)."""
+        return self.chunk.fast and (window is None or kv_len <= window)
+
     def key_offset(self, module, q_len: int, kv_len: int) -> int:
         """Position of this layer's key 0, after checking the call matches the state (see module docstring)."""
         ch = self.chunk
@@ -369,12 +453,6 @@ class CMAIState:
         return self.length - kv_len
 
 
-def _isin(ids: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
-    if not values:
-        return torch.zeros_like(ids, dtype=torch.bool)
-    return torch.isin(ids, torch.tensor(values, device=ids.device, dtype=ids.dtype))
-
-
 def _check_cache_kind(cache) -> None:
     layers = getattr(cache, "layers", None)
     if layers is None:
@@ -387,21 +465,38 @@ def _check_cache_kind(cache) -> None:
 
 
 def _head_mean_probs(
-    query: torch.Tensor, key: torch.Tensor, disallowed: torch.Tensor, scaling: float, softcap: float | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    disallowed: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Head-averaged softmax attention (B, q, K) in float32, grouped-query aware.
 
-    query: (B, H, q, D); key: (B, Hkv, K, D); disallowed: (B, 1, q, K) bool.
+    query: (B, H, q, D); key: (B, Hkv, K, D); disallowed: (B, 1, q, K) bool, or None when every key is allowed.
     """
     bsz, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.float().reshape(bsz, kv_heads, (heads // kv_heads) * q_len, dim)
-    logits = (grouped @ key.float().transpose(-1, -2)).reshape(bsz, heads, q_len, -1) * scaling
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    # at most one copy of each (float32 and contiguous at once, so the reshapes are views), and the scaling inside
+    # the batched matmul
+    grouped = _contiguous_float(query).view(bsz * kv_heads, -1, dim)
+    keys = _contiguous_float(key).view(bsz * kv_heads, kv_len, dim)
+    # beta=0: the addend is ignored (documented: not even its NaNs propagate), so an uninitialised one is enough
+    logits = torch.baddbmm(keys.new_empty(1, 1, 1), grouped, keys.transpose(1, 2), beta=0.0, alpha=scaling)
+    logits = logits.view(bsz, heads, q_len, kv_len)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if disallowed is None:
+        return logits.softmax(dim=-1).mean(dim=1)
     logits = logits.masked_fill(disallowed, float("-inf"))
     probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)  # fully masked rows (padding) -> 0
     return probs.mean(dim=1)
+
+
+def _contiguous_float(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return x.contiguous()
+    return x.to(torch.float32, memory_format=torch.contiguous_format)  # a copy, so the format is honoured
 
 
 def _key_index(pos: torch.Tensor, offset: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,6 +551,38 @@ def _allowed(state: CMAIState, window, attention_mask, bsz: int, q_len: int, kv_
     return (allowed[None, None] & state.pad[:, None, None, offset : offset + kv_len]).expand(bsz, 1, q_len, kv_len)
 
 
+def _block_start(image_pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """First position of the image keys if every sample's are the same contiguous run, else -1 (0-dim long)."""
+    n = image_pos.shape[1]
+    if n == 0:
+        return torch.tensor(-1, device=image_pos.device)
+    first = image_pos[:, 0]
+    simple = (counts == n).all() & (image_pos[:, -1] - first == n - 1).all() & (first == first[0]).all()
+    return torch.where(simple, first[0], -1)
+
+
+def _fast_decode_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout):
+    """The additive SDPA mask (B, 1, 1, kv_len) of a fast decode step (`Chunk.fast`): the general path's
+    arithmetic where the host already knows what it computes (every key allowed, every stored row valid, one
+    contiguous image block of n keys in every sample), so it needs none of its masking and gathers."""
+    a = _head_mean_probs(query, key, None, scaling, softcap)  # (B, 1, kv_len)
+    first, n = lay.fast_first, state.block[1]
+    t2i = a[..., first : first + n]
+    focus = t2i
+    if lay.fast_prev_index is not None:  # Eq. 10: the earlier text rows, weighted by this token's attention
+        m_prev = lay.fast_prev_index.shape[-1]
+        focus = torch.baddbmm(t2i, a.gather(2, lay.fast_prev_index), state.rows[layer][:, :m_prev])
+    state.store(layer, t2i, slot=state.text_bound - 1)
+    lower, upper, weight = state.fast_plan(gamma, query.device)
+    ascending = focus.sort(dim=-1).values
+    inhibit = focus < torch.lerp(ascending[..., lower : lower + 1], ascending[..., upper : upper + 1], weight)
+    if state.tracing:
+        state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
+    mask = lay.fast_mask.clone()
+    mask[..., first : first + n].masked_fill_(inhibit[:, None], float("-inf"))
+    return mask
+
+
 def cmai_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA with CMAI's inhibition added to the mask of the module's layer (plain SDPA elsewhere)."""
     ctx = getattr(module, "_unclutter_cmai", None)
@@ -471,25 +598,47 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     gamma = state.gammas.get(layer, 0.0)
     ch = state.chunk
     if gamma == 0.0 or ch.start >= ch.q_len or state.image_pos.shape[1] == 0:
+        if state.sees_everything(getattr(module, "sliding_window", None), kv_len):
+            attention_mask = None  # all True: SDPA's unmasked kernel, as stock transformers would call it
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
-    # autocast off: under bf16 mixed precision the matmuls below would drop to bf16 and shift the quantile
-    with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
-        lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query.device)
-        queries = query if ch.start == 0 else query[:, :, ch.start :]
-        a = _head_mean_probs(queries, key, lay.disallowed, scaling, kwargs.get("softcap"))
-        inhibit = _inhibited(state, layer, gamma, a, lay)  # (B, q_new, n)
-        if state.tracing:
-            state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
-        blocked = torch.zeros(bsz, q_len - ch.start, kv_len + 1, dtype=torch.bool, device=query.device)
-        blocked.scatter_(2, lay.columns, inhibit)
-        if ch.start == 0:
-            mask = lay.allowed & ~blocked[:, None, :, :kv_len]
-        else:
-            mask = lay.allowed.clone()
-            mask[:, 0, ch.start :] &= ~blocked[..., :kv_len]
+    args = (state, layer, gamma, query, key, scaling, kwargs.get("softcap"))
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(query.device.type):
+        # autocast off: under bf16 mixed precision the matmuls would drop to bf16 and shift the quantile (entering
+        # these contexts costs as much as a few kernels, so a plain decode loop, already gradient-free, skips them)
+        with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
+            mask = _mask(*args, state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query))
+    else:
+        mask = _mask(*args, state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query))
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout) -> torch.Tensor:
+    if lay.fast_mask is not None:
+        return _fast_decode_mask(state, layer, gamma, query, key, scaling, softcap, lay)
+    return _general_mask(state, layer, gamma, query, key, scaling, softcap, lay)
+
+
+def _general_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout):
+    """The boolean SDPA mask (B, 1, q_len, kv_len) of any call: the layer's own mask with each new text row's
+    inhibited image keys removed."""
+    ch = state.chunk
+    bsz, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    queries = query if ch.start == 0 else query[:, :, ch.start :]
+    a = _head_mean_probs(queries, key, lay.disallowed, scaling, softcap)
+    inhibit = _inhibited(state, layer, gamma, a, lay)  # (B, q_new, n)
+    if state.tracing:
+        state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
+    blocked = torch.zeros(bsz, q_len - ch.start, kv_len + 1, dtype=torch.bool, device=query.device)
+    blocked.scatter_(2, lay.columns, inhibit)
+    if ch.start == 0:
+        mask = lay.allowed & ~blocked[:, None, :, :kv_len]
+    else:
+        mask = lay.allowed.clone()
+        mask[:, 0, ch.start :] &= ~blocked[..., :kv_len]
+    return mask
