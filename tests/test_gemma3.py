@@ -89,6 +89,31 @@ def test_cmai_follows_sliding_windows_in_prefill_and_decoding(model, processor):
     assert all(g > 1e-4 for g in gaps), f"CMAI must act at every decode step, also past the window: {gaps}"
 
 
+def test_a_decode_step_whose_token_is_structural_keeps_the_fast_path_exact(model, processor):
+    """A generated image marker is no text query: that step takes the general path and stores no row; the prefill
+    and the steps around it take the fast one (global layers; sliding layers past their window fall back per layer). Each step
+    equals one uncached forward and the naive reference."""
+    from unclutter.compat import cache_argument
+
+    batch = _inputs(processor, [[random_image(0, 48)]], QUESTIONS[:1])
+    marker = torch.tensor([[model.config.eoi_token_id]])
+    with unclutter.apply(model, processor, cmai=CMAIConfig()) as handle, torch.no_grad():
+        out = model(**batch, use_cache=True)
+        cache, ids, got = output_cache(out), batch["input_ids"], []
+        for step in range(4):
+            new = marker if step == 1 else out.logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, new], 1)
+            step_batch = {"input_ids": new, "attention_mask": torch.ones_like(ids), cache_argument(model): cache}
+            out = model(**step_batch, use_cache=True)
+            got.append(out.logits[:, -1])
+        assert handle.cmai_state.fast_steps == 4 and handle.cmai_state.rows_exact  # the prefill and 3 steps
+        full = logits(model, extend(batch, ids))[:, -4:]
+    naive = reference_logits(model, extend(batch, ids), _gammas(model))[:, -4:]
+    for t in range(4):
+        torch.testing.assert_close(got[t], full[:, t], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got[t], naive[:, t].float(), atol=5e-5, rtol=1e-4)
+
+
 def test_cmai_layers_get_gemma3s_real_masks(model, processor, monkeypatch):
     """Every CMAI layer gets a materialised mask: sliding window, bidirectional image block, no future text."""
     seen = []
@@ -113,7 +138,7 @@ def test_cmai_layers_get_gemma3s_real_masks(model, processor, monkeypatch):
     assert unmasked == [0] and len(prefill) == 4 and len(decode) == 3, "one prefill and one decode call per layer"
     q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
     for _, sliding, mask in prefill:
-        allowed = mask[0, 0]
+        allowed = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0  # the fast path's masks are additive
         assert allowed[image[0], image[-1]], "image tokens attend bidirectionally within their image"
         text = ids != model.config.image_token_id
         assert not (allowed & (k > q))[text].any(), "text rows never see later tokens"

@@ -75,11 +75,12 @@ def test_manual_decoding_loop_equals_generate(model, processor, images):
 
 
 @pytest.mark.parametrize("focus", ["paper", "tia"])
-def test_fast_decode_steps_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus):
-    """One unpadded prompt takes the fast decode path (the host knows the image block, that nothing is padding and
-    that every stored row is text); a left-padded batch takes the general one. Both against independent results."""
+def test_fast_calls_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus):
+    """One unpadded prompt takes the fast path in its prefill and decode steps (the host knows the image block, that
+    nothing is padding and that every row is text); a left-padded batch takes the general one. Both against
+    independent results."""
     gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
-    for batch, fast in ((encode(processor, images[:1], PROMPTS[:1]), 5), (encode(processor, images), 0)):
+    for batch, fast in ((encode(processor, images[:1], PROMPTS[:1]), 6), (encode(processor, images), 0)):
         with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6, focus=focus)) as h, torch.no_grad():
             gen = _generate(model, batch)
             assert h.cmai_state.fast_steps == fast
@@ -90,14 +91,18 @@ def test_fast_decode_steps_equal_a_full_forward_and_the_naive_reference(model, p
         for t in range(6):
             torch.testing.assert_close(gen.logits[t], full[:, t - 6], atol=2e-5, rtol=1e-4)
         if focus == "paper":
-            naive = reference_logits(model, {**batch, "input_ids": ids, "attention_mask": mask}, gammas)
+            naive = reference_logits(model, {**batch, "input_ids": ids, "attention_mask": mask}, gammas).float()
             got = torch.stack(gen.logits, 1)
-            torch.testing.assert_close(got[valid], naive[:, -6:][valid].float(), atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(got[valid], naive[:, -6:][valid], atol=2e-5, rtol=1e-4)
+            every = mask.bool()  # the prefill over the whole sequence too
+            torch.testing.assert_close(full[every], naive[every], atol=2e-5, rtol=1e-4)
 
 
-def test_batch_equals_single(model, processor, images):
+@pytest.mark.parametrize("focus", ["paper", "tia"])
+def test_batch_equals_single(model, processor, images, focus):
+    """The padded batch takes the general path, each sample alone the fast one."""
     batch = encode(processor, images)
-    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+    with unclutter.apply(model, cmai=CMAIConfig(focus=focus)), torch.no_grad():
         together = _generate(model, batch)
         for i in range(2):
             alone = _generate(model, encode(processor, images[i : i + 1], PROMPTS[i : i + 1]))

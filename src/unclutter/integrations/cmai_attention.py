@@ -90,8 +90,8 @@ class Chunk:
     inhibitable: torch.Tensor  # (B, q_len - start, n) bool: a real image key and a text query
     not_image: torch.Tensor  # (B, 1, n) bool: padding of the image-key list (samples with fewer image tokens)
     store_index: torch.Tensor  # (B, q_len - start, n) long: each row's store slot (text ordinal or the spare one)
-    # a one-token decode step of the common case, where the host knows every fact the general path computes on
-    # the device: see `CMAIState.fast_decode`
+    # a call of the common case (one image block shared by the batch, no padding, every row from `start` on a
+    # text query), where the host knows what the general path computes on the device: see `_fast_mask`
     fast: bool = False
     layouts: dict = field(default_factory=dict)  # (offset, kv_len, mask) -> Layout, see `CMAIState.layout`
 
@@ -102,7 +102,7 @@ class Layout:
     and mask), computed once per forward call and shared by the layers with that layout (all full-attention
     layers share one): a layer call then runs only the arithmetic on its own attention."""
 
-    # (the general path's fields below are None in a fast decode step's layout, which sets the fast_* ones)
+    # (a fast layout, `Chunk.fast`, leaves the general path's fields None except `disallowed`, and sets fast_*)
     mask: torch.Tensor | None  # the attention mask this layout was built for (kept alive: its id is a key)
     allowed: torch.Tensor | None  # (B, 1, q_len, kv_len) bool
     disallowed: torch.Tensor | None  # (B, 1, q_len - start, kv_len) bool
@@ -116,11 +116,13 @@ class Layout:
     prev_weight: torch.Tensor | None  # (B, q_new, m_prev) the earlier rows' weights where the attention is not needed
     new_index: torch.Tensor | None  # (B, q_new, q_new): the same for this call's own text rows (prefill)
     new_weight: torch.Tensor | None
-    # fast decode step (`Chunk.fast`) in a layer that sees the whole image block and every key: the block's first
-    # key index, the earlier text rows' key indices (B, 1, m_prev) and an all-zero additive mask (B, 1, 1, kv_len)
+    # a fast call in a layer that sees the whole image block: the block's first key index; the layer's additive
+    # mask (B, 1, q_len, kv_len) (0 or -inf); in a decode step, the earlier text rows' key indices (B, 1, m_prev)
+    # ("paper"); in a prefill, the key index of the first text row, whose own keys weigh each other ("paper")
     fast_first: int | None = None
-    fast_prev_index: torch.Tensor | None = None
     fast_mask: torch.Tensor | None = None
+    fast_prev_index: torch.Tensor | None = None
+    fast_own: int | None = None
 
 
 class CMAIState:
@@ -163,14 +165,14 @@ class CMAIState:
         self.text_bound = 0
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity + 1, n) float32
         self.plans: dict[float, QuantilePlan] = {}  # gamma -> where each row's quantile lies (fixed counts)
-        # Host-side facts that let a decode step skip most bookkeeping (`Chunk.fast`), learned by the syncs the
-        # general path makes anyway: every sample's image keys are the same contiguous positions (start, n);
+        # Host-side facts that let a call skip most bookkeeping (`Chunk.fast`), learned by the syncs the general
+        # path makes anyway: every sample's image keys are the same contiguous positions (start, n);
         # no token so far is padding; every sample stored exactly `text_bound` rows (all of them valid).
         self.block: tuple[int, int] | None = None
         self.unpadded = True
         self.rows_exact = True
         self.fast_plans: dict[float, tuple[int, int, torch.Tensor]] = {}  # gamma -> (lower, upper, weight)
-        self.fast_steps = 0  # decode steps of this generation that took the fast path
+        self.fast_steps = 0  # forward calls (prefill, decode steps) of this generation that took the fast path
         self.chunk: Chunk | None = None
         # layer -> one (B, n) bool per forward call: the image keys inhibited for the call's last row,
         # i.e. for the query that predicts the next generated token (filled only while `tracing`).
@@ -243,17 +245,17 @@ class CMAIState:
         if q_len == 1 and past > 0:
             # a decode step; its one device sync. A sample whose new token is not text is masked out by new_text
             # below; when every sample's token is text, nothing is padding and the image block is simple, the
-            # layers take the fast path (`_fast_decode_mask`)
-            has_image, all_text, all_valid = torch.stack([is_image.any(), text.all(), valid.all()]).tolist()
+            # layers take the fast path (`_fast_mask`)
+            facts = torch.stack([is_image.any(), text.all(), text.any(), valid.all()]).tolist()
+            has_image, all_text, any_text, all_valid = facts
             if has_image:
                 raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
-            start = 0
-            bound = m_prev + 1
+            start = 0 if any_text else q_len  # no text query in any sample: every layer is plain SDPA
+            bound = m_prev + 1 if any_text else m_prev
             self.unpadded = self.unpadded and bool(all_valid)
-            self.rows_exact = self.rows_exact and bool(all_text)  # each sample stored one more row, as the bound
+            # the bound stays every sample's count if all samples stored a row, or none did
+            self.rows_exact = self.rows_exact and (bool(all_text) or not any_text)
             fast = bool(all_text) and self.unpadded and self.rows_exact and self.block is not None
-            fast = fast and self.focus in ("paper", "tia")
-            self.fast_steps += fast
         elif not bsz:
             start, bound = q_len, m_prev
         elif past > 0:  # several tokens on top of a cache (assisted decoding): the general path from here on
@@ -268,12 +270,16 @@ class CMAIState:
             columns = torch.arange(q_len, device=device)
             first = torch.where(text.any(dim=0), columns, q_len).min()
             per_sample = text.sum(dim=1)
+            all_text = (text | (columns < first)).all()  # every row from the first text column on is text
             block = _block_start(self.image_pos, counts)
-            facts = torch.stack([first, per_sample.max(), per_sample.min(), valid.all().long(), block]).tolist()
-            start, most, least, all_valid, block_start = facts
+            facts = [first, per_sample.max(), per_sample.min(), valid.all(), all_text, block]
+            start, most, least, all_valid, all_text, block_start = torch.stack([f.long() for f in facts]).tolist()
             bound = most
             self.unpadded, self.rows_exact = bool(all_valid), most == least
             self.block = (block_start, self.image_pos.shape[1]) if block_start >= 0 else None
+            fast = bool(all_text) and self.unpadded and self.block is not None and start < q_len
+        fast = fast and self.focus in ("paper", "tia")
+        self.fast_steps += fast
         self.pad = torch.cat([self.pad[:, :past], valid], dim=1)
         new_text = text[:, start:]
         dest = self.text_count[:, None] + new_text.long().cumsum(dim=1) - 1
@@ -345,7 +351,7 @@ class CMAIState:
 
     def store(self, layer: int, new_rows: torch.Tensor, slot: int | None = None) -> None:
         """Store this call's text->image rows (B, q_new, n) for ``layer`` at their text ordinals (or, in a fast
-        decode step, its one row at ``slot``, every sample's ordinal)."""
+        call, from ``slot`` on: every row is text, so the ordinals run on from every sample's count)."""
         rows = self.rows.get(layer)
         size = self.text_pos.shape[1]  # capacity + the spare slot
         if rows is None or rows.shape[1] < size:
@@ -356,7 +362,7 @@ class CMAIState:
         if slot is None:
             rows.scatter_(1, self.chunk.store_index, new_rows)
         else:
-            rows[:, slot : slot + 1] = new_rows
+            rows[:, slot : slot + new_rows.shape[1]] = new_rows
 
     def quantile(self, focus: torch.Tensor, gamma: float) -> torch.Tensor:
         """Each text row's gamma-quantile (B, q_new, 1) of ``focus`` over the sample's image keys (as
@@ -385,16 +391,25 @@ class CMAIState:
         if found is not None:
             return found
         device = query.device
-        if ch.fast and self.sees_everything(window, kv_len) and 0 <= self.block[0] - offset <= kv_len - self.block[1]:
-            m_prev = ch.prev_pos.shape[1]
-            prev_index = (ch.prev_pos - offset)[:, None, :] if self.focus == "paper" and m_prev else None
-            zeros = torch.zeros(bsz, 1, 1, kv_len, dtype=query.dtype, device=device)
-            layout = Layout(
-                attention_mask, None, None, None, None, None, False, None, None, None,
-                fast_first=self.block[0] - offset, fast_prev_index=prev_index, fast_mask=zeros,
-            )  # fmt: skip
-            ch.layouts[key] = layout
-            return layout
+        first = self.block[0] - offset if self.block is not None else -1
+        if ch.fast and 0 <= first <= kv_len - self.block[1]:
+            layout = None
+            if q_len == 1 and self.sees_everything(window, kv_len):  # decode: no key is masked
+                m_prev = ch.prev_pos.shape[1]
+                prev_index = (ch.prev_pos - offset)[:, None, :] if self.focus == "paper" and m_prev else None
+                zeros = torch.zeros(bsz, 1, 1, kv_len, dtype=query.dtype, device=device)
+                layout = Layout(
+                    attention_mask, None, None, None, None, None, False, None, None, None, first, zeros, prev_index
+                )
+            elif ch.past == 0 and offset == 0:  # prefill: the layer's own mask, as an additive one
+                hidden = ~_allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
+                additive = torch.zeros(hidden.shape, dtype=query.dtype, device=device).masked_fill_(hidden, -math.inf)
+                own = ch.start if self.focus == "paper" and q_len - ch.start > 1 else None
+                layout = Layout(attention_mask, None, hidden[:, :, ch.start :], None, None, None, False, None, None,
+                                None, first, additive, None, own)  # fmt: skip
+            if layout is not None:
+                ch.layouts[key] = layout
+                return layout
         allowed = _allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
         q_new = q_len - ch.start
         img_idx, img_visible = _key_index(self.image_pos, offset, kv_len)
@@ -431,7 +446,8 @@ class CMAIState:
         """In a fast decode step (`Chunk.fast`: no padding), the new token is allowed every key of a layer with
         ``kv_len`` keys: causality lets it see all earlier tokens, and a sliding window of ``window`` keys all of
         them when kv_len <= window (transformers' rule: key > query - window)."""
-        return self.chunk.fast and (window is None or kv_len <= window)
+        ch = self.chunk
+        return ch.fast and ch.q_len == 1 and (window is None or kv_len <= window)
 
     def key_offset(self, module, q_len: int, kv_len: int) -> int:
         """Position of this layer's key 0, after checking the call matches the state (see module docstring)."""
@@ -470,10 +486,12 @@ def _head_mean_probs(
     disallowed: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
+    empty_rows: bool = True,
 ) -> torch.Tensor:
     """Head-averaged softmax attention (B, q, K) in float32, grouped-query aware.
 
     query: (B, H, q, D); key: (B, Hkv, K, D); disallowed: (B, 1, q, K) bool, or None when every key is allowed.
+    empty_rows: some row may have every key disallowed (padding); its probabilities are 0 instead of NaN.
     """
     bsz, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -488,8 +506,9 @@ def _head_mean_probs(
         logits = torch.tanh(logits / softcap) * softcap
     if disallowed is None:
         return logits.softmax(dim=-1).mean(dim=1)
-    logits = logits.masked_fill(disallowed, float("-inf"))
-    probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)  # fully masked rows (padding) -> 0
+    probs = logits.masked_fill(disallowed, float("-inf")).softmax(dim=-1)
+    if empty_rows:
+        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding) -> 0
     return probs.mean(dim=1)
 
 
@@ -561,25 +580,31 @@ def _block_start(image_pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(simple, first[0], -1)
 
 
-def _fast_decode_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout):
-    """The additive SDPA mask (B, 1, 1, kv_len) of a fast decode step (`Chunk.fast`): the general path's
-    arithmetic where the host already knows what it computes (every key allowed, every stored row valid, one
-    contiguous image block of n keys in every sample), so it needs none of its masking and gathers."""
-    a = _head_mean_probs(query, key, None, scaling, softcap)  # (B, 1, kv_len)
+def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout):
+    """The additive SDPA mask (B, 1, q_len, kv_len) of a fast call (`Chunk.fast`): the general path's arithmetic
+    where the host already knows what it computes (one contiguous image block of n keys in every sample, no
+    padding, every new row from ``start`` on a text query, every stored row valid), so the image keys are a slice,
+    the text rows' weights a slice or one gather, and the quantile positions host numbers."""
+    start = state.chunk.start
+    queries = query if start == 0 else query[:, :, start:]
+    a = _head_mean_probs(queries, key, lay.disallowed, scaling, softcap, empty_rows=False)  # (B, q_new, kv_len)
     first, n = lay.fast_first, state.block[1]
     t2i = a[..., first : first + n]
     focus = t2i
-    if lay.fast_prev_index is not None:  # Eq. 10: the earlier text rows, weighted by this token's attention
+    if lay.fast_prev_index is not None:  # Eq. 10 over earlier calls' text rows (a decode step), stored per layer
         m_prev = lay.fast_prev_index.shape[-1]
         focus = torch.baddbmm(t2i, a.gather(2, lay.fast_prev_index), state.rows[layer][:, :m_prev])
-    state.store(layer, t2i, slot=state.text_bound - 1)
+    if lay.fast_own is not None:  # ... and over this call's own earlier text rows (a prefill): strictly below
+        own = lay.fast_own
+        focus = torch.baddbmm(focus, a[..., own : own + t2i.shape[1]].tril(-1), t2i)
+    state.store(layer, t2i, slot=state.text_bound - t2i.shape[1])
     lower, upper, weight = state.fast_plan(gamma, query.device)
     ascending = focus.sort(dim=-1).values
     inhibit = focus < torch.lerp(ascending[..., lower : lower + 1], ascending[..., upper : upper + 1], weight)
     if state.tracing:
         state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
     mask = lay.fast_mask.clone()
-    mask[..., first : first + n].masked_fill_(inhibit[:, None], float("-inf"))
+    mask[:, :, start:, first : first + n].masked_fill_(inhibit[:, None], -math.inf)
     return mask
 
 
@@ -597,7 +622,10 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     layer = module.layer_idx
     gamma = state.gammas.get(layer, 0.0)
     ch = state.chunk
-    if gamma == 0.0 or ch.start >= ch.q_len or state.image_pos.shape[1] == 0:
+    n = state.image_pos.shape[1]
+    if gamma == 0.0 or ch.start >= ch.q_len or n == 0:
+        if state.tracing and gamma and n:  # a call without text queries inhibits nothing (one trace row per call)
+            state.trace.setdefault(layer, []).append(torch.zeros(bsz, n, dtype=torch.bool))
         if state.sees_everything(getattr(module, "sliding_window", None), kv_len):
             attention_mask = None  # all True: SDPA's unmasked kernel, as stock transformers would call it
         return sdpa_attention_forward(
@@ -619,7 +647,7 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 def _mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout) -> torch.Tensor:
     if lay.fast_mask is not None:
-        return _fast_decode_mask(state, layer, gamma, query, key, scaling, softcap, lay)
+        return _fast_mask(state, layer, gamma, query, key, scaling, softcap, lay)
     return _general_mask(state, layer, gamma, query, key, scaling, softcap, lay)
 
 
