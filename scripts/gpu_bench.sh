@@ -14,6 +14,7 @@ presets=("$@")
 device=${DEVICE:-cuda}
 tag=${TAG:-h200}
 reps=${REPS:-3}
+# METHODS (comma-separated, e.g. stock,vmtc,cmai,vmtc+cmai) limits the methods; default: all of them
 extra=${EXTRA:-/tmp/gpu_bench_extra}  # only the JSONs and the log go to OUT_DIR (a GPU lease returns few files)
 mkdir -p "$extra" "$out"
 log="$out/log.txt"
@@ -30,7 +31,7 @@ for p in "${presets[@]}"; do
   if [ $left -lt 60 ]; then echo "SKIP $p: ${left}s left" >>"$log"; continue; fi
   t0=$SECONDS
   timeout $(( left - 10 )) python3 -m unclutter.cli bench speed --preset "$p" --device "$device" --reps "$reps" \
-    --out "$extra/${p}_${tag}_batch1.json" >>"$log" 2>&1
+    ${METHODS:+--methods "$METHODS"} --out "$extra/${p}_${tag}_batch1.json" >>"$log" 2>&1
   rc=$?
   echo "DONE $p rc=$rc in $(( SECONDS - t0 ))s" >>"$log"
   mv "$extra/${p}_${tag}_batch1.json" "$out/" 2>/dev/null
