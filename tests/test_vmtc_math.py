@@ -212,3 +212,14 @@ def test_compress_without_cls_keeps_whole_units():
         torch.testing.assert_close(tokens[b], ref[1:])
     with pytest.raises(ValueError, match=r"expects x \(B, N, D\)"):
         vmtc.compress(x, patch_imp[:, 1:], keep=5, clusters=2, has_cls=False)
+
+
+def test_kmeans_under_autograd_after_a_run_in_inference_mode():
+    """K-means caches its initial indices per shape; one built inside ``torch.inference_mode`` (generation) must
+    still serve a later call that autograd tracks (training, pictures)."""
+    shape = (1, 37, 8)  # a shape no other test uses, so the cache is built here
+    with torch.inference_mode():
+        kmeans.cosine_kmeans(torch.randn(shape), 5)
+    x = torch.randn(shape, requires_grad=True)
+    assign = kmeans.cosine_kmeans(x, 5)
+    assert sorted(set(assign[0].tolist())) == list(range(5))

@@ -22,7 +22,8 @@ def autocast_off(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if tensor is None:
+        # entering the context costs as much as a few small kernels: skip it where autocast is off already
+        if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
             return fn(*args, **kwargs)
         with torch.autocast(device_type=tensor.device.type, enabled=False):
             return fn(*args, **kwargs)

@@ -7,6 +7,8 @@ points in input order), so the same input always yields the same clustering on a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -62,24 +64,39 @@ def cosine_kmeans(x: torch.Tensor, c: int, iters: int = 10) -> torch.Tensor:
     xn = F.normalize(x.float(), dim=-1)
     if c == 1:
         return torch.zeros(bsz, r, dtype=torch.long, device=x.device)
-    init = ((torch.arange(c, device=x.device) * 2 + 1) * r) // (2 * c)  # evenly spaced, distinct
-    centroids = xn[:, init]
+    centroids = xn[:, _spread(r, c, x.device)]
+    # a last column of ones: one scatter gives each cluster's sum and its member count (on a GPU every kernel
+    # launch counts, and an iteration needs both)
+    counted = torch.cat([xn, torch.ones_like(xn[..., :1])], dim=-1)
     assign = None
     for _ in range(iters):
         sim = xn @ centroids.transpose(1, 2)  # (B, R, c)
         best, new_assign = sim.max(dim=-1)
+        sums = _cluster_sums(counted, new_assign, c)
         # "any cluster empty?" and "any assignment changed?" in one device->host copy: on a GPU each copy
         # stalls the launch queue, and an iteration needs both answers
-        flags = [(_cluster_sizes(new_assign, c) == 0).any()] + (
-            [] if assign is None else [(new_assign != assign).any()]
-        )
+        flags = [(sums[..., -1] == 0).any()] + ([] if assign is None else [(new_assign != assign).any()])
         empty, *changed = torch.stack(flags).tolist()
         if empty:  # rare: fix, then compare again
             new_assign = _fill_empty_clusters(new_assign, best, c)
             changed = [] if assign is None else [not torch.equal(new_assign, assign)]
+            sums = _cluster_sums(counted, new_assign, c)
         if changed and not changed[0]:
             break
         assign = new_assign
-        sums = torch.zeros_like(centroids).scatter_add_(1, assign.unsqueeze(-1).expand_as(xn), xn)
-        centroids = F.normalize(sums, dim=-1)
+        centroids = F.normalize(sums[..., :-1], dim=-1)
     return assign
+
+
+def _cluster_sums(points: torch.Tensor, assign: torch.Tensor, c: int) -> torch.Tensor:
+    """(B, c, D) sums of the points (B, R, D) assigned to each of ``c`` clusters by ``assign`` (B, R)."""
+    sums = torch.zeros(points.shape[0], c, points.shape[-1], dtype=points.dtype, device=points.device)
+    return sums.scatter_add_(1, assign.unsqueeze(-1).expand_as(points), points)
+
+
+@functools.lru_cache(maxsize=256)
+def _spread(r: int, c: int, device: torch.device) -> torch.Tensor:
+    """The initial centroids' indices: ``c`` evenly spaced, distinct points of ``r`` (built once per shape; a
+    normal tensor even when first built under inference mode, since later calls may be tracked by autograd)."""
+    with torch.inference_mode(False):
+        return torch.tensor([((2 * i + 1) * r) // (2 * c) for i in range(c)], device=device)

@@ -18,6 +18,13 @@ generation (`CMAIState.quantile`), and no layer call copies a value to the host:
 stored in a spare slot instead of being located with ``nonzero``, and a one-token decode step keeps a host-side
 upper bound of the stored rows instead of asking the device which of its tokens were text.
 
+Fast path. In the common case (one contiguous image block shared by the batch, no padding, every row of the call
+from its first text row on a text query; `Chunk.fast`) the host already knows, from the syncs the general path makes
+anyway, what the general path computes on the device: `_fast_mask` takes the image keys and the text rows' weights
+as slices, the quantile positions as host numbers, and an additive mask built once per call. Everything else
+(padding, several images, a generated non-text token) takes `_general_mask`. Both are tested against the naive
+reference, and one against the other (batch == single).
+
 Positions. Image keys and text tokens are stored by absolute position. A layer's keys are the last
 ``kv_len`` positions of the sequence (a full-attention layer holds all of them; a sliding-window layer
 of the dynamic cache, as in Gemma 3 or Mistral-style configs, holds only its window), so key index =
@@ -311,7 +318,8 @@ class CMAIState:
         key = (values, ids.device, ids.dtype)
         table = self._id_tables.get(key)
         if table is None:
-            table = self._id_tables[key] = torch.tensor(values, device=ids.device, dtype=ids.dtype)
+            with torch.inference_mode(False):  # kept across calls, some of which autograd may track
+                table = self._id_tables[key] = torch.tensor(values, device=ids.device, dtype=ids.dtype)
         return torch.isin(ids, table)
 
     def adopt(self, cache) -> None:
