@@ -606,9 +606,14 @@ def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, 
         own = lay.fast_own
         focus = torch.baddbmm(focus, a[..., own : own + t2i.shape[1]].tril(-1), t2i)
     state.store(layer, t2i, slot=state.text_bound - t2i.shape[1])
+    # the row's quantile from its two order statistics (every row has all n keys): a selection, not a sort (on CPU
+    # a prefill's rows select 4x faster than they sort), the same values the general path's sort gives
     lower, upper, weight = state.fast_plan(gamma, query.device)
-    ascending = focus.sort(dim=-1).values
-    inhibit = focus < torch.lerp(ascending[..., lower : lower + 1], ascending[..., upper : upper + 1], weight)
+    low = focus.kthvalue(lower + 1, dim=-1, keepdim=True).values
+    threshold = (
+        low if upper == lower else torch.lerp(low, focus.kthvalue(upper + 1, dim=-1, keepdim=True).values, weight)
+    )
+    inhibit = focus < threshold
     if state.tracing:
         state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
     mask = lay.fast_mask.clone()
