@@ -110,3 +110,10 @@ def test_dispatch_counts_show_where_each_method_adds_work(tmp_path):
         assert cmai["decode_ops"] > stock["decode_ops"] and rows["vmtc+cmai"]["decode_ops"] == cmai["decode_ops"]
     bad = CliRunner().invoke(app, ["bench", "dispatch", "--out", str(out), "--presets", "nope"])
     assert bad.exit_code != 0 and "unknown preset" in bad.output
+
+
+def test_cpu_layers_on_a_micro_preset_is_refused_not_ignored(tmp_path):
+    args = ["bench", "speed", "--preset", "micro-llava", "--cpu-layers", "16", "--out", str(tmp_path / "r.json")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0
+    assert "fixed depth" in str(res.exception) + res.output

@@ -264,6 +264,11 @@ def build_preset(
     """(model, processor, preset) for preset ``name``, random-init on ``device`` (bf16 on CUDA, fp32 on CPU by
     default); ``cpu_layers`` overrides the preset's LLM depth."""
     preset = get_preset(name)
+    if cpu_layers is not None and name in MICRO:
+        raise ValueError(
+            f"{name} is a tiny test model of fixed depth; cpu_layers (--cpu-layers) sets the LLM depth of the "
+            "full-size presets only. Drop it, or use a full-size preset."
+        )
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
