@@ -255,8 +255,7 @@ class CMAIState:
             # layers take the fast path (`_fast_mask`)
             facts = torch.stack([is_image.any(), text.all(), text.any(), valid.all()]).tolist()
             has_image, all_text, any_text, all_valid = facts
-            if has_image:
-                raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
+            _no_image_after_prefill(has_image)
             start = 0 if any_text else q_len  # no text query in any sample: every layer is plain SDPA
             bound = m_prev + 1 if any_text else m_prev
             self.unpadded = self.unpadded and bool(all_valid)
@@ -266,18 +265,15 @@ class CMAIState:
         elif not bsz:
             start, bound = q_len, m_prev
         elif past > 0:  # several tokens on top of a cache (assisted decoding): the general path from here on
-            if bool(is_image.any()):
-                raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
-            columns = torch.arange(q_len, device=device)
-            start = int(torch.where(text.any(dim=0), columns, q_len).min())
+            _no_image_after_prefill(bool(is_image.any()))
+            start = int(_first_text_column(text))
             bound = m_prev + q_len - start
             self.rows_exact = self.unpadded = False
         else:  # the prefill: the first text column, the most and fewest text rows of a sample, whether any token
             # is padding, and where the image block starts if it is one contiguous run shared by all samples
-            columns = torch.arange(q_len, device=device)
-            first = torch.where(text.any(dim=0), columns, q_len).min()
+            first = _first_text_column(text)
             per_sample = text.sum(dim=1)
-            all_text = (text | (columns < first)).all()  # every row from the first text column on is text
+            all_text = (text | (torch.arange(q_len, device=device) < first)).all()  # every row from `first` is text
             block = _block_start(self.image_pos, counts)
             facts = [first, per_sample.max(), per_sample.min(), valid.all(), all_text, block]
             start, most, least, all_valid, all_text, block_start = torch.stack([f.long() for f in facts]).tolist()
@@ -381,13 +377,12 @@ class CMAIState:
         return planned_quantile(focus.masked_fill(self.chunk.not_image, float("inf")).sort(dim=-1).values, plan)
 
     def fast_plan(self, gamma: float, device) -> tuple[int, int, torch.Tensor]:
-        """`quantile_plan` for the image block every sample shares: the same arithmetic, done on the host."""
+        """`quantile_plan` for the image block every sample shares, evaluated on the host once per gamma: the
+        lower and upper order statistic (0-based) and the interpolation weight (a 0-dim float32 on ``device``)."""
         plan = self.fast_plans.get(gamma)
         if plan is None:
-            rank = gamma * max(self.block[1] - 1, 0)
-            lower = math.floor(rank)
-            weight = torch.tensor(rank - lower, dtype=torch.float64, device=device).float()
-            plan = self.fast_plans[gamma] = (lower, math.ceil(rank), weight)
+            lower, upper, weight, _ = quantile_plan(torch.tensor(self.block[1]), gamma, torch.float32)
+            plan = self.fast_plans[gamma] = (int(lower), int(upper), weight.to(device))
         return plan
 
     def layout(self, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, query) -> Layout:
@@ -406,15 +401,12 @@ class CMAIState:
                 m_prev = ch.prev_pos.shape[1]
                 prev_index = (ch.prev_pos - offset)[:, None, :] if self.focus == "paper" and m_prev else None
                 zeros = torch.zeros(bsz, 1, 1, kv_len, dtype=query.dtype, device=device)
-                layout = Layout(
-                    attention_mask, None, None, None, None, None, False, None, None, None, first, zeros, prev_index
-                )
+                layout = _fast_layout(attention_mask, None, first, zeros, prev_index=prev_index)
             elif ch.past == 0 and offset == 0:  # prefill: the layer's own mask, as an additive one
                 hidden = ~_allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
                 additive = torch.zeros(hidden.shape, dtype=query.dtype, device=device).masked_fill_(hidden, -math.inf)
                 own = ch.start if self.focus == "paper" and q_len - ch.start > 1 else None
-                layout = Layout(attention_mask, None, hidden[:, :, ch.start :], None, None, None, False, None, None,
-                                None, first, additive, None, own)  # fmt: skip
+                layout = _fast_layout(attention_mask, hidden[:, :, ch.start :], first, additive, own=own)
             if layout is not None:
                 ch.layouts[key] = layout
                 return layout
@@ -475,6 +467,17 @@ class CMAIState:
                 f"({ch.past} cached + {q_len} new): the forward pre-hook did not find this call's cache"
             )
         return self.length - kv_len
+
+
+def _no_image_after_prefill(has_image: bool) -> None:
+    if has_image:
+        raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
+
+
+def _first_text_column(text: torch.Tensor) -> torch.Tensor:
+    """(0-dim) the first column of ``text`` (B, q) that is a text row in some sample; q if none."""
+    columns = torch.arange(text.shape[1], device=text.device)
+    return torch.where(text.any(dim=0), columns, text.shape[1]).min()
 
 
 def _check_cache_kind(cache) -> None:
@@ -576,6 +579,14 @@ def _allowed(state: CMAIState, window, attention_mask, bsz: int, q_len: int, kv_
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
     return (allowed[None, None] & state.pad[:, None, None, offset : offset + kv_len]).expand(bsz, 1, q_len, kv_len)
+
+
+def _fast_layout(mask, disallowed, first: int, additive: torch.Tensor, *, prev_index=None, own=None) -> Layout:
+    """A `Layout` for the fast path: only ``disallowed`` of the general path's fields (None: every key allowed)."""
+    return Layout(
+        mask, None, disallowed, None, None, None, False, None, None, None,
+        fast_first=first, fast_mask=additive, fast_prev_index=prev_index, fast_own=own,
+    )  # fmt: skip
 
 
 def _block_start(image_pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
