@@ -117,3 +117,16 @@ def test_cpu_layers_on_a_micro_preset_is_refused_not_ignored(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code != 0
     assert "fixed depth" in str(res.exception) + res.output
+
+
+def test_every_repetition_is_kept_and_its_range_shown():
+    """Medians hide how far single repetitions swing; the JSON keeps each one and the table names the range."""
+    result = run_speed("micro-llava", methods=("stock", "cmai"), reps=3, warmup=0, new_tokens=2, text_tokens=6)
+    rows = {r["method"]: r for r in result["rows"]}
+    md = to_markdown(result)
+    for method, samples in result["samples"].items():
+        assert len(samples) == 3
+        decode = sorted(s["decode_ms_per_token"] for s in samples)
+        assert rows[method]["decode_ms_per_token"] == pytest.approx(decode[1])  # the median of three
+        ttft = [s["ttft_ms"] for s in samples]
+        assert f"{method} {min(ttft):.0f}-{max(ttft):.0f} / {decode[0]:.1f}-{decode[-1]:.1f}" in md

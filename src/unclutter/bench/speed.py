@@ -272,7 +272,10 @@ def run_speed(
         "dtype": str(next(model.parameters()).dtype), "skipped": skipped, "load": _load_average(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": _machine(device),
     }  # fmt: skip
-    return {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": ratios}
+    # every measured repetition too: on a loaded machine (or a GPU host whose CPU is shared) the medians hide how far
+    # single repetitions swing, which decides how far a ratio can be read
+    samples_out = {m: [asdict(r) for r in samples[m]] for m in methods}
+    return {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": ratios, "samples": samples_out}
 
 
 def _load_average() -> list[float] | None:
@@ -341,6 +344,13 @@ def to_markdown(result: dict) -> str:
             f"{r['extra_state_bytes'] / 1024:.0f} |"
         )
     out = head + "\n".join(lines) + "\n"
+    samples = result.get("samples") or {}
+    if any(len(rows) > 1 for rows in samples.values()):
+        spread = "; ".join(
+            f"{method} {_span(rows, 'ttft_ms', '{:.0f}')} / {_span(rows, 'decode_ms_per_token', '{:.1f}')}"
+            for method, rows in samples.items()
+        )
+        out += f"\nRange over the measured repetitions, TTFT ms / decode ms per token: {spread}.\n"
     if m["batch"] == 1 and ratios:
         out += "\n| target | measured | bound | holds |\n|---|---|---|---|\n"
         for label, method, key, bound in TARGETS:
@@ -348,6 +358,11 @@ def to_markdown(result: dict) -> str:
             if value is not None:
                 out += f"| {label} | {value:.3f}{'x' if 'over' not in key else ''} | <= {bound} | {'yes' if value <= bound else 'NO'} |\n"
     return out
+
+
+def _span(rows: list[dict], key: str, fmt: str) -> str:
+    values = [row[key] for row in rows]
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
 def chart(result: dict, path: str | Path) -> None:
