@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import TypeVar
@@ -9,6 +10,14 @@ from typing import TypeVar
 import torch
 
 F = TypeVar("F", bound=Callable)
+
+
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a no-op context: entering the
+    autocast context costs as much as a few small kernels, and the hot paths (decode steps) run without autocast."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def autocast_off(fn: F) -> F:
@@ -22,10 +31,9 @@ def autocast_off(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        # entering the context costs as much as a few small kernels: skip it where autocast is off already
-        if tensor is None or not torch.is_autocast_enabled(tensor.device.type):
+        if tensor is None:
             return fn(*args, **kwargs)
-        with torch.autocast(device_type=tensor.device.type, enabled=False):
+        with autocast_disabled(tensor.device.type):
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -49,6 +49,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .._amp import autocast_disabled
 from ..cmai import QuantilePlan, planned_quantile, quantile_plan
 from ..compat import TESTED, transformers_version
 
@@ -658,14 +659,10 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
-    args = (state, layer, gamma, query, key, scaling, kwargs.get("softcap"))
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(query.device.type):
-        # autocast off: under bf16 mixed precision the matmuls would drop to bf16 and shift the quantile (entering
-        # these contexts costs as much as a few kernels, so a plain decode loop, already gradient-free, skips them)
-        with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
-            mask = _mask(*args, state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query))
-    else:
-        mask = _mask(*args, state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query))
+    # autocast off: under bf16 mixed precision the matmuls would drop to bf16 and shift the quantile
+    with torch.no_grad(), autocast_disabled(query.device.type):
+        lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query)
+        mask = _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay)
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
