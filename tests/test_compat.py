@@ -107,7 +107,15 @@ def test_static_cache_is_refused(model, processor, images):
 
 @pytest.mark.parametrize(
     "version, inside",
-    [("5.23.0", True), ("5.24.0", True), ("5.24.3", True), ("5.22.2", False), ("5.25.0", False), ("6.0.0", False)],
+    [
+        ("5.23.0", True),
+        ("5.24.0", True),
+        ("5.25.0", True),
+        ("5.25.3", True),
+        ("5.22.2", False),
+        ("5.26.0", False),
+        ("6.0.0", False),
+    ],
 )
 def test_tested_range(version, inside):
     assert compat.in_tested_range(version) is inside
@@ -117,7 +125,7 @@ def test_apply_warns_once_outside_the_tested_range(model, monkeypatch):
     monkeypatch.setattr(compat, "transformers_version", lambda: "5.99.0")
     compat.warn_if_untested.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=r"tested with transformers 5\.23\.0 to 5\.24\.0.*5\.99\.0"):
+        with pytest.warns(UserWarning, match=r"tested with transformers 5\.23\.0 to 5\.25\.0.*5\.99\.0"):
             unclutter.apply(model, cmai=CMAIConfig()).remove()
         with warnings.catch_warnings():
             warnings.simplefilter("error")

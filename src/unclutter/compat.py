@@ -22,7 +22,7 @@ import transformers
 from packaging.version import Version
 from transformers import Cache
 
-TESTED = ("5.23.0", "5.24.0")  # lowest and newest release CI runs the exactness suite on (any patch of the newest)
+TESTED = ("5.23.0", "5.25.0")  # lowest and newest release CI runs the exactness suite on (any patch of the newest)
 
 
 def transformers_version() -> str:
