@@ -334,7 +334,7 @@ class Idefics3Adapter(Adapter):
             return self.recount(handle, processor, original(image_inputs, image_idx, **kwargs))
 
         handle.override(processor, "replace_image_token", replace_image_token)
-        if hasattr(processor, "_get_num_multimodal_tokens"):  # Idefics3's, for serving code that counts
+        if hasattr(processor, "_get_num_multimodal_tokens"):  # Idefics3's (SmolVLM's from 5.25), for serving code
             original_counts = processor._get_num_multimodal_tokens
             per_tile = handle.stock_image_tokens - handle.num_image_tokens
 
