@@ -160,7 +160,8 @@ def naive_received(q, k, scale, valid):
     return out
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64, 4096, None])
+# chunks of score rows (heads x queries): part of a head, one head, two of three heads (a short last group), all
+@pytest.mark.parametrize("chunk", [1, 5, 37, 64, 74, 4096, None])
 def test_received_importance_equals_full_attention_in_any_chunking(chunk):
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 3, 37, 8, generator=g), torch.randn(2, 3, 37, 8, generator=g)
@@ -175,7 +176,7 @@ def test_received_importance_equals_full_attention_in_any_chunking(chunk):
     )
 
 
-@pytest.mark.parametrize("chunk", [3, None])
+@pytest.mark.parametrize("chunk", [3, 41, 82, None])
 def test_attention_with_received_equals_sdpa_and_the_score_pass(chunk):
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 3, 41, 8, generator=g) for _ in range(3))
