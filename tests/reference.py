@@ -64,15 +64,18 @@ class NaiveReference:
         return out.transpose(1, 2).contiguous(), None
 
 
-def reference_logits(model, batch, gammas):
-    """Logits of a deep copy of ``model`` whose LLM runs `NaiveReference` (no cache)."""
+def reference_logits(model, batch, gammas, *, roles=None, structural=()):
+    """Logits of a deep copy of ``model`` whose LLM runs `NaiveReference` (no cache).
+
+    roles: token ids that decide each position's role (image key, structural, text), if not ``batch["input_ids"]``
+    (a batch given as ``inputs_embeds``); structural: more ids to count as structural."""
     adapter = unclutter.integrations.base.adapter_for(model)(model)
     ref_model = copy.deepcopy(model)
     ref_adapter = type(adapter)(ref_model)
-    ref = NaiveReference(adapter.media_token_ids(), adapter.structural_token_ids(), gammas)
+    ref = NaiveReference(adapter.media_token_ids(), [*adapter.structural_token_ids(), *structural], gammas)
     AttentionInterface.register("naive_cmai_test", ref)
     AttentionMaskInterface.register("naive_cmai_test", _mask)
     ref_adapter.language_model.set_attn_implementation("naive_cmai_test")
-    ref.input_ids, ref.pad = batch["input_ids"], batch["attention_mask"]
+    ref.input_ids, ref.pad = batch["input_ids"] if roles is None else roles, batch["attention_mask"]
     with torch.no_grad():
         return ref_model(**batch, use_cache=False).logits

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PROMPTS, encode
+from conftest import PROMPTS, encode, image_features
 from reference import reference_logits
 
 import unclutter
@@ -192,3 +192,46 @@ def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, 
             patch.setattr(torch.Tensor, "tolist", lambda t: count.syncs.append("tolist") or tolist(t))
             model(input_ids=new, attention_mask=mask, use_cache=True, **{cache_argument(model): output_cache(out)})
     assert len(count.syncs) == 1, count.syncs
+
+
+@pytest.mark.parametrize("samples", [1, 2], ids=["fast-path", "padded-batch"])
+def test_a_generated_image_placeholder_is_neither_image_key_nor_text(model, processor, images, samples):
+    """A random model may sample its own `<image>` id; with no image features behind it the model embeds it as an
+    ordinary token, and CMAI treats it like a structural marker (no image key, no text query) instead of stopping
+    the generation. Every step equals the naive reference, run on the same embeddings with that position's role
+    set to structural."""
+    batch = encode(processor, images[:samples], PROMPTS[:samples])
+    image_id, sentinel = model.config.image_token_id, -7  # the sentinel marks the generated placeholder's role
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)) as handle, torch.no_grad():
+        out = model(**batch, use_cache=True)
+        cache, mask, ids, got = output_cache(out), batch["attention_mask"], batch["input_ids"], []
+        for step in range(4):
+            new = out.logits[:, -1].argmax(-1, keepdim=True)
+            if step == 1:
+                new = torch.full_like(new, image_id)
+            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+            out = model(input_ids=new, attention_mask=mask, use_cache=True, **{cache_argument(model): cache})
+            got.append(out.logits[:, -1])
+        # the prefill and three steps take the fast path in a single sample; the placeholder's step, the general one
+        assert handle.cmai_state.fast_steps == (4 if samples == 1 else 0)
+    prompt = batch["input_ids"].shape[1]
+    embeds = model.get_input_embeddings()(ids)
+    embeds[:, :prompt][batch["input_ids"] == image_id] = image_features(model, batch).flatten(0, 1)
+    roles = ids.clone()
+    roles[:, prompt + 1] = sentinel
+    naive = reference_logits(
+        model, {"inputs_embeds": embeds, "attention_mask": mask}, gammas, roles=roles, structural=[sentinel]
+    )
+    for t in range(4):
+        torch.testing.assert_close(got[t], naive[:, prompt + t].float(), atol=2e-5, rtol=1e-4)
+
+
+def test_images_after_the_prefill_are_refused(model, processor, images):
+    """Image keys come from the prefill: a later call that brings image features with its image tokens stops."""
+    batch = encode(processor, images[:1], PROMPTS[:1])
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        out = model(**batch, use_cache=True)
+        again = {**batch, "attention_mask": torch.cat([batch["attention_mask"], batch["attention_mask"]], 1)}
+        with pytest.raises(ValueError, match="every image in the first forward call"):
+            model(**again, use_cache=True, **{cache_argument(model): output_cache(out)})

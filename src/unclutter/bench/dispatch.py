@@ -5,7 +5,9 @@ takes ~25 ms for ~3 ms of weight traffic), so a method's overhead there is the n
 and every host-device sync (``.item()``, ``nonzero``, ``bool(tensor)``) drains the launch queue. Both counts are
 the same on any device, so they are measured here, on CPU, with a dispatch mode that sees every ATen call
 (views included) inside a normal ``generate()``: per method, the vision pass, the prefill call and the median
-decode step. Wall-clock numbers stay in `unclutter.bench.speed`.
+decode step. Wall-clock numbers stay in `unclutter.bench.speed`. One exception: the received-importance ranking
+of towers without CLS (`vmtc._score_chunks`) sizes its score chunks by device (cache-sized on CPU, one chunk per
+stage on an accelerator for the presets here), so for those towers the vision counts are CPU's, an upper bound.
 """
 
 from __future__ import annotations

@@ -328,7 +328,12 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         adapter.check_prompt(handle, input_ids, kwargs)
         if state is not None:
-            state.begin(input_ids, kwargs.get("attention_mask"), find_cache(args, kwargs))
+            state.begin(
+                input_ids,
+                kwargs.get("attention_mask"),
+                find_cache(args, kwargs),
+                media_inputs=_media_inputs(args, kwargs),
+            )
 
     handle.add_hook(adapter.base.register_forward_pre_hook(pre_forward, with_kwargs=True))
     if state is not None:  # a prefill without a cache argument creates its cache inside
@@ -337,6 +342,12 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
             state.adopt(output_cache(output))
 
         handle.add_hook(adapter.base.register_forward_hook(post_forward))
+
+
+def _media_inputs(args: tuple, kwargs: dict) -> bool:
+    """Whether a forward call may bring image or video features (every family passes them as ``pixel_values*``;
+    other positional arguments than input_ids count as possibly bringing them)."""
+    return len(args) > 1 or any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values"))
 
 
 def check_placeholders(handle: Handle, input_ids: torch.Tensor | None, images: int, token_id: int) -> None:

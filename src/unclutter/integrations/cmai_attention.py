@@ -198,8 +198,16 @@ class CMAIState:
         tensors += [t for t in (self.image_pos, self.image_valid, self.first_image) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> None:
-        """Record which new tokens are image keys and which are text queries (called before each forward)."""
+    def begin(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache, media_inputs: bool = True
+    ) -> None:
+        """Record which new tokens are image keys and which are text queries (called before each forward).
+
+        media_inputs: whether the call may bring image features (pixel values). Image keys come from the prefill; a
+        media id in a later call without image features (a placeholder the model generated: random models do) is
+        embedded as an ordinary token, and CMAI treats it like a structural marker: neither an image key nor a text
+        query. A later call that brings image features with image tokens is refused.
+        """
         if input_ids is None:
             raise ValueError("CMAI needs input_ids (not inputs_embeds) to locate the image tokens.")
         bsz, q_len = input_ids.shape
@@ -237,6 +245,8 @@ class CMAIState:
         )
         is_image = self._isin(input_ids, self.media_token_ids)
         is_structural = self._isin(input_ids, self.structural_token_ids)
+        if past > 0 and not media_inputs:  # generated placeholders: no image features behind them (see above)
+            is_structural, is_image = is_structural | is_image, torch.zeros_like(is_image)
         positions = past + torch.arange(q_len, device=device)
         if past == 0:
             counts = is_image.sum(dim=1)
@@ -472,7 +482,10 @@ class CMAIState:
 
 def _no_image_after_prefill(has_image: bool) -> None:
     if has_image:
-        raise ValueError("CMAI expects every image token in the first forward call (the prefill).")
+        raise ValueError(
+            "CMAI expects every image in the first forward call (the prefill); a later call brought image inputs "
+            "with image tokens. Start a new generation (a fresh cache) with all images in its prompt."
+        )
 
 
 def _first_text_column(text: torch.Tensor) -> torch.Tensor:

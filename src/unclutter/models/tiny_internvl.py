@@ -95,8 +95,8 @@ def tiny_internvl(
             for norm in (layer.attention.q_norm, layer.attention.k_norm):
                 if hasattr(norm, "weight"):
                     norm.weight.uniform_(0.5, 1.5, generator=g)
-    # an untrained model readily samples image tokens (ids 4-7), which no trained InternVL emits and which CMAI
-    # rejects after the prefill (image keys come from the prompt): keep generation to ordinary tokens
+    # an untrained model readily samples image tokens (ids 4-7), which no trained InternVL emits: keep generation to
+    # ordinary tokens
     model.generation_config.suppress_tokens = [tok.convert_tokens_to_ids(t) for t in IMAGE_SPECIALS.values()]
     model.set_attn_implementation(attn_implementation)
     return model.to(dtype).eval()

@@ -50,7 +50,7 @@ def tiny_llava_next(
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)
-    # a random model may emit its own placeholder, which a real one never does (and CMAI forbids after the prefill)
+    # a random model may emit its own placeholder, which a real one never does: keep generation to ordinary tokens
     model.generation_config.suppress_tokens = [config.image_token_id]
     return model.to(dtype).eval()
 

@@ -62,7 +62,7 @@ def tiny_llava_onevision(
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)
-    # a random model may emit its own placeholders, which a real one never does (and CMAI forbids after the prefill)
+    # a random model may emit its own placeholders, which a real one never does: keep generation to ordinary tokens
     model.generation_config.suppress_tokens = [config.image_token_id, config.video_token_id]
     return model.to(dtype).eval()
 
