@@ -137,6 +137,35 @@ def test_cmai_sampled_and_beam_generation(setup):
             torch.testing.assert_close(beams.sequences_scores[i], logp, atol=1e-4, rtol=1e-4)
 
 
+def test_a_generated_placeholder_does_not_stop_generation(setup):
+    """`generate` forced to emit the family's image placeholder once (random models do it unforced) goes on, and
+    CMAI counts that token as no text row (like a structural marker); exactness is tested on LLaVA."""
+    family, model, processor, images = setup
+    batch = _batch(family, processor, images[:1], QUESTIONS[:1])
+    prompt = batch["input_ids"].shape[1]
+    media = unclutter.integrations.base.adapter_for(model)(model).media_token_ids()[0]
+
+    def force(token):
+        def processor_(input_ids, scores):
+            if input_ids.shape[1] == prompt + 1:
+                scores = torch.full_like(scores, float("-inf"))
+                scores[:, token] = 0.0
+            return scores
+
+        return processor_
+
+    counts = {}
+    with unclutter.apply(model, processor, cmai=CMAIConfig()) as handle, torch.no_grad():
+        for token in (media, 0):  # the placeholder, then an ordinary token in its place
+            out = model.generate(
+                **batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, suppress_tokens=[],
+                logits_processor=[force(token)],
+            )  # fmt: skip
+            assert out[0, prompt + 1].item() == token and out.shape[1] == prompt + 3
+            counts[token] = handle.cmai_state.text_count.tolist()
+    assert counts[media] == [counts[0][0] - 1], counts
+
+
 def test_base_model_class_is_accepted(setup):
     family, model, processor, images = setup
     batch = _batch(family, processor, images)
