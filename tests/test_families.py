@@ -138,14 +138,13 @@ def test_cmai_sampled_and_beam_generation(setup):
 
 
 def test_a_generated_placeholder_does_not_stop_generation(setup):
-    """`generate` forced to emit the family's image placeholder once (random models do it unforced) goes on, and
-    CMAI counts that token as no text row (like a structural marker); exactness is tested on LLaVA."""
+    """`generate` forced to emit the family's image placeholder once (random models do it unforced) goes on, VMTC
+    active where the family has it, and CMAI counts that token as no text row (like a structural marker); exactness
+    is tested on LLaVA."""
     family, model, processor, images = setup
-    batch = _batch(family, processor, images[:1], QUESTIONS[:1])
-    prompt = batch["input_ids"].shape[1]
     media = unclutter.integrations.base.adapter_for(model)(model).media_token_ids()[0]
 
-    def force(token):
+    def force(token, prompt):
         def processor_(input_ids, scores):
             if input_ids.shape[1] == prompt + 1:
                 scores = torch.full_like(scores, float("-inf"))
@@ -155,11 +154,14 @@ def test_a_generated_placeholder_does_not_stop_generation(setup):
         return processor_
 
     counts = {}
-    with unclutter.apply(model, processor, cmai=CMAIConfig()) as handle, torch.no_grad():
+    vmtc = {"vmtc": VMTCConfig()} if family.vmtc else {}
+    with unclutter.apply(model, processor, cmai=CMAIConfig(), **vmtc) as handle, torch.no_grad():
+        batch = _batch(family, processor, images[:1], QUESTIONS[:1])  # expanded for the compressed count
+        prompt = batch["input_ids"].shape[1]
         for token in (media, 0):  # the placeholder, then an ordinary token in its place
             out = model.generate(
                 **batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, suppress_tokens=[],
-                logits_processor=[force(token)],
+                logits_processor=[force(token, prompt)],
             )  # fmt: skip
             assert out[0, prompt + 1].item() == token and out.shape[1] == prompt + 3
             counts[token] = handle.cmai_state.text_count.tolist()
