@@ -126,3 +126,15 @@ def test_focus_scores_ignore_a_callers_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = cmai.focus_scores(a_t2t, a_t2i)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, reference)
+
+
+def test_host_quantile_plan_is_quantile_plans_arithmetic():
+    """CMAI's fast path takes the quantile positions as host numbers: the same indices and, once rounded to
+    float32, the same weight as `quantile_plan`, for every count and every gamma of a 40-layer schedule."""
+    gammas = [g for g in cmai.gamma_schedule(40, 0.6).values()] + [0.0, 0.5, 0.999]
+    counts = torch.arange(0, 700)[:, None]
+    for gamma in gammas:
+        lower, upper, weight, _ = cmai.quantile_plan(counts, gamma, torch.float32)
+        host = [cmai.host_quantile_plan(int(n), gamma) for n in counts[:, 0]]
+        assert [h[0] for h in host] == lower[:, 0].tolist() and [h[1] for h in host] == upper[:, 0].tolist()
+        assert torch.equal(torch.tensor([h[2] for h in host], dtype=torch.float32), weight[:, 0])

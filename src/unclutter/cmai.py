@@ -12,6 +12,7 @@ Per text row, image keys whose F lies strictly below the row's gamma-quantile ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -95,6 +96,14 @@ def quantile_plan(count: torch.Tensor, q: float, dtype: torch.dtype) -> Quantile
     rank = q * (count - 1).clamp_min(0).to(torch.float64)
     lo, hi = rank.floor(), rank.ceil()
     return lo.long(), hi.long(), (rank - lo).to(dtype), count > 0
+
+
+def host_quantile_plan(count: int, q: float) -> tuple[int, int, float]:
+    """`quantile_plan` for one count known on the host, in Python numbers (the same float64 arithmetic): lower and
+    upper index and the weight (as float64; `quantile_plan` rounds it to its dtype). No tensor, so no device work."""
+    rank = q * float(max(count - 1, 0))
+    lower = math.floor(rank)
+    return lower, math.ceil(rank), rank - lower
 
 
 def planned_quantile(ascending: torch.Tensor, plan: QuantilePlan) -> torch.Tensor:

@@ -50,7 +50,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._amp import autocast_disabled
-from ..cmai import QuantilePlan, planned_quantile, quantile_plan
+from ..cmai import QuantilePlan, host_quantile_plan, planned_quantile, quantile_plan
 from ..compat import TESTED, transformers_version
 
 ATTN_NAME = "unclutter_cmai"
@@ -243,10 +243,12 @@ class CMAIState:
             if attention_mask is not None
             else torch.ones(bsz, q_len, dtype=torch.bool, device=device)
         )
-        is_image = self._isin(input_ids, self.media_token_ids)
-        is_structural = self._isin(input_ids, self.structural_token_ids)
         if past > 0 and not media_inputs:  # generated placeholders: no image features behind them (see above)
-            is_structural, is_image = is_structural | is_image, torch.zeros_like(is_image)
+            is_structural = self._isin(input_ids, self.structural_token_ids + self.media_token_ids)
+            is_image = torch.zeros_like(is_structural)
+        else:
+            is_image = self._isin(input_ids, self.media_token_ids)
+            is_structural = self._isin(input_ids, self.structural_token_ids)
         positions = past + torch.arange(q_len, device=device)
         if past == 0:
             counts = is_image.sum(dim=1)
@@ -388,12 +390,13 @@ class CMAIState:
         return planned_quantile(focus.masked_fill(self.chunk.not_image, float("inf")).sort(dim=-1).values, plan)
 
     def fast_plan(self, gamma: float, device) -> tuple[int, int, torch.Tensor]:
-        """`quantile_plan` for the image block every sample shares, evaluated on the host once per gamma: the
-        lower and upper order statistic (0-based) and the interpolation weight (a 0-dim float32 on ``device``)."""
+        """`quantile_plan` for the image block every sample shares, evaluated on the host once per gamma
+        (`host_quantile_plan`): the lower and upper order statistic (0-based) and the interpolation weight (a 0-dim
+        float32 on ``device``)."""
         plan = self.fast_plans.get(gamma)
         if plan is None:
-            lower, upper, weight, _ = quantile_plan(torch.tensor(self.block[1]), gamma, torch.float32)
-            plan = self.fast_plans[gamma] = (int(lower), int(upper), weight.to(device))
+            lower, upper, weight = host_quantile_plan(self.block[1], gamma)
+            plan = self.fast_plans[gamma] = (lower, upper, torch.tensor(weight, dtype=torch.float32, device=device))
         return plan
 
     def layout(self, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, query) -> Layout:
