@@ -131,7 +131,7 @@ def test_focus_scores_ignore_a_callers_bf16_autocast():
 def test_host_quantile_plan_is_quantile_plans_arithmetic():
     """CMAI's fast path takes the quantile positions as host numbers: the same indices and, once rounded to
     float32, the same weight as `quantile_plan`, for every count and every gamma of a 40-layer schedule."""
-    gammas = [g for g in cmai.gamma_schedule(40, 0.6).values()] + [0.0, 0.5, 0.999]
+    gammas = [*cmai.gamma_schedule(40, 0.6).values(), 0.0, 0.5, 0.999]
     counts = torch.arange(0, 700)[:, None]
     for gamma in gammas:
         lower, upper, weight, _ = cmai.quantile_plan(counts, gamma, torch.float32)
