@@ -65,7 +65,7 @@ def _score_chunks(query: torch.Tensor, key: torch.Tensor, scale: float, valid: t
 
     ``chunk`` bounds the rows per chunk (heads x queries): a chunk of at least T rows takes whole heads, a smaller
     one part of one head. By default a chunk's scores fill about 2 MiB on CPU, where they then stay in a core's
-    cache between the products that write and read them (Gemma 3's 16 x 4,096: 1.2 s against 1.9 s for 64 MiB
+    cache between the products that write and read them (Gemma 3's 16 x 4,096: about 1.3 s against 1.9 s for 64 MiB
     chunks, one thread), and 1 GiB on an accelerator, where each chunk costs ~10 kernel launches and those dominate
     (Gemma 3's 4,096 patches: one chunk)."""
     bsz, heads, t, _ = query.shape
