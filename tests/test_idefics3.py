@@ -289,10 +289,16 @@ def test_smolvlm_video_frames_are_compressed_and_inhibited():
     stock_batch = encode()
     image = model.config.image_token_id
     assert _runs(stock_batch["input_ids"][0].tolist(), image)[1] == [STOCK] * 3
+    # SmolVLM's processor counts video tokens for serving code from transformers 5.25
+    counts = hasattr(processor, "_get_num_multimodal_tokens")
+    if counts:
+        assert processor._get_num_multimodal_tokens(video_sizes=[(3, 40, 48)]).num_video_tokens == [3 * STOCK]
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5), cmai=CMAIConfig()) as handle:
         batch = encode()
         layout, runs = _runs(batch["input_ids"][0].tolist(), image)
         assert runs == [STOCK // 2] * 3 and layout == _runs(stock_batch["input_ids"][0].tolist(), image)[0]
+        if counts:  # the count serving code reads is what the processor now emits
+            assert processor._get_num_multimodal_tokens(video_sizes=[(3, 40, 48)]).num_video_tokens == [3 * STOCK // 2]
         assert_cached_equals_full(model, batch)
         assert int(handle.cmai_state.num_image_tokens[0]) == 3 * STOCK // 2
     assert torch.equal(encode()["input_ids"], stock_batch["input_ids"])

@@ -338,12 +338,17 @@ class Idefics3Adapter(Adapter):
             original_counts = processor._get_num_multimodal_tokens
             per_tile = handle.stock_image_tokens - handle.num_image_tokens
 
-            def get_num_multimodal_tokens(image_sizes=None, **kwargs):
-                data = original_counts(image_sizes=image_sizes, **kwargs)
+            def get_num_multimodal_tokens(image_sizes=None, video_sizes=None, **kwargs):
+                data = original_counts(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
                 if image_sizes is not None:  # one run per tile; an image that is not split is one global run
                     data.num_image_tokens = [
                         n - max(tiles, 1) * per_tile
                         for n, tiles in zip(data.num_image_tokens, data.num_image_patches, strict=True)
+                    ]
+                if video_sizes is not None and getattr(data, "num_video_tokens", None) is not None:
+                    # SmolVLM: videos are never split, one global run per frame (size: frames, height, width)
+                    data.num_video_tokens = [
+                        n - size[0] * per_tile for n, size in zip(data.num_video_tokens, video_sizes, strict=True)
                     ]
                 return data
 
