@@ -168,6 +168,59 @@ def test_a_generated_placeholder_does_not_stop_generation(setup):
     assert counts[media] == [counts[0][0] - 1], counts
 
 
+def test_chunked_prefill_is_exact_or_refused(setup):
+    """generate's chunked prefill (``prefill_chunk_size``; the images are encoded first and each chunk gets the
+    features of its placeholders): chunks that keep every image token in the first one equal one uncached full
+    forward and the unchunked run; chunks that split the image tokens are refused (a text row's focus quantile spans
+    all image tokens of its prompt), never silently wrong. VMTC active where the family has it; VMTC alone takes any
+    chunks."""
+    family, model, processor, images = setup
+    vmtc = {"vmtc": VMTCConfig()} if family.vmtc else {}
+
+    def run(chunk):
+        with torch.no_grad():
+            return model.generate(
+                **batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, prefill_chunk_size=chunk,
+            )  # fmt: skip
+
+    with unclutter.apply(model, processor, cmai=CMAIConfig(), **vmtc) as handle:
+        batch = _batch(family, processor, images)
+        media = torch.isin(batch["input_ids"], torch.tensor(handle.adapter.media_token_ids(), device=DEVICE))
+        columns = media.any(dim=0).nonzero()[:, 0]
+        first, last, length = int(columns[0]), int(columns[-1]), batch["input_ids"].shape[1]
+        assert last + 1 < length, "the prompt must go on after its images for a second chunk"
+        whole, chunked = run(None), run(last + 1)
+        full = logits(model, extend(batch, chunked.sequences[:, :-1]))
+        for t in range(STEPS):
+            torch.testing.assert_close(chunked.logits[t], full[:, length - 1 + t], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(chunked.logits[t], whole.logits[t], atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="prefill_chunk_size=None"):
+            run(first + 1)
+    if not family.vmtc:
+        return
+    # without CMAI, chunks may split the image tokens: each gets its share of the (compressed) features. Ratio 1.0
+    # equals stock's chunked run; at ratio 0.5 a split changes nothing wherever it changes nothing in stock (Gemma 3's
+    # image tokens attend to each other both ways, so there a chunk that splits an image changes stock's logits too)
+    batch = _batch(family, processor, images)
+    stock_whole, stock_split = run(None), run(first + 1)
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=1.0)):
+        same = run(first + 1)
+    assert torch.equal(same.sequences, stock_split.sequences)
+    for a, b in zip(same.logits, stock_split.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    pairs = zip(stock_whole.logits, stock_split.logits, strict=True)
+    stock_invariant = all(torch.allclose(a, b, atol=1e-4) for a, b in pairs)
+    assert stock_invariant or family.family == "gemma3"
+    with unclutter.apply(model, processor, **vmtc):
+        batch = _batch(family, processor, images)
+        whole, split = run(None), run(first + 1)
+    if stock_invariant:
+        assert torch.equal(split.sequences, whole.sequences)
+        for a, b in zip(split.logits, whole.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_base_model_class_is_accepted(setup):
     family, model, processor, images = setup
     batch = _batch(family, processor, images)

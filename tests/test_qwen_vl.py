@@ -310,6 +310,46 @@ def test_vmtc_per_frame_budgets_for_images_and_a_video_cached_and_batched(name):
             )
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vmtc_features_encoded_before_generate_keep_their_own_cells(name):
+    """``generate(mm_encoder_outputs=...)`` with features computed earlier (stock transformers: exactly the pixels'
+    run): the prompt's 3-D positions come from the cells those features kept, even after another image of the same
+    size was encoded; features the compressed tower did not make are refused."""
+    model, processor = build(name)
+    texts = [turn("what is it ?", "image")]
+    first, second = random_image(0, 48, 80), random_image(1, 48, 80)  # same size, different content
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")
+
+    def from_features(batch, features):
+        with torch.no_grad():
+            return model.generate(
+                **{k: batch[k] for k in keys}, mm_encoder_outputs={"image": features}, max_new_tokens=3,
+                min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+
+    def encoded(batch):
+        with torch.no_grad():
+            return model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+
+    stock = encoded(encode(processor, texts, [first]))
+    with unclutter.apply(model, processor, vmtc=VMTCConfig()):
+        batch, other = encode(processor, texts, [first]), encode(processor, texts, [second])
+        features = encoded(batch)
+        assert not torch.equal(features.unclutter_layouts[0].units, encoded(other).unclutter_layouts[0].units)
+        with torch.no_grad():
+            from_pixels = model.generate(
+                **batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+        encoded(other)  # the last image encoded is now another one of the same size
+        reference = from_features(batch, features)
+        assert torch.equal(reference.sequences, from_pixels.sequences)
+        for a, b in zip(reference.logits, from_pixels.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="not encoded by the compressed tower"):
+            from_features(batch, stock)
+
+
 def test_vmtc_fails_loudly_on_a_stale_prompt_and_impossible_plans():
     model, processor = build("qwen2_5_vl")
     batch = encode(processor, [turn("how many ?", "image")], [random_image(0, 64, 64)])  # the stock 16 pads

@@ -345,18 +345,52 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
 
 
 def _media_inputs(args: tuple, kwargs: dict) -> bool:
-    """Whether a forward call may bring image or video features (every family passes them as ``pixel_values*``;
-    other positional arguments than input_ids count as possibly bringing them)."""
-    return len(args) > 1 or any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values"))
+    """Whether a forward call may bring image or video features: pixels (every family passes them as
+    ``pixel_values*``), features encoded before the call (``mm_encoder_outputs``: generate's chunked prefill hands
+    each chunk the rows of its placeholders), or positional arguments other than input_ids."""
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    return (
+        len(args) > 1
+        or any(v is not None for k, v in kwargs.items() if k.startswith("pixel_values"))
+        or any(v is not None for v in encoded.values())
+    )
 
 
-def check_placeholders(handle: Handle, input_ids: torch.Tensor | None, images: int, token_id: int) -> None:
-    """For families with a fixed count per image: the prompt carries exactly ``num_image_tokens`` per image."""
-    if images == 0:
+def encoded_rows(kwargs: dict, modality: str = "image") -> int | None:
+    """Feature rows of the ``modality`` features encoded before this call (``mm_encoder_outputs``: by generate, by the
+    user, or a chunk's share of them in generate's chunked prefill), one per placeholder; None if the call has none."""
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get(modality)
+    if encoded is None or getattr(encoded, "pooler_output", None) is None:
+        return None
+    return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in encoded.pooler_output)
+
+
+def check_placeholders(
+    handle: Handle, input_ids: torch.Tensor | None, images: int, token_id: int, rows: int | None = None
+) -> None:
+    """For families with a fixed count per image: the prompt carries exactly ``num_image_tokens`` per image of the
+    call's pixels, or one placeholder per row of the features encoded before the call (``rows``, `encoded_rows`: a
+    chunk of a chunked prefill holds any share of an image's rows, so only the total can be checked)."""
+    if images == 0 and rows is None:
         return
     if input_ids is None:
         raise ValueError("unclutter needs input_ids (not inputs_embeds) to find the image placeholders.")
     found = int((input_ids == token_id).sum().item())
+    stale = handle.num_image_tokens != handle.stock_image_tokens and (
+        f"the prompt carries {handle.stock_image_tokens} image placeholders per image, the stock count, but the "
+        f"compressed vision tower yields {handle.num_image_tokens}. Pass processor= to unclutter.apply so it expands "
+        f"'<image>' correctly, or repeat the image token handle.num_image_tokens times yourself."
+    )
+    if rows is not None:
+        if found == rows:
+            return
+        if stale and found * handle.num_image_tokens == rows * handle.stock_image_tokens:
+            raise ValueError(stale)
+        raise ValueError(
+            f"the prompt has {found} image tokens but the image features encoded before this call "
+            f"(mm_encoder_outputs) hold {rows} rows: encode the images with the model unclutter was applied to, "
+            "and expand the prompt with the processor passed to unclutter.apply."
+        )
     want = images * handle.num_image_tokens
     if found == 0:
         raise ValueError(
@@ -365,12 +399,8 @@ def check_placeholders(handle: Handle, input_ids: torch.Tensor | None, images: i
         )
     if found == want:
         return
-    if found == images * handle.stock_image_tokens and handle.num_image_tokens != handle.stock_image_tokens:
-        raise ValueError(
-            f"the prompt carries {handle.stock_image_tokens} image placeholders per image, the stock count, but "
-            f"the compressed vision tower yields {handle.num_image_tokens}. Pass processor= to unclutter.apply so "
-            f"it expands '<image>' correctly, or repeat the image token handle.num_image_tokens times yourself."
-        )
+    if stale and found == images * handle.stock_image_tokens:
+        raise ValueError(stale)
     raise ValueError(
         f"the prompt has {found} image tokens for {images} image(s); expected {handle.num_image_tokens} per image."
     )

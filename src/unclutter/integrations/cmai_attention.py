@@ -487,7 +487,10 @@ def _no_image_after_prefill(has_image: bool) -> None:
     if has_image:
         raise ValueError(
             "CMAI expects every image in the first forward call (the prefill); a later call brought image inputs "
-            "with image tokens. Start a new generation (a fresh cache) with all images in its prompt."
+            "with image tokens (a chunked prefill, or an image added to a cached conversation): a text token's "
+            "focus quantile spans all image tokens of its prompt. Pass prefill_chunk_size=None (or a chunk size that "
+            "puts every image token in the first chunk), or start a new generation (a fresh cache) with all images "
+            "in its prompt."
         )
 
 

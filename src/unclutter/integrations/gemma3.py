@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import vmtc as vmtc_math
-from .base import Adapter, Handle, check_placeholders, register
+from .base import Adapter, Handle, check_placeholders, encoded_rows, register
 from .llava import num_images
 from .vision import VMTCStage, plan_vmtc, pool_grid, rank_in_attention, record, stage_importance, want_ranking
 
@@ -221,4 +221,4 @@ class Gemma3Adapter(Adapter):
         handle.override(processor, "_get_num_multimodal_tokens", get_num_multimodal_tokens)
 
     def check_prompt(self, handle: Handle, input_ids, kwargs: dict) -> None:
-        check_placeholders(handle, input_ids, num_images(kwargs), self.config.image_token_id)
+        check_placeholders(handle, input_ids, num_images(kwargs), self.config.image_token_id, encoded_rows(kwargs))

@@ -30,7 +30,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import vmtc as vmtc_math
-from .base import Adapter, Handle, check_placeholders, register
+from .base import Adapter, Handle, check_placeholders, encoded_rows, register
 from .vision import VMTCStage, capture_qk, plan_vmtc, pool_grid, record
 
 ROW_COL_TAGS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]  # the processors' tag spellings
@@ -181,21 +181,13 @@ class TowerVMTC:
 # ---- the adapter ---------------------------------------------------------------------------------------------
 
 
-def tile_count(kwargs: dict, tokens_per_tile: int) -> int:
-    """Tiles (and global images, video frames) in this forward: real (non-zero) tiles, or encoded features."""
+def tile_count(kwargs: dict) -> int:
+    """Tiles (and global images, video frames) in this forward's pixels: the real (non-zero) ones (features encoded
+    before the call: `encoded_rows`)."""
     pixels = kwargs.get("pixel_values")
-    if pixels is not None:  # the model drops all-zero tiles: they pad samples with fewer tiles
-        return int((pixels.flatten(2) != 0).any(dim=-1).sum().item())
-    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    if encoded is None:
+    if pixels is None:
         return 0
-    rows = sum(f.shape[0] for f in encoded.pooler_output)
-    if rows % tokens_per_tile:
-        raise ValueError(
-            f"the pre-encoded image features hold {rows} tokens, not a multiple of the {tokens_per_tile} per tile "
-            "this model yields under unclutter: encode the images with the model unclutter was applied to."
-        )
-    return rows // tokens_per_tile
+    return int((pixels.flatten(2) != 0).any(dim=-1).sum().item())  # the model drops all-zero tiles (padding)
 
 
 @register
@@ -355,8 +347,7 @@ class Idefics3Adapter(Adapter):
             handle.override(processor, "_get_num_multimodal_tokens", get_num_multimodal_tokens)
 
     def check_prompt(self, handle: Handle, input_ids, kwargs: dict) -> None:
-        tiles = tile_count(kwargs, handle.num_image_tokens)
-        check_placeholders(handle, input_ids, tiles, self.config.image_token_id)
+        check_placeholders(handle, input_ids, tile_count(kwargs), self.config.image_token_id, encoded_rows(kwargs))
 
 
 @register

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import vmtc as vmtc_math
-from .base import Adapter, Handle, register
+from .base import Adapter, Handle, check_placeholders, encoded_rows, register
 from .llava import num_images
 from .vision import VMTCStage, capture_qk, plan_vmtc, pool_grid, record
 
@@ -308,13 +308,15 @@ class InternVLAdapter(Adapter):
         handle.override(processor, "_get_num_multimodal_tokens", get_num_multimodal_tokens)
 
     def check_prompt(self, handle: Handle, input_ids, kwargs: dict) -> None:
-        tiles = num_images(kwargs)
+        tiles, rows = num_images(kwargs), encoded_rows(kwargs)
         if input_ids is None:
-            if tiles:
+            if tiles or rows is not None:
                 raise ValueError("unclutter needs input_ids (not inputs_embeds) to find InternVL's image tokens.")
             return
         is_image = input_ids == self.config.image_token_id
-        if tiles:
+        if rows is not None:  # features encoded before the call: one row per <IMG_CONTEXT> (a chunk: its share)
+            check_placeholders(handle, input_ids, 0, self.config.image_token_id, rows)
+        elif tiles:
             found, want = int(is_image.sum()), tiles * handle.num_image_tokens
             if found != want:
                 hint = (
@@ -327,17 +329,18 @@ class InternVLAdapter(Adapter):
                     f"the prompt has {found} <IMG_CONTEXT> tokens for {tiles} tiles; the compressed vision tower "
                     f"yields {handle.num_image_tokens} per tile ({want} in all).{hint}"
                 )
-        if handle.cmai_state is not None and tiles:  # the call that brings images (the prefill)
+        if handle.cmai_state is not None and (tiles or rows):  # a call that brings images (the prefill)
             self._check_markers(input_ids, is_image)
 
     def _check_markers(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> None:
-        """Every run of image tokens sits between the structural ids CMAI was given (``<img>`` ... ``</img>``)."""
+        """Every run of image tokens sits between the structural ids CMAI was given (``<img>`` ... ``</img>``); a run
+        cut by the call's first or last column (a chunk of a chunked prefill) is checked on its side inside the call."""
         start, end = self.markers
         edge = torch.zeros_like(is_image[:, :1])
         before = torch.cat([edge, is_image[:, :-1]], dim=1)
         after = torch.cat([is_image[:, 1:], edge], dim=1)
-        prev_ids = torch.cat([torch.full_like(input_ids[:, :1], -1), input_ids[:, :-1]], dim=1)
-        next_ids = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -1)], dim=1)
+        prev_ids = torch.cat([torch.full_like(input_ids[:, :1], start), input_ids[:, :-1]], dim=1)
+        next_ids = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], end)], dim=1)
         opened = (is_image & ~before & (prev_ids != start)).any()
         closed = (is_image & ~after & (next_ids != end)).any()
         if bool(opened) or bool(closed):

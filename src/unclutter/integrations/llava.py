@@ -13,16 +13,14 @@ import dataclasses
 import torch
 
 from .. import vmtc as vmtc_math
-from .base import Adapter, Handle, check_placeholders, register
+from .base import Adapter, Handle, check_placeholders, encoded_rows, register
 from .vision import install_vmtc_layers, plan_vmtc, pool_grid
 
 
 def num_images(kwargs: dict) -> int:
-    """Images in this forward call: from pixel_values, or from the image features generate() pre-encodes."""
-    if kwargs.get("pixel_values") is not None:
-        return kwargs["pixel_values"].shape[0]
-    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    return len(encoded.pooler_output) if encoded is not None else 0
+    """Images in this forward call's pixel_values (features encoded before the call: `encoded_rows`)."""
+    pixels = kwargs.get("pixel_values")
+    return pixels.shape[0] if pixels is not None else 0
 
 
 def feature_block(config) -> int:
@@ -103,7 +101,7 @@ class LlavaAdapter(Adapter):
         fixed_count_processor(handle, processor, handle.num_image_tokens)
 
     def check_prompt(self, handle: Handle, input_ids, kwargs: dict) -> None:
-        check_placeholders(handle, input_ids, num_images(kwargs), self.config.image_token_id)
+        check_placeholders(handle, input_ids, num_images(kwargs), self.config.image_token_id, encoded_rows(kwargs))
 
     def image_key_map(self, handle: Handle, inputs: dict) -> list[tuple[int, int] | None]:
         """One tile; with feature selection "full" the CLS token reaches the LLM first (it holds no patch)."""

@@ -502,11 +502,15 @@ class QwenVLAdapter(Adapter):
             raise ValueError("Qwen's 3-D positions need mm_token_type_ids (the processor returns them).")
         attention_mask = kwargs.pop("attention_mask", None)
         grids = {"image": image_grid_thw, "video": video_grid_thw}
+        encoded = kwargs.get("mm_encoder_outputs") or {}
         entries = {}
         for modality, type_id, pixel_key, _ in MODALITIES:
             if grids[modality] is None:
                 continue
-            layouts = self._layouts_for(modality, kwargs.get(pixel_key), grids[modality])
+            if encoded.get(modality) is not None:  # features encoded before this call: their own cells
+                layouts = _encoded_layouts(modality, encoded[modality])
+            else:
+                layouts = self._layouts_for(modality, kwargs.get(pixel_key), grids[modality])
             per_frame = modality == "video" and self.video_run_per_frame
             entries[type_id] = [(cells.numel(), size, cells) for x in layouts for size, cells in x.runs(per_frame)]
         return compressed_rope_index(
@@ -514,6 +518,7 @@ class QwenVLAdapter(Adapter):
         )
 
     def _layouts_for(self, modality: str, pixels, grid) -> list[Layout]:
+        """The cells each item keeps, from the pixels (encoded now) or from the last vision forward."""
         if pixels is not None:  # generate(): positions come first; encode now and hand the features on
             output = self._encode(modality, pixels, grid)
             self._pending[modality] = (pixels, _version(pixels), grid.clone(), output)
@@ -697,6 +702,18 @@ class QwenVLAdapter(Adapter):
         handle.override(processor, "replace_image_token", replace_image_token)
         handle.override(processor, "replace_video_token", replace_video_token)
         handle.override(processor, "_get_num_multimodal_tokens", get_num_multimodal_tokens)
+
+
+def _encoded_layouts(modality: str, output) -> list[Layout]:
+    """The cells each item of features encoded before the call kept (``mm_encoder_outputs``, e.g. precomputed with
+    ``get_image_features``): theirs, not the last vision forward's, which may have been another image of that size."""
+    layouts = getattr(output, "unclutter_layouts", None)
+    if layouts is None:
+        raise ValueError(
+            f"mm_encoder_outputs['{modality}'] was not encoded by the compressed tower, so VMTC cannot place its "
+            f"tokens: compute it with get_{modality}_features while unclutter is applied, or pass the pixels instead."
+        )
+    return layouts
 
 
 def _stock_grid(layout: Layout, merge: int) -> list[int]:
