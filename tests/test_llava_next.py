@@ -8,14 +8,16 @@ one uncached forward over generated tokens (cached decoding) and each image alon
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_cached_equals_full, assert_sample_equals_alone, logits, random_image
+from helpers import assert_cached_equals_full, assert_sample_equals_alone, extend, logits, random_image
 from reference import reference_logits
 from test_llava_apply import reference_vmtc_features
+from transformers import DynamicCache
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 import unclutter
 from unclutter import CMAIConfig, SPDConfig, VMTCConfig
 from unclutter.cmai import gamma_schedule
+from unclutter.compat import cache_argument
 from unclutter.models.tiny_llava_next import tiny_llava_next, tiny_llava_next_processor
 
 pytestmark = pytest.mark.exact
@@ -199,6 +201,44 @@ def test_remove_restores_the_processors_stock_count():
     assert not {"replace_image_token", "_get_num_multimodal_tokens"} & set(vars(processor))
     assert "pack_image_features" not in vars(model.model)
     assert torch.equal(logits(model, again), stock)
+
+
+def test_cmai_on_a_mistral_decoder_with_a_sliding_window():
+    """LLaVA-NeXT-Mistral's layout: Mistral hands its window to the attention function as an argument (its modules
+    have no such attribute). With a window shorter than the prompt, CMAI equals the naive reference, cached decoding
+    equals one full forward (generate's cache, whose layers keep only the window, and a plain DynamicCache, which
+    keeps every key), and gamma 0 decodes as stock; a padded batch (the general path) and one sample (the fast path)."""
+    window, steps = 24, 6
+    model, processor = tiny_llava_next(mistral_window=window), tiny_llava_next_processor()
+    gammas = gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    for images in (IMAGES[:2], IMAGES[:1]):
+        batch = _batch(processor, images)
+        assert batch["input_ids"].shape[1] > window
+        expected, stock = reference_logits(model, batch, gammas), generate_with(model, batch, steps)
+        with unclutter.apply(model, cmai=CMAIConfig()):
+            got = logits(model, batch)
+            assert_cached_equals_full(model, batch, steps)
+            plain = generate_with(model, batch, steps, **{cache_argument(model): DynamicCache()})
+            full = logits(model, extend(batch, plain.sequences[:, :-1]))
+            first = batch["input_ids"].shape[1] - 1
+            for t in range(steps):
+                torch.testing.assert_close(plain.logits[t], full[:, first + t], atol=1e-4, rtol=1e-4)
+        valid = batch["attention_mask"].bool()
+        torch.testing.assert_close(got[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
+        with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.0)):
+            for cache in ({}, {cache_argument(model): DynamicCache()}):
+                same = generate_with(model, batch, steps, **cache)
+                assert torch.equal(same.sequences, stock.sequences)
+                for a, b in zip(same.logits, stock.logits, strict=True):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def generate_with(model, batch, steps: int, **kwargs):
+    with torch.no_grad():
+        return model.generate(
+            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, **kwargs,
+        )  # fmt: skip
 
 
 # ---- clear errors --------------------------------------------------------------------------------------

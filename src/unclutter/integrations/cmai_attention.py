@@ -399,10 +399,11 @@ class CMAIState:
             plan = self.fast_plans[gamma] = (lower, upper, torch.tensor(weight, dtype=torch.float32, device=device))
         return plan
 
-    def layout(self, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, query) -> Layout:
+    def layout(
+        self, module, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, query, window: int | None
+    ) -> Layout:
         """The call's `Layout` for a layer with these keys (built by the first such layer, then reused)."""
         ch = self.chunk
-        window = getattr(module, "sliding_window", None)
         key = (offset, kv_len, id(attention_mask) if attention_mask is not None else window)
         found = ch.layouts.get(key)
         if found is not None:
@@ -463,7 +464,7 @@ class CMAIState:
         ch = self.chunk
         return ch.fast and ch.q_len == 1 and (window is None or kv_len <= window)
 
-    def key_offset(self, module, q_len: int, kv_len: int) -> int:
+    def key_offset(self, module, q_len: int, kv_len: int, window: int | None) -> int:
         """Position of this layer's key 0, after checking the call matches the state (see module docstring)."""
         ch = self.chunk
         if ch is None:
@@ -474,13 +475,20 @@ class CMAIState:
             raise CMAIStateError(
                 f"CMAI layer {module.layer_idx} got {q_len} queries but the forward pre-hook saw {ch.q_len} new tokens"
             )
-        sliding = getattr(module, "sliding_window", None) is not None or getattr(module, "is_sliding", False)
+        sliding = window is not None or getattr(module, "is_sliding", False)
         if kv_len > self.length or kv_len < q_len or (kv_len != self.length and not sliding):
             raise CMAIStateError(
                 f"CMAI layer {module.layer_idx} attends over {kv_len} keys but its state covers {self.length} tokens "
                 f"({ch.past} cached + {q_len} new): the forward pre-hook did not find this call's cache"
             )
         return self.length - kv_len
+
+
+def sliding_window(module, kwargs: dict) -> int | None:
+    """The layer's attention window: what the model passes to the attention function (Mistral, Qwen2 and Gemma 3
+    pass ``sliding_window=``; Mistral's modules have no such attribute), else the module's attribute; None: full."""
+    window = kwargs.get("sliding_window")
+    return window if window is not None else getattr(module, "sliding_window", None)
 
 
 def _no_image_after_prefill(has_image: bool) -> None:
@@ -662,7 +670,8 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
         )
     bsz, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    offset = state.key_offset(module, q_len, kv_len)  # raises when the state does not match this call
+    window = sliding_window(module, kwargs)
+    offset = state.key_offset(module, q_len, kv_len, window)  # raises when the state does not match this call
     layer = module.layer_idx
     gamma = state.gammas.get(layer, 0.0)
     ch = state.chunk
@@ -670,7 +679,7 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     if gamma == 0.0 or ch.start >= ch.q_len or n == 0:
         if state.tracing and gamma and n:  # a call without text queries inhibits nothing (one trace row per call)
             state.trace.setdefault(layer, []).append(torch.zeros(bsz, n, dtype=torch.bool))
-        if state.sees_everything(getattr(module, "sliding_window", None), kv_len):
+        if state.sees_everything(window, kv_len):
             attention_mask = None  # all True: SDPA's unmasked kernel, as stock transformers would call it
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -680,7 +689,7 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     scaling = module.scaling if scaling is None else scaling
     # autocast off: under bf16 mixed precision the matmuls would drop to bf16 and shift the quantile
     with torch.no_grad(), autocast_disabled(query.device.type):
-        lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query)
+        lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query, window)
         mask = _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay)
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 

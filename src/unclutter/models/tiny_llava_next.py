@@ -17,6 +17,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    MistralConfig,
 )
 
 from .tiny import TinyVLM, llava_prompt, text_kwargs, tiny_tokenizer, vision_kwargs
@@ -33,11 +34,18 @@ def tiny_llava_next(
     attn_implementation: str = "sdpa",
     vision_layers: int = 4,
     text_layers: int = 3,
+    mistral_window: int | None = None,
 ) -> LlavaNextForConditionalGeneration:
-    """A random LLaVA-NeXT with ``(TILE // PATCH) ** 2`` = 16 patches per tile."""
+    """A random LLaVA-NeXT with ``(TILE // PATCH) ** 2`` = 16 patches per tile; with ``mistral_window``, on a Mistral
+    decoder whose layers attend within that sliding window (LLaVA-NeXT-Mistral's layout), else on a Llama one."""
     tok = tiny_tokenizer()
     vision = CLIPVisionConfig(**vision_kwargs(TILE, PATCH, vision_layers, intermediate=128, projection_dim=32))
-    text = LlamaConfig(**text_kwargs(tok, layers=text_layers, intermediate=192))
+    text_args = text_kwargs(tok, layers=text_layers, intermediate=192)
+    text = (
+        LlamaConfig(**text_args)
+        if mistral_window is None
+        else MistralConfig(**text_args, sliding_window=mistral_window)
+    )
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
