@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import random_image
+from PIL import Image
 from typer.testing import CliRunner
 
 from unclutter.cli import app
@@ -101,6 +103,45 @@ def test_bad_data_fails_before_the_run(tmp_path, model_dir):
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    "bench, change, match",
+    [
+        ("vqav2", {"answers": [{"answer": "red"}] * 10}, "non-empty list of strings"),
+        ("vqav2", {"answers": ["red", None]}, "non-empty list of strings"),
+        ("gqa", {"answer": 2}, "'answer' must be a string"),
+        ("mme", {"answer": "Maybe"}, "Yes or No"),
+        ("mmbench", {"options": {"A": "red", "B": ""}, "answer": "B"}, "names no option"),
+        ("if16", {"instruction_id_list": ["x:y"]}, "unknown instruction id"),
+        ("if16", {"kwargs": [{}, {}]}, "equal length"),
+        ("if16", {"instruction_id_list": ["length_constraints:number_words"], "kwargs": [{}]}, r"needs kwargs"),
+        (
+            "if16",
+            {
+                "instruction_id_list": ["length_constraints:number_words"],
+                "kwargs": [{"num_words": "5", "relation": "at least"}],
+            },
+            "must be an integer",
+        ),  # fmt: skip
+    ],
+)
+def test_malformed_fields_are_named_before_the_run(tmp_path, bench, change, match):
+    data, images = write_bench(tmp_path, bench, n=2)
+    recs = [json.loads(line) for line in data.read_text().splitlines()]
+    recs[1].update(change)
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DataError, match=rf"{bench}.jsonl:2: .*{match}"):
+        D.load_records(bench, data, images)
+
+
+def test_run_arguments_are_checked(model_dir, tmp_path):
+    data, images = write_bench(tmp_path, "gqa", n=2)
+    for bad in ({"limit": 0}, {"limit": -1}, {"batch_size": 0}, {"batch_size": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive integer"):
+            run_eval(model_name=str(model_dir), method="stock", bench="gqa", data=data, images=images,
+                     out=tmp_path / "r", device="cpu", **bad)  # fmt: skip
+    assert not (tmp_path / "r" / "predictions.jsonl").exists()
+
+
 def test_rerun_with_other_settings_is_refused(model_dir, tmp_path):
     data, images = write_bench(tmp_path, "gqa", n=2)
     kw = dict(
@@ -148,6 +189,27 @@ def test_prediction_log_repairs_torn_tail(tmp_path):
     assert set(log.rows) == {"a"} and p.read_text() == '{"id": "a", "prediction": "x"}\n'
     log.append([{"id": "b", "prediction": "y"}])
     assert set(PredictionLog(p).rows) == {"a", "b"}
+    # answers with line separators other than "\n" (json.dumps leaves them unescaped) reopen as they were written
+    odd = ["red\u2028blue", "a\u2029b", "c\x85d", "e\x1cf", "g\rh"]
+    log.append([{"id": f"u{i}", "prediction": text} for i, text in enumerate(odd)])
+    again = PredictionLog(p).rows
+    assert [again[f"u{i}"]["prediction"] for i in range(len(odd))] == odd and len(again) == 2 + len(odd)
+
+
+def test_images_become_8_bit_rgb_or_a_named_error(tmp_path):
+    from unclutter.evaluation.generation import open_image
+
+    grey = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21  # 0 .. 64,491
+    Image.fromarray(grey).save(tmp_path / "16.png")  # opens as I;16: Pillow's own convert("RGB") clips it to white
+    with Image.open(tmp_path / "16.png") as im:
+        assert im.mode == "I;16"
+    rgb = np.asarray(open_image(tmp_path / "16.png"))
+    assert rgb.shape == (48, 64, 3) and np.abs(rgb[..., 0] - grey / 257.0).max() <= 0.5
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "32.tif")
+    with pytest.raises(ValueError, match=r"32.tif.*'I' pixels"):
+        open_image(tmp_path / "32.tif")
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    assert open_image(tmp_path / "cmyk.jpg").mode == "RGB"
 
 
 def test_report_compares_runs(model_dir, tmp_path):
@@ -213,8 +275,11 @@ def test_converters(tmp_path):
     buf = io.BytesIO()
     random_image(1).save(buf, format="PNG")
     tsv = tmp_path / "mmb.tsv"
+    picture = base64.b64encode(buf.getvalue()).decode()
+    # the release's circular copy of question 5 (index 5 + 1e6, options rotated): our loader rotates by itself
     tsv.write_text("index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
-                   f"5\tWhat color?\tnan\tred\tblue\t\t\tB\tcolor\t{base64.b64encode(buf.getvalue()).decode()}\n")  # fmt: skip
+                   f"5\tWhat color?\tnan\tred\tblue\t\t\tB\tcolor\t{picture}\n"
+                   f"1000005\tWhat color?\tnan\tblue\tred\t\t\tA\tcolor\t{picture}\n")  # fmt: skip
     assert D.convert_mmbench_tsv(tsv, tmp_path / "mmb.jsonl", tmp_path / "mmb_images") == 1
     recs = D.load_records("mmbench", tmp_path / "mmb.jsonl", tmp_path / "mmb_images")
     assert [(r["id"], r["answer"]) for r in recs] == [("5@0", "B"), ("5@1", "A")]

@@ -52,6 +52,20 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     bad.write_text(json.dumps({"key": 1, "instruction_id_list": [], "kwargs": []}) + "\n")
     with pytest.raises(scoring.DataError, match=r"in.jsonl:1: missing field 'prompt'"):
         scoring.read_inputs(bad)
+    for iid, kwargs, match in [  # values a checker would choke on, named with their line
+        (
+            "length_constraints:number_words",
+            {"num_words": "5", "relation": "at least"},
+            "'num_words' must be an integer",
+        ),
+        ("length_constraints:number_words", {"num_words": 5, "relation": "more than"}, "relation must be one of"),
+        ("keywords:existence", {"keywords": ["(cat"]}, "not a valid regular expression"),
+        ("keywords:forbidden_words", {"forbidden_words": "cat"}, "must be a list of strings"),
+        ("detectable_content:postscript", {"postscript_marker": 1}, "must be a string"),
+    ]:
+        bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": [iid], "kwargs": [kwargs]}) + "\n")
+        with pytest.raises(scoring.DataError, match=rf"in.jsonl:1: {iid}: .*{match}"):
+            scoring.read_inputs(bad)
 
 
 @pytest.fixture

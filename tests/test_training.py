@@ -18,7 +18,7 @@ from transformers import (
 import unclutter
 from unclutter.ifeval.scoring import DataError
 from unclutter.models.tiny import tiny_llava, tiny_tokenizer
-from unclutter.training.data import IGNORE_INDEX, encode_record, load_llava_json, modality_length_order
+from unclutter.training.data import IGNORE_INDEX, encode_record, load_image, load_llava_json, modality_length_order
 from unclutter.training.trainer import TrainConfig, train
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -208,6 +208,25 @@ def test_malformed_records_named_before_training(tmp_path, rec, match):
     data.write_text(json.dumps(recs))
     with pytest.raises(DataError, match=rf"record 3 \(id {rec['id']}\).*{match}"):
         load_llava_json(data, images)
+
+
+def test_unreadable_images_and_odd_line_separators(tmp_path):
+    """A file that is no image is named before training; one damaged past its header when its sample is loaded; a
+    JSONL whose strings hold U+2028 (a line separator to str.splitlines, not to JSON Lines) loads."""
+    data, images = make_data(tmp_path, n=2)
+    recs = json.loads(data.read_text())
+    picture = (images / "1.png").read_bytes()
+    (images / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"record 1 \(id s1\).*cannot read image"):
+        load_llava_json(data, images)
+    (images / "1.png").write_bytes(picture[: len(picture) // 2])  # the header survives
+    assert len(load_llava_json(data, images)) == 3
+    with pytest.raises(DataError, match=r"record 1: cannot read image .*1.png"):
+        load_image(images / "1.png", "record 1")
+    recs[0]["conversations"][1]["value"] = "a red\u2028image\x85"
+    lines = tmp_path / "data.jsonl"
+    lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert load_llava_json(lines, images)[0]["conversations"][1]["value"] == "a red\u2028image\x85"
 
 
 def test_assemble_from_vision_tower_and_llm(tmp_path):

@@ -25,6 +25,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ..ifeval import resolve_kwargs
 from ..ifeval.scoring import DataError, read_jsonl, write_jsonl_atomic
 from ..metrics import rotate_options
 
@@ -53,10 +54,7 @@ def load_records(bench: str, path: str | Path, images: str | Path | None) -> lis
         missing = [f for f in REQUIRED[bench] if f not in rec or rec[f] is None]
         if missing:
             raise DataError(f"{where}: {bench} record lacks {missing} (needs {list(REQUIRED[bench])}).")
-        if bench in ("vqav2", "textvqa") and (not isinstance(rec["answers"], list) or not rec["answers"]):
-            raise DataError(f"{where}: 'answers' must be a non-empty list of strings.")
-        if bench == "mmbench" and (not isinstance(rec["options"], dict) or rec["answer"] not in rec["options"]):
-            raise DataError(f"{where}: 'options' must map letters to texts and contain the answer letter.")
+        _check_fields(bench, rec, where)
         if images is not None and not (Path(images) / str(rec["image"])).is_file():
             raise DataError(f"{where}: image {rec['image']!r} not found under {images}.")
         base = str(rec.get("id", rec["key"] if bench == "if16" else rec["question_id"]))
@@ -68,6 +66,38 @@ def load_records(bench: str, path: str | Path, images: str | Path | None) -> lis
     if not records:
         raise DataError(f"{path}: no records.")
     return expand_circular(records) if bench == "mmbench" else records
+
+
+def _check_fields(bench: str, rec: dict, where: str) -> None:
+    """Field types and values, so that a malformed record stops the run before it starts (not after generating)."""
+    if bench in ("vqav2", "textvqa"):
+        answers = rec["answers"]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(
+                f"{where}: 'answers' must be a non-empty list of strings (the human answers; official VQA files hold "
+                "{'answer': ...} objects: convert them with `unclutter data convert`)."
+            )
+    elif bench in ("gqa", "mme", "mmbench") and not isinstance(rec["answer"], str):
+        raise DataError(f"{where}: 'answer' must be a string, got {rec['answer']!r}.")
+    if not isinstance(rec.get("question", rec.get("prompt")), str):
+        raise DataError(f"{where}: the question must be a string.")
+    if bench == "mme" and rec["answer"].lower().strip().replace(".", "") not in ("yes", "no"):  # as `mme_scores`
+        raise DataError(f"{where}: MME answers are Yes or No, got {rec['answer']!r}.")
+    if bench == "mmbench":
+        options = rec["options"]
+        if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+            raise DataError(f"{where}: 'options' must map letters to texts.")
+        if not str(options.get(rec["answer"], "")).strip():
+            raise DataError(f"{where}: the answer letter {rec['answer']!r} names no option with a text.")
+    if bench == "if16":
+        ids, kwargs = rec["instruction_id_list"], rec["kwargs"]
+        if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
+            raise DataError(f"{where}: instruction_id_list and kwargs must be lists of equal length.")
+        for iid, kw in zip(ids, kwargs, strict=True):
+            try:
+                resolve_kwargs(iid, kw, rec["prompt"])
+            except ValueError as exc:
+                raise DataError(f"{where}: {exc}") from None
 
 
 def expand_circular(records: list[dict]) -> list[dict]:
@@ -147,7 +177,7 @@ def convert_mme(root: str | Path, out: str | Path) -> int:
             )
             if image is None:
                 raise DataError(f"{txt}: no image named {txt.stem}.* in {img_dir}.")
-            for lineno, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(txt.read_text(encoding="utf-8").split("\n"), 1):
                 if not line.strip():
                     continue
                 if "\t" not in line:
@@ -168,6 +198,8 @@ def convert_mmbench_tsv(tsv: str | Path, out: str | Path, images_out: str | Path
     rows = []
     with open(tsv, encoding="utf-8", newline="") as f:
         for lineno, row in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+            if _circular_copy(row.get("index"), f"{tsv}:{lineno}"):
+                continue
             try:
                 raw = base64.b64decode(row["image"])
                 name = f"{row['index']}.png"
@@ -183,6 +215,21 @@ def convert_mmbench_tsv(tsv: str | Path, out: str | Path, images_out: str | Path
             })  # fmt: skip
     write_jsonl_atomic(Path(out), rows)
     return len(rows)
+
+
+# MMBench's releases carry each question's circular copies (options rotated) as rows ``index + k * 1e6``; lmms-eval
+# scores the main rows (index < 1e6) and gathers the copies by ``index % 1e6``. Our loader makes the rotations itself
+# (`expand_circular`), so the converters keep the main rows only: kept, every copy would be rotated again and weigh
+# its question once more.
+CIRCULAR_OFFSET = 1_000_000
+
+
+def _circular_copy(index, where: str) -> bool:
+    """Whether an MMBench release row is a circular copy of another (its index is at least 1e6)."""
+    try:
+        return int(float(index)) >= CIRCULAR_OFFSET
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: MMBench row without a numeric 'index' ({index!r}).") from None
 
 
 def _save_image_bytes(raw: bytes, path: Path) -> None:
@@ -225,6 +272,8 @@ def convert_hf(
     )
     rows = []
     for i, ex in enumerate(ds):
+        if bench == "mmbench" and _circular_copy(ex.get("index"), f"dataset row {i}"):
+            continue
         rec = {ours: ex.get(theirs) for ours, theirs in fields.items() if ex.get(theirs) is not None}
         if bench == "vqav2":
             rec["answers"] = [a["answer"] if isinstance(a, dict) else a for a in rec["answers"]]

@@ -138,7 +138,9 @@ class PredictionLog:
         if good < len(data):
             with self.path.open("r+b") as f:
                 f.truncate(good)
-        for line in data[:good].decode("utf-8").splitlines():
+        # split on "\n" only: str.splitlines would also split inside an answer holding U+2028, U+0085, ... (json.dumps
+        # leaves them unescaped with ensure_ascii=False)
+        for line in data[:good].decode("utf-8").split("\n"):
             if line.strip():
                 row = json.loads(line)
                 self.rows[row["id"]] = row
@@ -184,6 +186,9 @@ def run_eval(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``method`` on a benchmark file; resumes an interrupted run in ``out``. Returns metrics."""
+    for name, value in (("batch_size", batch_size), ("limit", limit), ("max_new_tokens", max_new_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r} (leave limit unset for every record).")
     if method == "checkpoint" and model_and_processor is None:
         from .generation import load_model
 
@@ -191,10 +196,10 @@ def run_eval(
     recorded = getattr(model_and_processor[0].config, "unclutter", None) if model_and_processor else None
     configs = resolve(method, overrides, recorded)
     records = load_records(bench, data, images)
-    if limit and bench == "mmbench":  # keep whole rotation groups
+    if limit is not None and bench == "mmbench":  # keep whole rotation groups
         groups = {r["group"] for r in records[:limit]}
         records = [r for r in records if r["group"] in groups]
-    elif limit:
+    elif limit is not None:
         records = records[:limit]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

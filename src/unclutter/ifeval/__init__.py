@@ -6,10 +6,12 @@ unclutter.ifeval.describe("detectable_format:title", {})                     # I
 
 from __future__ import annotations
 
+import re
+import typing
 from collections.abc import Mapping
 from typing import Any
 
-from .checkers import IFEVAL_IDS, INSTRUCTIONS, Instruction
+from .checkers import IFEVAL_IDS, INSTRUCTIONS, RELATIONS, Instruction
 
 __all__ = ["IFEVAL_IDS", "INSTRUCTIONS", "Instruction", "describe", "follows", "loose_variants", "resolve_kwargs"]
 
@@ -35,7 +37,39 @@ def resolve_kwargs(instruction_id: str, kwargs: Mapping[str, Any] | None, prompt
     missing = [a for a in inst.args if a not in given]
     if missing:
         raise ValueError(f"{instruction_id} needs kwargs {missing}.")
+    _check_values(inst, given)
     return given
+
+
+_RELATION_ARGS = ("relation", "let_relation", "capital_relation")
+_PATTERN_ARGS = {"keywords": "{}", "keyword": "{}", "forbidden_words": r"\b{}\b"}  # as the checkers search them
+
+
+def _check_values(inst: Instruction, given: dict) -> None:
+    """Each kwarg has the type its checker takes, relations are IFEval's, keyword patterns compile: a bad value is
+    named here instead of failing inside a checker (IFEval's reference would raise there too)."""
+    hints = typing.get_type_hints(inst.check)
+    for name, value in given.items():
+        want = hints.get(name)
+        if want is int:
+            ok, label = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif want is str:
+            ok, label = isinstance(value, str), "a string"
+        elif typing.get_origin(want) is list:
+            ok, label = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{inst.id}: kwarg {name!r} must be {label}, got {value!r}.")
+    for name in _RELATION_ARGS:
+        if name in given and given[name] not in RELATIONS:
+            raise ValueError(f"{inst.id}: {name} must be one of {list(RELATIONS)}, got {given[name]!r}.")
+    for name, form in _PATTERN_ARGS.items():
+        for pattern in [given[name]] if isinstance(given.get(name), str) else given.get(name, []):
+            try:
+                re.compile(form.format(pattern.strip() if name == "keyword" else pattern))
+            except re.error as exc:
+                raise ValueError(f"{inst.id}: {name} {pattern!r} is not a valid regular expression ({exc}).") from None
 
 
 def loose_variants(response: str) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..evaluation.generation import LLAVA_SYSTEM
+from ..evaluation.generation import LLAVA_SYSTEM, to_rgb
 from ..ifeval.scoring import DataError
 
 IGNORE_INDEX = -100
@@ -30,7 +30,9 @@ def load_llava_json(path: str | Path, images: str | Path | None) -> list[dict]:
     path = Path(path)
     try:
         if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            # "\n" only: str.splitlines would split a valid line inside a string holding U+2028, U+0085, ...
+            lines = path.read_text(encoding="utf-8").split("\n")
+            records = [json.loads(line) for line in lines if line.strip()]
         else:
             records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -54,11 +56,34 @@ def load_llava_json(path: str | Path, images: str | Path | None) -> list[dict]:
         if rec.get("image"):
             if n_placeholders != 1 or IMAGE_PLACEHOLDER not in rec["conversations"][0]["value"]:
                 raise DataError(f"{where}: an image sample needs exactly one '<image>', in the first human turn.")
-            if images is not None and not (Path(images) / rec["image"]).is_file():
-                raise DataError(f"{where}: image {rec['image']!r} not found under {images}.")
+            if images is not None:
+                check_image(Path(images) / rec["image"], where)
         elif n_placeholders:
             raise DataError(f"{where}: has '<image>' but no 'image' field.")
     return records
+
+
+def check_image(path: Path, where: str) -> None:
+    """The image exists and is one Pillow reads, judged from its header (no decoding: a check of every record before
+    training stays fast; a file damaged past its header is named when it is loaded, by `load_image`)."""
+    if not path.is_file():
+        raise DataError(f"{where}: image {path.name!r} not found under {path.parent}.")
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except Exception as exc:  # PIL raises many types for files it cannot identify
+        raise DataError(f"{where}: cannot read image {path}: {exc}") from None
+    if mode in ("I", "F"):
+        raise DataError(f"{where}: image {path} has {mode!r} pixels (32-bit); save it as 8- or 16-bit.")
+
+
+def load_image(path: Path, where: str) -> Image.Image:
+    """8-bit RGB (`to_rgb`), or a `DataError` naming the record and the file."""
+    try:
+        with Image.open(path) as im:
+            return to_rgb(im)
+    except Exception as exc:
+        raise DataError(f"{where}: cannot read image {path}: {exc}; fix or drop the record, then rerun") from None
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -201,8 +226,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         it = self.items[i]
         out = {"input_ids": torch.tensor(it.input_ids), "labels": torch.tensor(it.labels)}
         if it.image:
-            with Image.open(self.images_dir / it.image) as im:
-                image = pad_to_square(im.convert("RGB"), self.fill)
+            image = pad_to_square(load_image(self.images_dir / it.image, f"record {i}"), self.fill)
             out["pixel_values"] = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         return out
 

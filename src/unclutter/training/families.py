@@ -18,10 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-from .data import LlavaDataset, collate, encode_record
+from .data import LlavaDataset, collate, encode_record, load_image
 
 TILED = (LlavaNextForConditionalGeneration,)
 
@@ -126,8 +125,7 @@ class ProcessorImageDataset(torch.utils.data.Dataset):
         rec = self.records[i]
         pixels, image_text = {}, ""
         if rec.get("image"):
-            with Image.open(self.images_dir / rec["image"]) as im:
-                image = im.convert("RGB")
+            image = load_image(self.images_dir / rec["image"], f"record {i} (id {rec.get('id', '?')})")
             pixels = self.processor.image_processor(images=[image], return_tensors="pt")
             image_text = self.processor.replace_image_token(pixels, 0) + "\n"
         enc = encode_record(
