@@ -197,7 +197,7 @@ def test_prediction_log_repairs_torn_tail(tmp_path):
 
 
 def test_images_become_8_bit_rgb_or_a_named_error(tmp_path):
-    from unclutter.evaluation.generation import open_image
+    from unclutter.evaluation.images import open_image
 
     grey = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21  # 0 .. 64,491
     Image.fromarray(grey).save(tmp_path / "16.png")  # opens as I;16: Pillow's own convert("RGB") clips it to white

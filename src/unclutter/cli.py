@@ -297,7 +297,7 @@ def visualize_cmd(
     """Draw VMTC's kept / merged patches per stage and CMAI's inhibited patches per layer for one prompt (one row
     per tile for tiled families)."""
     from .demo import load
-    from .evaluation.generation import open_image
+    from .evaluation.images import open_image
     from .methods import resolve
     from .viz import visualize
 

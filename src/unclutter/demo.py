@@ -63,7 +63,7 @@ def shapes_items(num: int, seed: int = DEMO_SEED) -> list[Item]:
 
 def image_items(paths: list[Path], seed: int = DEMO_SEED) -> list[Item]:
     """User images: a generic question with an instruction each; no ground truth."""
-    from .evaluation.generation import open_image
+    from .evaluation.images import open_image
 
     items = []
     for i, path in enumerate(paths):

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..ifeval import resolve_kwargs
 from ..ifeval.scoring import DataError, read_jsonl, write_jsonl_atomic
 from ..metrics import rotate_options
+from .images import to_rgb
 
 BENCHES = ("vqav2", "textvqa", "gqa", "mme", "mmbench", "if16")
 REQUIRED = {
@@ -235,7 +236,7 @@ def _circular_copy(index, where: str) -> bool:
 def _save_image_bytes(raw: bytes, path: Path) -> None:
     from PIL import Image
 
-    Image.open(io.BytesIO(raw)).convert("RGB").save(path)
+    to_rgb(Image.open(io.BytesIO(raw))).save(path)
 
 
 # lmms-lab datasets on the Hugging Face hub: field names per benchmark.
@@ -283,7 +284,7 @@ def convert_hf(
         if image is None:
             raise DataError(f"dataset row {i}: no image (for GQA pass the images config as image_dataset).")
         name = f"{i:07d}.png"
-        image.convert("RGB").save(images_out / name)
+        to_rgb(image).save(images_out / name)
         rows.append({**rec, "image": name})
     write_jsonl_atomic(Path(out), rows)
     return len(rows)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -96,27 +95,3 @@ def generate(
         out = model.generate(**inputs, **kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
-
-
-def open_image(path: Path) -> Image.Image:
-    """An RGB image, or an error that names the file (corrupt and missing files, unsupported pixel modes)."""
-    try:
-        with Image.open(path) as im:
-            return to_rgb(im)
-    except Exception as exc:  # PIL raises many types for broken files
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. 16-bit greyscale (``I;16*``) is scaled to 8 bits: Pillow's own conversion clips every value above 255,
-    which turns an ordinary 16-bit picture white. 32-bit integer or float pixels (``I``, ``F``) have no range to
-    scale from, so they are refused."""
-    if image.mode.startswith("I;16"):
-        grey = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
-        return Image.fromarray(np.rint(grey).astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("I", "F"):
-        raise ValueError(
-            f"{image.mode!r} pixels (32-bit {'integer' if image.mode == 'I' else 'float'}) have no known range; "
-            "save the image as 8- or 16-bit"
-        )
-    return image.convert("RGB")

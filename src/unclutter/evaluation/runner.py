@@ -23,7 +23,8 @@ from ..methods import resolve, to_dict
 from ..metrics import circular_accuracy, gqa_match, mmbench_choice, mme_scores, vqa_accuracy
 from ..runlock import RunLock
 from .data import load_records
-from .generation import build_prompt, generate, open_image
+from .generation import build_prompt, generate
+from .images import open_image
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_ANSWER = "Answer with the option's letter from the given choices directly."

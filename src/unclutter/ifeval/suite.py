@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.images import to_rgb
 from . import describe, resolve_kwargs
 from .scoring import DataError, read_jsonl, write_jsonl_atomic
 
@@ -128,7 +129,7 @@ def load_hf_questions(
         qid = ex.get(id_field, i)
         name = f"{qid}.png"
         if not (image_dir / name).exists():
-            ex[image_field].convert("RGB").save(image_dir / name)
+            to_rgb(ex[image_field]).save(image_dir / name)
         rows.append({"question_id": qid, "image": name, "question": clean_question(str(ex[question_field]))})
     return rows
 

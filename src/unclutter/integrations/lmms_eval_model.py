@@ -7,6 +7,7 @@ from lmms_eval.api.model import lmms
 
 from .. import apply
 from ..evaluation.generation import build_prompt, generate, load_model
+from ..evaluation.images import to_rgb
 from ..methods import resolve
 
 
@@ -69,7 +70,7 @@ class UnclutterVLM(lmms):
                     for placeholder in {self.processor.image_token, "<image>"}:  # the chat template places images
                         text = text.replace(placeholder, "")
                     prompts.append(build_prompt(self.processor, text.strip(), with_image=len(visuals)))
-                    images.append([v.convert("RGB") for v in visuals])
+                    images.append([to_rgb(v) for v in visuals])
                 if any(images) and not all(images):
                     raise ValueError("a batch mixes prompts with and without images; use batch_size=1 for this task.")
                 outs = generate(

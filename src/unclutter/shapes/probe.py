@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.generation import build_prompt, load_model, open_image
+from ..evaluation.generation import build_prompt, load_model
+from ..evaluation.images import open_image
 from ..evaluation.runner import SHORT_ANSWER
 from ..ifeval.scoring import read_jsonl
 from .vision import CELLS, cell_of_patch

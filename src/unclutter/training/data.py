@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..evaluation.generation import LLAVA_SYSTEM, to_rgb
+from ..evaluation.generation import LLAVA_SYSTEM
+from ..evaluation.images import to_rgb
 from ..ifeval.scoring import DataError
 
 IGNORE_INDEX = -100
