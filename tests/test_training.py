@@ -103,30 +103,49 @@ def test_two_stage_recipe_learns_reloads_and_generates(base_dir, tmp_path):
         assert h.num_image_tokens == 16 and out.shape[1] == batch["input_ids"].shape[1] + 3
 
 
-def test_killed_training_resumes_from_last_checkpoint(base_dir, tmp_path):
-    data, images = make_data(tmp_path, n=8)
-    cfg = TrainConfig(stage="pretrain", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / "o"),
-                      max_steps=6, batch_size=2, per_device_batch_size=2, save_steps=2, method="vmtc")  # fmt: skip
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_killed_training_resumes_from_last_checkpoint(base_dir, tmp_path, stage):
+    """A killed full-weight run, rerun, ends as the uninterrupted run: the same losses and bit-identical weights (the
+    checkpoint's tensors are loaded under their saved names); rerunning the finished command changes nothing."""
+    data, images = make_data(tmp_path, n=8, stage=stage)
+
+    def config(name: str) -> TrainConfig:
+        return TrainConfig(stage=stage, model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / name),
+                           max_steps=6, batch_size=2, per_device_batch_size=2, save_steps=2, learning_rate=1e-3,
+                           method="vmtc+cmai", group_by_modality_length=stage == "finetune")  # fmt: skip
+
+    straight = train(config("straight"))
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, callbacks=[StopAt(5)])
+        train(config("o"), callbacks=[StopAt(5)])
     assert (tmp_path / "o" / "checkpoint-4").is_dir() and not (tmp_path / "o" / "config.json").exists()
-    train(cfg)
-    log = json.loads((tmp_path / "o" / "train_log.json").read_text())
-    steps = [h["step"] for h in log["log"]]
-    assert steps[-1] == 6 and 5 in steps and (tmp_path / "o" / "model.safetensors").is_file()
-    assert log["summary"]["train_runtime"] > 0  # wall time of the (resumed) run, for recipes' time budgets
+    resumed = train(config("o"))
+    log = json.loads((resumed / "train_log.json").read_text())
+    assert [h["step"] for h in log["log"]] == list(range(1, 7)) and log["summary"]["train_runtime"] > 0
+    assert losses(resumed) == losses(straight)  # steps 1-4 from the checkpoint's history, 5-6 trained again
+    weights = LlavaForConditionalGeneration.from_pretrained(straight).state_dict()
+    for again in (resumed, train(config("o"))):  # the resumed run, then the finished command rerun
+        assert all(
+            torch.equal(v, weights[k])
+            for k, v in LlavaForConditionalGeneration.from_pretrained(again).state_dict().items()
+        )
 
 
 def test_lora_finetune_merges_into_a_plain_checkpoint(base_dir, tmp_path):
+    """LoRA adapters on the LLM, merged into a plain checkpoint; --tune decides what else trains (the projector by
+    default, the vision tower too when named, the projector not when left out)."""
     data, images = make_data(tmp_path, n=4, stage="finetune")
-    out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / "l"),
-                            max_steps=2, batch_size=2, per_device_batch_size=2, lora=True, lora_r=4, lora_alpha=8, method="vmtc+cmai",
-                            gradient_checkpointing=True))  # fmt: skip
-    model = LlavaForConditionalGeneration.from_pretrained(out)
-    assert not any("lora" in k for k in model.state_dict())
-    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
-    key = "model.language_model.layers.1.self_attn.q_proj.weight"
-    assert not torch.equal(model.state_dict()[key], base.state_dict()[key])
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir).state_dict()
+    keys = {"llm": "model.language_model.layers.1.self_attn.q_proj.weight",
+            "projector": "model.multi_modal_projector.linear_1.weight",
+            "vision": "model.vision_tower.encoder.layers.0.mlp.fc1.weight"}  # fmt: skip
+    for name, tune in (("l", None), ("lv", ["vision", "projector", "llm"]), ("ll", ["llm"])):
+        out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / name),
+                                max_steps=2, batch_size=2, per_device_batch_size=2, lora=True, lora_r=4, lora_alpha=8,
+                                method="vmtc+cmai", gradient_checkpointing=True, tune=tune))  # fmt: skip
+        model = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+        assert not any("lora" in k for k in model)
+        changed = {part for part, key in keys.items() if not torch.equal(model[key], base[key])}
+        assert changed == set(tune or ["projector", "llm"]), (tune, changed)
 
 
 def test_bf16_mixed_precision_trains_on_cpu_over_fp32_weights(base_dir, tmp_path):
@@ -173,6 +192,17 @@ def test_label_masking():
     )
     with pytest.raises(DataError, match="would cut its image tokens"):
         encode_record(rec, tok, "v1", image_tokens=5, max_length=10)
+    # the placeholder anywhere in the first turn, not only as LLaVA writes it ("<image>\n" first): every format
+    # expands it to the full count
+    template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    template += "{% if add_generation_prompt %}assistant :{% endif %}"
+    late = {
+        **rec,
+        "conversations": [{"from": "human", "value": "what is the color ? <image>"}, *rec["conversations"][1:]],
+    }
+    for fmt in ("v1", "chat"):
+        enc = encode_record(late, tok, fmt, image_tokens=5, max_length=512, chat_template=template)
+        assert enc.input_ids.count(image_id) == 5, fmt
 
 
 @pytest.mark.parametrize(
@@ -227,6 +257,12 @@ def test_unreadable_images_and_odd_line_separators(tmp_path):
     lines = tmp_path / "data.jsonl"
     lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     assert load_llava_json(lines, images)[0]["conversations"][1]["value"] == "a red\u2028image\x85"
+    broken = lines.read_text(encoding="utf-8").split("\n")
+    broken.insert(1, "")  # a blank line still counts
+    broken[2] = broken[2][:-3]
+    lines.write_text("\n".join(broken), encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.jsonl:3: not valid JSON"):
+        load_llava_json(lines, images)
 
 
 def test_assemble_from_vision_tower_and_llm(tmp_path):
@@ -270,6 +306,17 @@ def test_modality_length_grouping():
         pair = order[k : k + 2]
         assert len({lengths[i] > 0 for i in pair}) == 1  # one modality per full batch
     assert {order[6], order[7]} == {i for i in range(8) if i not in order[:6]}
+    # the Trainer's sampler draws each epoch's order anew (Trainer calls set_epoch before every epoch)
+    from unclutter.training.trainer import _EpochOrder
+
+    many = [(-1) ** i * (i + 3) for i in range(40)]
+    sampler = _EpochOrder(lambda epoch: modality_length_order(many, 4, seed=epoch), len(many))
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+        assert orders[-1] == modality_length_order(many, 4, seed=epoch) and len(sampler) == 40
+    assert len({tuple(o) for o in orders}) == 3
 
 
 def test_config_validation(tmp_path):
@@ -279,25 +326,29 @@ def test_config_validation(tmp_path):
         TrainConfig(stage="sft", data="d", output="o", model="m")
     with pytest.raises(ValueError, match="prompt_format must be"):
         TrainConfig(stage="finetune", data="d", output="o", model="m", prompt_format="chatml")
+    with pytest.raises(ValueError, match="not a multiple of the per-device batch 4"):
+        TrainConfig(stage="finetune", data="d", output="o", model="m", batch_size=6, per_device_batch_size=4)
+    with pytest.raises(ValueError, match="include llm in --tune"):
+        TrainConfig(stage="finetune", data="d", output="o", model="m", lora=True, tune=["projector"])
     (tmp_path / "c.yaml").write_text("stage: pretrain\nmodel: m\ndata: d\noutput: o\nlr: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_yaml(tmp_path / "c.yaml")
 
 
 def test_tune_selects_trained_modules():
-    from unclutter.training.trainer import _freeze
+    from unclutter.training.trainer import DEFAULT_TUNE, _freeze
 
     model = tiny_llava()
 
     def trained(part):
         return {p.requires_grad for p in part.parameters()}
 
-    _freeze(model, "pretrain", None)  # LLaVA-1.5: projector only
+    _freeze(model, DEFAULT_TUNE["pretrain"])  # LLaVA-1.5: projector only
     assert trained(model.model.multi_modal_projector) == {True}
     assert trained(model.model.vision_tower) == trained(model.model.language_model) == {False}
-    _freeze(model, "finetune", None)
+    _freeze(model, DEFAULT_TUNE["finetune"])
     assert trained(model.model.language_model) == {True} and trained(model.model.vision_tower) == {False}
-    _freeze(model, "pretrain", ["vision", "projector", "llm"])  # a from-scratch tower (the shapes model)
+    _freeze(model, ["vision", "projector", "llm"])  # a from-scratch tower (the shapes model)
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="--tune takes"):
         TrainConfig(stage="pretrain", data="d", output="o", model="m", tune=["vit"])

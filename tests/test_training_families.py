@@ -151,3 +151,18 @@ def test_llava_next_lora_trains_saves_resumes_and_merges_the_newline(next_dir, t
     assert torch.allclose(resumed.model.image_newline, tuned.model.image_newline, atol=1e-6)
     key = "model.multi_modal_projector.linear_1.weight"
     assert torch.allclose(resumed.state_dict()[key], tuned.state_dict()[key], atol=1e-6)
+
+
+def test_a_family_without_training_support_is_a_clear_cli_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from unclutter.cli import app
+
+    spec = tiny_vlm("qwen2_5_vl")
+    spec.model().save_pretrained(tmp_path / "qwen")
+    spec.processor().save_pretrained(tmp_path / "qwen")
+    data, images, _ = make_data(tmp_path, n=2)
+    result = CliRunner().invoke(app, ["train", "--stage", "finetune", "--model", str(tmp_path / "qwen"),
+                                      "--data", str(data), "--images", str(images), "--output", str(tmp_path / "o")])  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "not" in result.output and "Qwen" in result.output

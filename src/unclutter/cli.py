@@ -202,7 +202,7 @@ def train_cmd(
             else TrainConfig(**{k: v for k, v in given.items() if v is not None})
         )
         out = train(cfg)
-    except (DataError, ValueError, TypeError) as exc:
+    except (DataError, ValueError, TypeError, NotImplementedError) as exc:  # NotImplementedError: a family not yet
         fail(str(exc))
     console.print(f"wrote checkpoint {out}")
 

@@ -30,14 +30,24 @@ def load_llava_json(path: str | Path, images: str | Path | None) -> list[dict]:
     """Read and validate every record before training; errors name the record."""
     path = Path(path)
     try:
-        if path.suffix == ".jsonl":
-            # "\n" only: str.splitlines would split a valid line inside a string holding U+2028, U+0085, ...
-            lines = path.read_text(encoding="utf-8").split("\n")
-            records = [json.loads(line) for line in lines if line.strip()]
-        else:
-            records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read LLaVA JSON ({exc}).") from None
+    if path.suffix == ".jsonl":
+        records = []
+        # "\n" only: str.splitlines would split a valid line inside a string holding U+2028, U+0085, ...
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or drop the line.") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: cannot read LLaVA JSON ({exc}).") from None
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: expected a non-empty JSON list of records.")
     for i, rec in enumerate(records):
@@ -110,15 +120,19 @@ def segments(
         return [(image_text if rec.get("image") else "", False), (caption + "\n", True)]
     pieces: list[tuple[str, bool]] = [(LLAVA_SYSTEM + " ", False)]
     for j in range(0, len(turns) - 1, 2):
-        value = turns[j]["value"]
-        question = value.replace(
-            IMAGE_PLACEHOLDER + "\n" if IMAGE_PLACEHOLDER + "\n" in value else IMAGE_PLACEHOLDER, image_text, 1
-        )
+        question = _with_image(turns[j]["value"], image_text)
         # The separating space belongs to the answer: inference prompts end in "ASSISTANT:" (see
         # `build_prompt`), so the first answer token must be the space-prefixed one the model saw in training.
         pieces.append((f"USER: {question} ASSISTANT:", False))
         pieces.append((" " + turns[j + 1]["value"] + eos, True))
     return pieces
+
+
+def _with_image(value: str, image_text: str) -> str:
+    """``value`` with its placeholder replaced by ``image_text``: ``<image>\n`` as LLaVA writes it, else ``<image>``
+    wherever it stands (``image_text`` ends in its own newline)."""
+    placeholder = IMAGE_PLACEHOLDER + "\n" if IMAGE_PLACEHOLDER + "\n" in value else IMAGE_PLACEHOLDER
+    return value.replace(placeholder, image_text, 1)
 
 
 def render_chat(messages: list[dict], chat_template: str, add_generation_prompt: bool = False) -> str:
@@ -140,8 +154,7 @@ def chat_segments(rec: dict, image_text: str, eos: str, chat_template: str | Non
         raise ValueError("prompt format 'chat' needs a processor with a chat template.")
     roles = {"human": "user", "gpt": "assistant"}
     messages = [
-        {"role": roles[t["from"]], "content": t["value"].replace(IMAGE_PLACEHOLDER + "\n", image_text, 1)}
-        for t in rec["conversations"]
+        {"role": roles[t["from"]], "content": _with_image(t["value"], image_text)} for t in rec["conversations"]
     ]
     if not rec.get("image"):
         messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, "")} for m in messages]

@@ -31,6 +31,7 @@ STAGE_DEFAULTS = {  # LLaVA-1.5: (learning rate, global batch, prompt format)
     "pretrain": (1e-3, 256, "plain"),
     "finetune": (2e-5, 128, "v1"),
 }
+DEFAULT_TUNE = {"pretrain": ["projector"], "finetune": ["projector", "llm"]}  # LLaVA-1.5's trained parts per stage
 
 
 @dataclass
@@ -81,6 +82,14 @@ class TrainConfig:
             raise ValueError(f"prompt_format must be 'plain', 'v1' or 'chat', got {self.prompt_format!r}.")
         if self.lora and self.stage != "finetune":
             raise ValueError("--lora applies to the finetune stage (stage 1 trains only the projector).")
+        if self.lora and self.tune is not None and "llm" not in self.tune:
+            raise ValueError("--lora puts adapters on the LLM: include llm in --tune, or drop --lora.")
+        global_batch = self.batch_size or STAGE_DEFAULTS[self.stage][1]
+        if global_batch % self.per_device_batch_size and self.per_device_batch_size < global_batch:
+            raise ValueError(
+                f"the global batch {global_batch} is not a multiple of the per-device batch "
+                f"{self.per_device_batch_size}: gradient accumulation could not make it; choose sizes that divide."
+            )
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -141,11 +150,10 @@ def _load(cfg: TrainConfig):
     return model.train(), processor
 
 
-def _freeze(model, stage: str, tune: list[str] | None) -> dict[str, torch.nn.Parameter]:
-    """LLaVA-1.5 trains the projector in stage 1 and projector + LLM in stage 2; ``tune`` overrides that
-    (a from-scratch vision tower, as in the shapes model, must be trained too). Returns the tuned loose
-    parameters (`trainable_parameters`)."""
-    tune = tune or (["projector"] if stage == "pretrain" else ["projector", "llm"])
+def _freeze(model, tune: list[str]) -> dict[str, torch.nn.Parameter]:
+    """Train the parts in ``tune`` (LLaVA-1.5: the projector in stage 1, projector + LLM in stage 2, `DEFAULT_TUNE`;
+    a from-scratch vision tower, as in the shapes model, must be trained too). Returns the tuned loose parameters
+    (`trainable_parameters`)."""
     for p in model.parameters():
         p.requires_grad = False
     parts = {
@@ -174,14 +182,43 @@ class _LlavaTrainer(Trainer):
             save_loose(self._loose, output_dir or self.args.output_dir, state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_loose(self._loose, resume_from_checkpoint)
+        model = self.model if model is None else model
+        if hasattr(model, "peft_config"):  # adapters load by PEFT's own path, under their own names
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_loose(self._loose, resume_from_checkpoint)
+            return
+        # A full checkpoint: save_pretrained writes the checkpoint format's key names (e.g. language_model.model.*),
+        # which Trainer's raw load matches against the module's names without complaint, so nothing would load and
+        # training would go on from the untrained weights. from_pretrained converts the names; every tensor must come.
+        trained = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        missing, unexpected = model.load_state_dict(trained.state_dict(), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint {resume_from_checkpoint} does not match the model (missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}): it was written by another model or transformers release; delete it to restart."
+            )
 
     def _get_train_sampler(self, *args, **kwargs):
         if self._order_fn is None:
             return super()._get_train_sampler(*args, **kwargs)
-        order = self._order_fn(self.state.epoch or 0)
-        return order  # a list of indices is a valid sampler
+        return _EpochOrder(self._order_fn, len(self.train_dataset))
+
+
+class _EpochOrder(torch.utils.data.Sampler):
+    """``order_fn(epoch)``'s indices, drawn anew each epoch (Trainer calls `set_epoch` before every epoch, resumed
+    ones included, so a resumed epoch replays its own order)."""
+
+    def __init__(self, order_fn, size: int) -> None:
+        self.order_fn, self.size, self.epoch = order_fn, size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.order_fn(self.epoch))
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def train(cfg: TrainConfig, callbacks=None) -> Path:
@@ -210,14 +247,17 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
         fmt=fmt, image_tokens=handle.num_image_tokens, max_length=cfg.max_length,
         chat_template=getattr(processor, "chat_template", None),
     )  # fmt: skip
-    loose = _freeze(model, cfg.stage, cfg.tune)
+    tuned = cfg.tune or DEFAULT_TUNE[cfg.stage]
+    loose = _freeze(model, tuned)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-            modules_to_save=["multi_modal_projector"],
+            # fully trained beside the adapters (and saved in every checkpoint): the other tuned parts
+            modules_to_save=[{"projector": "multi_modal_projector", "vision": "vision_tower"}[name] for name in tuned
+                             if name != "llm"],
         )  # fmt: skip
         model = get_peft_model(model, lora)
         for p in loose.values():  # PEFT froze all but the adapter and modules_to_save: image_newline is in neither
@@ -229,7 +269,7 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
     world = max(torch.cuda.device_count(), 1)
     global_batch = cfg.batch_size or batch_default
     per_device = min(cfg.per_device_batch_size, global_batch)
-    accumulation = max(1, global_batch // (per_device * world))
+    accumulation = max(1, global_batch // (per_device * world))  # sizes that divide: TrainConfig checks
     args = TrainingArguments(
         output_dir=cfg.output, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate or lr_default, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -245,7 +285,7 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
     if cfg.group_by_modality_length:
         lengths, group = dataset.lengths(), per_device * world * accumulation
 
-        def order_fn(epoch: float) -> list[int]:
+        def order_fn(epoch: int) -> list[int]:
             return modality_length_order(lengths, group, cfg.seed + int(epoch))
 
     trainer = _LlavaTrainer(
