@@ -188,6 +188,9 @@ def test_wrong_config_type(model):
         (lambda: CMAIConfig(gamma_max=-0.1), r"must be in \[0, 1\)"),
         (lambda: CMAIConfig(gammas=(0.2, 1.2)), r"must be in \[0, 1\)"),
         (lambda: VMTCConfig(merge="mean"), "merge must be"),
+        (lambda: VMTCConfig(clusters=0), "clusters must be an integer >= 1"),
+        (lambda: VMTCConfig(num_tokens=8, clusters=(0, 1, 1, 1)), "clusters must be an integer >= 1"),
+        (lambda: VMTCConfig(clusters=(2, 1.5)), "clusters must be an integer >= 1"),
     ],
 )
 def test_bad_configs(make, match):

@@ -70,8 +70,12 @@ class VMTCConfig:
             raise ValueError(f"VMTCConfig.importance must be 'cls', 'received' or None, got {self.importance!r}.")
         if self.kmeans_iters < 1:
             raise ValueError(f"VMTCConfig.kmeans_iters must be >= 1, got {self.kmeans_iters}.")
-        if isinstance(self.clusters, int) and self.clusters < 1:
-            raise ValueError(f"VMTCConfig.clusters must be >= 1, got {self.clusters}.")
+        per_stage = self.clusters if isinstance(self.clusters, tuple) else (self.clusters,)
+        if self.clusters is not None and any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in per_stage):
+            raise ValueError(
+                f"VMTCConfig.clusters must be an integer >= 1 (or one per stage), got {self.clusters}; "
+                "merge='drop' removes the redundant patches without clusters."
+            )
 
 
 @dataclass(frozen=True)

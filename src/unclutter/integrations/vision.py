@@ -94,7 +94,7 @@ def plan_vmtc(cfg: VMTCConfig, num_patches: int, feature_block: int) -> list[VMT
             c = vmtc_math.default_clusters(tokens_out)
         else:
             c = cfg.clusters if isinstance(cfg.clusters, int) else cfg.clusters[i]
-        if c > tokens_out or c < 0:
+        if c > tokens_out or c < 0:  # (c = 0 only for an identity stage or merge="drop"; VMTCConfig checks clusters)
             raise ValueError(f"VMTC stage {i} wants {c} clusters but outputs only {tokens_out} tokens; lower clusters.")
         stages.append(VMTCStage(layer=layer, tokens_in=tokens_in, keep=tokens_out - c, clusters=c))
         tokens_in = tokens_out
