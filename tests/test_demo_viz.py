@@ -88,3 +88,29 @@ def test_correct_matches_whole_words():
     assert correct("red", "red") and correct("The circle is red.", "red") and not correct("The circle is blue.", "red")
     assert correct("It is at the top left.", "top left") and not correct("There are 12 shapes.", "2")
     assert not correct("I am tired.", "red")
+
+
+def test_cli_verbs_name_bad_arguments_before_loading(model_dir, tmp_path, images):
+    """Output paths that are files, a model folder that does not exist, counts below their minimum, a family the
+    demo does not compare: one `error:` line each (exit 2), no traceback."""
+    from unclutter.models.tiny import tiny_vlm
+
+    images[0].save(tmp_path / "x.png")
+    (tmp_path / "file").write_text("not a folder")
+    qwen = tmp_path / "qwen"
+    tiny_vlm("qwen2_5_vl").model().save_pretrained(qwen)
+    tiny_vlm("qwen2_5_vl").processor().save_pretrained(qwen)
+    see = ["--image", str(tmp_path / "x.png"), "--prompt", "what is it ?"]
+    cases = [
+        (["demo", "--model", str(model_dir), "--out", str(tmp_path / "file")], "is a file, not a folder"),
+        (["visualize", "--model", str(model_dir), *see, "--out", str(tmp_path / "file")], "is a file, not a folder"),
+        (["model", "export", "--out", str(tmp_path / "file")], "is a file, not a folder"),
+        (["visualize", "--model", str(model_dir), *see, "--token-index", "-1"], "counts generated tokens from 0"),
+        (["visualize", "--model", str(tmp_path / "nowhere"), *see, "--out", str(tmp_path / "v")], "no model folder"),
+        (["demo", "--model", str(model_dir), "--bench-size", "0", "--out", str(tmp_path / "d")], "must be >= 1"),
+        (["demo", "--model", str(qwen), "--out", str(tmp_path / "d")], "not Qwen2.5-VL"),
+    ]
+    for args, match in cases:
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, (args, res.output)
+        assert match in " ".join(res.output.split()), (args, res.output)

@@ -59,3 +59,70 @@ def test_plugin_generates_on_other_families(tmp_path, family, name, marker, imag
     marker = marker or lm.processor.image_token
     assert seen[0][0][0] == f"user : {(marker + ' ') * images}what is the color ? assistant :"  # the chat template
     assert [len(per_prompt) for per_prompt in seen[0][1]] == [images, images]
+
+
+def test_plugin_follows_lmms_eval_request_semantics(tmp_path):
+    """Per-request settings as lmms-eval's own models read them (num_beams, top_p, temperature 0 = greedy), text-only
+    and image docs mixed in one batch, answers in request order, each equal to the request run alone; model_args
+    are checked; `method=checkpoint` re-applies the configs a checkpoint recorded."""
+    import torch
+
+    from unclutter.methods import resolve, to_dict
+
+    path = saved(tmp_path / "m", "llava")
+    lm = get_model("unclutter").create_from_arg_string(f"pretrained={path},method=vmtc+cmai,device=cpu,batch_size=4")
+    docs = [{"image": random_image(i)} for i in range(4)]
+    lm.task_dict = {"toy": {"test": docs}}
+    calls = []
+    original = lm.model.generate
+
+    def spy(**kwargs):
+        calls.append({k: kwargs.get(k) for k in ("num_beams", "do_sample", "top_p", "temperature")})
+        return original(**kwargs)
+
+    lm.model.generate = spy
+
+    def req(i: int, settings: dict, visual=True) -> Instance:
+        see = (lambda doc: [doc["image"]]) if visual else (lambda doc: None)  # lmms-eval: None without a visual
+        args = ("what is the color ?", {"max_new_tokens": 3, "until": ["</s>"], **settings}, see, i, "toy", "test")
+        return Instance("generate_until", args, idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
+
+    requests = [
+        req(0, {"num_beams": 2}),
+        req(1, {}, visual=False),
+        req(2, {"temperature": 0}),
+        req(3, {"num_beams": 2}),
+    ]
+    torch.manual_seed(0)
+    together = lm.generate_until(requests)
+    assert {c["num_beams"] for c in calls} == {1, 2} and not any(c["do_sample"] for c in calls)
+    alone = [lm.generate_until([r])[0] for r in requests]
+    assert together == alone
+    torch.manual_seed(0)
+    lm.generate_until([req(0, {"temperature": 0.7, "top_p": 0.1})])
+    assert calls[-1] == {"num_beams": 1, "do_sample": True, "top_p": 0.1, "temperature": 0.7}
+    with pytest.raises(ValueError, match="videos given as paths"):
+        video = ("q", {}, lambda doc: ["clip.mp4"], 0, "toy", "test")
+        lm.generate_until(
+            [Instance("generate_until", video, idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1})]
+        )
+
+    make = get_model("unclutter").create_from_arg_string
+    with pytest.raises(ValueError, match=r"unknown model_args \['methd'\]"):
+        make(f"pretrained={path},methd=stock,device=cpu")
+    with pytest.raises(ValueError, match="join them with ';'"):  # lmms-eval splits model_args on ','
+        make(f"pretrained={path},set=vmtc.num_tokens=16,cmai.gamma_max=0.5,device=cpu")
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            make(f"pretrained={path},batch_size={bad},device=cpu")
+    assert make(f"pretrained={path},batch_size=auto,device=cpu").batch_size == 1
+    with pytest.raises(ValueError, match="num_tokens takes int"):
+        make(f"pretrained={path},set=vmtc.num_tokens=abc,device=cpu")
+    # a checkpoint that recorded its configs (as `unclutter train` and `unclutter model export` write them)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config.unclutter = {"method": "vmtc", "overrides": [], "configs": to_dict(resolve("vmtc", ["vmtc.num_tokens=16"]))}
+    config.save_pretrained(path)
+    recorded = make(f"pretrained={path},method=checkpoint,device=cpu")
+    assert recorded.handle.num_image_tokens == 16 and recorded.handle.cmai_state is None

@@ -26,6 +26,12 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def check_out_dir(out: Path) -> None:
+    """An output folder must be a folder or not exist yet (checked before anything loads)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder: give a folder (it is created if missing).")
+
+
 @app.callback()
 def main() -> None:
     """unclutter: VMTC + CMAI for vision-language models."""
@@ -277,9 +283,10 @@ def demo_cmd(
     for path in image or []:
         if not path.is_file():
             fail(f"--image {path}: no such file.")
+    check_out_dir(out)
     try:
         run_demo(model, image, out, bench_size=bench_size, max_new_tokens=max_new_tokens, console=console)
-    except ValueError as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: a model folder or hub id that cannot be read
         fail(str(exc))
 
 
@@ -301,6 +308,9 @@ def visualize_cmd(
     from .methods import resolve
     from .viz import visualize
 
+    if token_index < 0:
+        fail(f"--token-index counts generated tokens from 0, got {token_index}.")
+    check_out_dir(out)
     try:
         configs = resolve("vmtc+cmai", set_ or [])
         llava, processor = load(model)
@@ -308,7 +318,7 @@ def visualize_cmd(
             llava, processor, open_image(image), prompt, out, vmtc=configs.get("vmtc"), cmai=configs.get("cmai"),
             token_index=token_index,
         )  # fmt: skip
-    except (ValueError, NotImplementedError, TypeError) as exc:  # a family without pictures or a reduction
+    except (ValueError, NotImplementedError, TypeError, OSError) as exc:  # a family without pictures or a reduction
         fail(str(exc))
     console.print(f"answer: {result['answer']}")
     for name, path in result["paths"].items():
@@ -351,9 +361,10 @@ def model_export(
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         fail(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}.")
+    check_out_dir(out)
     try:
         path = export(out, which, dtypes[dtype])
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         fail(str(exc))
     console.print(f"wrote {which}-trained mini-LLaVA to {path}")
 

@@ -89,8 +89,19 @@ def spd_grid(model) -> int:
     return max(1, round(vision.image_size // vision.patch_size / math.sqrt(2)))
 
 
+DEMO_FAMILIES = ("LLaVA-1.5", "LLaVA-NeXT")  # SPD's grid below reads their single-resolution CLIP geometry
+
+
 def demo_methods(model, processor) -> dict[str, Arm]:
-    """Any LLaVA: stock / SPD / VMTC+CMAI as plug-ins on the one model."""
+    """A LLaVA-1.5 or LLaVA-NeXT: stock / SPD / VMTC+CMAI as plug-ins on the one model."""
+    from .integrations.base import adapter_for
+
+    family = adapter_for(model).family
+    if family not in DEMO_FAMILIES:
+        raise ValueError(
+            f"the demo compares stock, SPD and VMTC+CMAI on a {' or '.join(DEMO_FAMILIES)} model, not {family}; "
+            "for this family use `unclutter visualize` (pictures) or `unclutter eval` (benchmarks)."
+        )
     return {
         "stock": Arm(model, processor),
         "spd": Arm(model, processor, {"spd": SPDConfig(grid=spd_grid(model))}),
@@ -230,6 +241,8 @@ def run_demo(
 
     from .viz import visualize
 
+    if bench_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"bench_size and max_new_tokens must be >= 1, got {bench_size} and {max_new_tokens}.")
     console = console or Console()
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

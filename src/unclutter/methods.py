@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,9 +53,47 @@ def resolve(name: str, overrides: Iterable[str] = (), recorded: dict | None = No
         names = {f.name for f in dataclasses.fields(cls)}
         if field not in names:
             raise ValueError(f"{cls.__name__} has no field {field!r}; fields: {', '.join(sorted(names))}.")
+        value = _parse_value(raw)
+        _check_type(cls, field, value, item)
         current = configs.get(section) or cls()
-        configs[section] = dataclasses.replace(current, **{field: _parse_value(raw)})
+        configs[section] = dataclasses.replace(current, **{field: value})
     return configs
+
+
+def _check_type(cls: type, field: str, value: Any, item: str) -> None:
+    """``value`` (parsed from JSON) fits the field's annotation: int, float, bool, str / Literal, tuples of int or
+    float, or None where the field admits it; else an error naming the override (not a TypeError from inside)."""
+    want = typing.get_type_hints(cls)[field]
+    if not _fits(want, value):
+        raise ValueError(f"--set {item!r}: {field} takes {_describe(want)}, got {value!r}.")
+
+
+def _fits(want: Any, value: Any) -> bool:
+    origin, args = typing.get_origin(want), typing.get_args(want)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:  # tuple[int, ...] and the like: a JSON list
+        return isinstance(value, list | tuple) and all(_fits(args[0], v) for v in value)
+    if want is type(None):
+        return value is None
+    if want is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+def _describe(want: Any) -> str:
+    origin, args = typing.get_origin(want), typing.get_args(want)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}"
+    return "null" if want is type(None) else want.__name__
 
 
 def to_dict(configs: dict[str, Any]) -> dict[str, Any]:

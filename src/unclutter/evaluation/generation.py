@@ -41,7 +41,9 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
     device = resolve_device(device)
-    path = Path(name)
+    path = Path(name).expanduser()
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
+        raise ValueError(f"no model folder {name}: give an existing checkpoint folder or a hub id (owner/name).")
     if path.exists() and not any(path.glob("*.safetensors")):
         raise ValueError(f"{name} holds no .safetensors weights; unclutter never loads pickled checkpoints.")
     torch_dtype = DTYPES[dtype]
@@ -76,9 +78,12 @@ def generate(
     max_new_tokens: int = 128,
     do_sample: bool = False,
     temperature: float = 1.0,
+    top_p: float | None = None,
+    num_beams: int = 1,
 ) -> list[str]:
     """Answers for a batch of chat-formatted prompts, each with one image (``images[i]``), several
-    (``images[i]`` a list), or none (``images=None``)."""
+    (``images[i]`` a list), or none (``images=None``). Greedy unless ``do_sample`` (then ``temperature`` and
+    ``top_p``); ``num_beams`` > 1 is beam search."""
     # one image list per prompt: Gemma 3 and SmolVLM read a flat list as one sample's images. The processor runs
     # outside inference mode: its tensors stay ordinary ones (an adapter may track them across calls).
     nested = [im if isinstance(im, list) else [im] for im in images] if images else None
@@ -88,9 +93,14 @@ def generate(
         if key.startswith("pixel_values") and value.is_floating_point():
             inputs[key] = value.to(model.dtype)
     tok = processor.tokenizer
-    kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    kwargs = {
+        "do_sample": do_sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
+        "num_beams": num_beams,
+    }  # fmt: skip
     if do_sample:
         kwargs["temperature"] = temperature
+        if top_p is not None:
+            kwargs["top_p"] = top_p
     with torch.inference_mode():
         out = model.generate(**inputs, **kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]

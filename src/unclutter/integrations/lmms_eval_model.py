@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from PIL import Image
 
 from .. import apply
 from ..evaluation.generation import build_prompt, generate, load_model
@@ -13,11 +14,13 @@ from ..methods import resolve
 
 class UnclutterVLM(lmms):
     """Any supported family (loaded through ``AutoModelForImageTextToText``), prompts in the processor's chat
-    template, one or several images per prompt.
+    template, one or several images per prompt, or none.
 
-    model_args: ``pretrained`` (hub id / dir), ``method`` (a preset of `unclutter.methods`),
-    ``set`` (overrides joined by ';', e.g. ``set=vmtc.num_tokens=64;cmai.gamma_max=0.5``),
-    ``device``, ``dtype``, ``batch_size``, ``max_new_tokens``."""
+    model_args: ``pretrained`` (hub id / dir), ``method`` (a preset of `unclutter.methods`, or ``checkpoint`` for
+    the configs a checkpoint of `unclutter train` / `unclutter model export` recorded), ``set`` (overrides joined
+    by ';', e.g. ``set=vmtc.num_tokens=64;cmai.gamma_max=0.5``), ``device``, ``dtype``, ``batch_size`` (an integer
+    >= 1; lmms-eval's ``auto`` means 1), ``max_new_tokens``. Per request, as lmms-eval's own models: ``until``,
+    ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``, ``num_beams``."""
 
     def __init__(
         self,
@@ -28,56 +31,56 @@ class UnclutterVLM(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         max_new_tokens: int = 128,
-        **kwargs,
+        max_batch_size: int | None = None,  # lmms-eval's evaluator may pass it; unused
+        **unknown,
     ) -> None:
         super().__init__()
+        if unknown:
+            stray = [k for k in unknown if k.split(".")[0] in ("vmtc", "cmai", "spd")]
+            hint = (
+                f" {stray} look like overrides cut off by lmms-eval's ',' separator: join them with ';' inside set="
+                if stray
+                else ""
+            )
+            raise ValueError(
+                f"unknown model_args {sorted(unknown)}; valid: pretrained, method, set, device, dtype, batch_size, "
+                f"max_new_tokens.{hint}"
+            )
         if method == "describe-then-answer":
             raise ValueError(
                 "describe-then-answer is an `unclutter eval` strategy, not a model patch; pick another method."
             )
+        self.batch_size_per_gpu = _positive("batch_size", 1 if str(batch_size) == "auto" else batch_size)
+        self.max_new_tokens = _positive("max_new_tokens", max_new_tokens)
         self.model, self.processor = load_model(str(pretrained), dtype=dtype, device=device)
         overrides = [s for s in str(set).split(";") if s]
-        self.handle = apply(
-            self.model, self.processor, **{k: v for k, v in resolve(method, overrides).items() if v is not None}
-        )
-        self.batch_size_per_gpu = int(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
+        recorded = getattr(self.model.config, "unclutter", None)  # what `method=checkpoint` re-applies
+        configs = resolve(method, overrides, recorded)
+        self.handle = apply(self.model, self.processor, **{k: v for k, v in configs.items() if v is not None})
 
     @property
     def batch_size(self) -> int:
         return self.batch_size_per_gpu
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answers in request order; a batch groups requests by generation settings and by whether they bring
+        images (a processor call takes images for all its prompts or for none)."""
         results = []
         for start in range(0, len(requests), self.batch_size_per_gpu):
             chunk = requests[start : start + self.batch_size_per_gpu]
+            prepared = [self._prepare(req) for req in chunk]
             groups: dict[tuple, list[int]] = {}
-            for i, req in enumerate(chunk):  # one generate() call per distinct generation setting
-                gen_kwargs = dict(req.args[1])
-                key = tuple(sorted((k, str(v)) for k, v in gen_kwargs.items()))
+            for i, (settings, _, images) in enumerate(prepared):
+                key = (tuple(sorted((k, str(v)) for k, v in settings.items())), bool(images))
                 groups.setdefault(key, []).append(i)
             answers: list[str] = [""] * len(chunk)
             for idxs in groups.values():
-                reqs = [chunk[i] for i in idxs]
-                gen_kwargs = dict(reqs[0].args[1])
-                until = gen_kwargs.pop("until", None) or []
-                until = [until] if isinstance(until, str) else list(until)
-                prompts, images = [], []
-                for req in reqs:
-                    context, _, doc_to_visual, doc_id, task, split = req.args
-                    visuals = [v for v in doc_to_visual(self.task_dict[task][split][doc_id]) if v is not None]
-                    text = context
-                    for placeholder in {self.processor.image_token, "<image>"}:  # the chat template places images
-                        text = text.replace(placeholder, "")
-                    prompts.append(build_prompt(self.processor, text.strip(), with_image=len(visuals)))
-                    images.append([to_rgb(v) for v in visuals])
-                if any(images) and not all(images):
-                    raise ValueError("a batch mixes prompts with and without images; use batch_size=1 for this task.")
+                settings = dict(prepared[idxs[0]][0])
+                until = settings.pop("until")
+                images = [prepared[i][2] for i in idxs]
                 outs = generate(
-                    self.model, self.processor, prompts, images if any(images) else None,
-                    max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                    do_sample=float(gen_kwargs.get("temperature", 0) or 0) > 0,
-                    temperature=float(gen_kwargs.get("temperature", 1.0) or 1.0),
+                    self.model, self.processor, [prepared[i][1] for i in idxs], images if any(images) else None,
+                    **settings,
                 )  # fmt: skip
                 for i, text in zip(idxs, outs, strict=True):
                     for stop in until:
@@ -87,6 +90,34 @@ class UnclutterVLM(lmms):
             results.extend(answers)
         return results
 
+    def _prepare(self, req: Instance) -> tuple[dict, str, list]:
+        """(generation settings with ``until``, prompt, RGB images) of one request, lmms-eval's defaults filled in."""
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.get("until") or []
+        temperature = float(gen_kwargs.get("temperature") or 0)
+        top_p = gen_kwargs.get("top_p")
+        settings = {
+            "until": [until] if isinstance(until, str) else list(until),
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            "do_sample": temperature > 0,
+            "temperature": temperature if temperature > 0 else 1.0,
+            "top_p": float(top_p) if top_p is not None else None,
+            "num_beams": int(gen_kwargs.get("num_beams") or 1),
+        }
+        visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
+        for v in visuals:
+            if not isinstance(v, Image.Image):
+                raise ValueError(
+                    f"{task}: unclutter's lmms-eval model takes images (PIL), not {type(v).__name__} visuals such as "
+                    "videos given as paths; run video tasks with `unclutter eval` or transformers directly."
+                )
+        text = context
+        for placeholder in {self.processor.image_token, "<image>"}:  # the chat template places images
+            text = text.replace(placeholder, "")
+        prompt = build_prompt(self.processor, text.strip(), with_image=len(visuals))
+        return settings, prompt, [to_rgb(v) for v in visuals]
+
     def loglikelihood(self, requests):
         raise NotImplementedError("unclutter's lmms-eval model supports generation tasks (generate_until) only.")
 
@@ -95,3 +126,13 @@ class UnclutterVLM(lmms):
 
 
 UnclutterLlava = UnclutterVLM  # the class's name before it served every family (kept for saved configs)
+
+
+def _positive(name: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise ValueError(f"model_args {name} must be a positive integer, got {value!r}.")
+    return number
