@@ -51,6 +51,7 @@ def test_results_files_and_cli(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| target | measured | bound | holds |" in md and "VMTC+CMAI time to first token" in md
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert not out.with_suffix(".run").exists()  # the record of repetitions goes once the results hold them
     assert write_results(result, tmp_path / "again.json")[1].read_text() == to_markdown(result)
     bad = CliRunner().invoke(app, ["bench", "speed", "--preset", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown preset" in bad.output
@@ -130,3 +131,50 @@ def test_every_repetition_is_kept_and_its_range_shown():
         assert rows[method]["decode_ms_per_token"] == pytest.approx(decode[1])  # the median of three
         ttft = [s["ttft_ms"] for s in samples]
         assert f"{method} {min(ttft):.0f}-{max(ttft):.0f} / {decode[0]:.1f}-{decode[-1]:.1f}" in md
+
+
+def test_arguments_are_checked_before_anything_is_built(tmp_path):
+    for kwargs, match in [
+        ({"batch": 0}, "batch must be >= 1"),
+        ({"reps": 0}, "reps must be >= 1"),
+        ({"warmup": -1}, "warmup must be >= 0"),
+        ({"new_tokens": 1}, "new_tokens must be >= 2"),
+        ({"new_tokens": 0}, "new_tokens must be >= 2"),
+        ({"cpu_layers": 0}, "cpu_layers must be >= 1"),
+        ({"methods": ("stock", "stock")}, "methods must be distinct"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run_speed("micro-llava", **kwargs)
+    with pytest.raises(ValueError, match="no method runs on Qwen2.5-VL"):
+        run_speed("micro-qwen2_5_vl", methods=("spd",), reps=1, warmup=0, new_tokens=2)
+    (tmp_path / "a_dir.json").mkdir()
+    res = CliRunner().invoke(app, ["bench", "speed", "--preset", "micro-llava", "--out", str(tmp_path / "a_dir.json")])
+    assert res.exit_code == 2 and "must name a JSON file" in " ".join(res.output.split())
+    result = run_speed("micro-llava", methods=("vmtc",), reps=1, warmup=0, new_tokens=2, text_tokens=6)
+    assert [p.suffix for p in write_results(result, tmp_path / "alone.json")] == [".json", ".md"]  # no stock: no chart
+
+
+def test_a_killed_run_resumes_from_its_recorded_repetitions(tmp_path):
+    """Each measured repetition is appended to the record as it finishes; a rerun with the same settings measures
+    only the missing ones (after its own warm-up) and reports every repetition; other settings are refused."""
+    record = tmp_path / "run"
+    kwargs = dict(methods=("stock", "cmai"), reps=3, warmup=1, new_tokens=2, text_tokens=6, record=record)
+    seen = []
+
+    def stop_after_three(rep, method, row):
+        seen.append((rep, method))
+        if len(seen) == 2 + 3:  # the warm-up pair, then killed after three measured rows were written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_speed("micro-llava", progress=stop_after_three, **kwargs)
+    recorded = [json.loads(line) for line in (record / "samples.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in recorded] == ["stock", "cmai", "stock"]
+    seen.clear()
+    result = run_speed("micro-llava", progress=lambda rep, m, row: seen.append((rep, m)), **kwargs)
+    # a warm-up round, then only the missing repetitions, still interleaved
+    assert seen == [(0, "stock"), (0, "cmai"), (2, "cmai"), (3, "stock"), (3, "cmai")]
+    assert {m: len(rows) for m, rows in result["samples"].items()} == {"stock": 3, "cmai": 3}
+    assert result["samples"]["stock"][:2] == [r for r in recorded if r["method"] == "stock"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_speed("micro-llava", **{**kwargs, "reps": 4})

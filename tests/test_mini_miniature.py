@@ -105,3 +105,32 @@ def test_first_seed_tables_compare_every_row_on_the_first_seed(tmp_path):
     assert "| 75.0 [" not in table4 and "| 1 | 72 | 50.0 [" in table4
     headline = md.split("### Headline")[1].split("###")[0]
     assert "| stock | 2 | 144 | 75.0 [" in headline
+
+
+def test_seed_counts_follow_each_benchmark_and_arguments_are_checked(tmp_path):
+    """An interrupted miniature can leave VQA on more seeds than IF: the row says so instead of one count for
+    both; bad --seeds / --only stop the command with a usage error."""
+    from unclutter.mini.miniature import main
+
+    root, records = _held_out(tmp_path)
+    for seed in (0, 1):
+        _fake_run(root, BY_NAME["stock"], seed, "gqa", records["gqa"], half)
+        _fake_run(root, BY_NAME["stock"], seed, "if16", records["if16"], right)
+        _fake_run(root, BY_NAME["plugin"], seed, "gqa", records["gqa"], right)
+    _fake_run(root, BY_NAME["plugin"], 0, "if16", records["if16"], right)
+    write_results(root, tmp_path / "out", [0, 1], records, {})
+    headline = (tmp_path / "out" / "results.md").read_text().split("### Headline")[1].split("###")[0]
+    assert "| stock | 2 | " in headline and "| 2 VQA / 1 IF | " in headline
+    for args in (["--seeds", ","], ["--seeds", "0,0"], ["--only", "bogus"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["--root", str(root), "--report-only", *args])
+        assert stop.value.code == 2
+
+
+def test_the_ceiling_run_has_one_writer(tmp_path):
+    from unclutter.mini.miniature import ceiling_eval
+    from unclutter.runlock import RunLock, RunLocked
+
+    out = tmp_path / "ceiling-gqa"
+    with RunLock(out, what="another ceiling run"), pytest.raises(RunLocked, match="another ceiling run"):
+        ceiling_eval(None, None, "gqa", [], {}, out, batch_size=1)

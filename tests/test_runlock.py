@@ -109,3 +109,27 @@ def test_concurrent_eval_is_refused_and_a_killed_one_resumes(model_dir, tmp_path
     ids = [json.loads(line)["id"] for line in log.read_text().splitlines()]
     assert sorted(ids) == sorted(f"q{i}" for i in range(n))  # every question exactly once
     assert metrics["num_records"] == n == json.loads((out / "metrics.json").read_text())["num_records"]
+
+
+def test_folders_that_cannot_be_locked_are_named(tmp_path, monkeypatch):
+    """A file where the folder should be, a directory where the lock file should be, a file system without locks:
+    a ValueError naming the folder and the cause (the CLIs print it as one line), and no file descriptor left open."""
+    import errno
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*file: cannot create its lock file"):
+        RunLock(tmp_path / "file").acquire()
+    with pytest.raises(ValueError, match="cannot create its lock file"):
+        RunLock(tmp_path / "file" / "below").acquire()
+    (tmp_path / "odd" / runlock.LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(ValueError, match="cannot create its lock file"):
+        RunLock(tmp_path / "odd").acquire()
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock, "_try_lock", no_locks)
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match="cannot lock files .*use a local folder"):
+        RunLock(tmp_path / "nfs", option="--output").acquire()
+    assert len(os.listdir("/proc/self/fd")) == open_before

@@ -8,8 +8,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from unclutter import ifeval
+from unclutter.cli import app
 from unclutter.evaluation.data import load_records
 from unclutter.ifeval.suite import TASKS
 from unclutter.shapes.dataset import build_shapes
@@ -318,3 +320,11 @@ def test_pretrain_vision_learns_and_writes_a_loadable_tower(world, tmp_path):
     assert json.loads((tmp_path / "vision" / "vision_pretrain.json").read_text())["steps"] == 16
     with pytest.raises(ValueError, match="need more than"):
         pretrain_vision(out, tmp_path / "v2", steps=1, holdout=40)
+
+
+def test_bad_sizes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="per_task must be >= 1"):  # 0 used to mean "the default"
+        build_shapes(tmp_path / "w", 16, seed=0, if_per_task=0)
+    (tmp_path / "file").write_text("x")
+    res = CliRunner().invoke(app, ["data", "shapes", "--out", str(tmp_path / "file"), "--num", "16"])
+    assert res.exit_code == 2 and "is a file, not a folder" in " ".join(res.output.split())

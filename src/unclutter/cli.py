@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -155,8 +156,8 @@ def eval_cmd(
                 batch_size=batch_size, limit=limit, overrides=set_ or [], max_new_tokens=max_new_tokens,
                 dtype=dtype, device=device, progress=progress,
             )  # fmt: skip
-        except (DataError, ValueError, NotImplementedError, TypeError) as exc:  # a method the family lacks, a bad class
-            fail(str(exc))
+        except (DataError, ValueError, NotImplementedError, TypeError, OSError) as exc:  # a method the family lacks,
+            fail(str(exc))  # a bad class, a model folder or hub id that cannot be read
     console.print(metrics_markdown(out.name, metrics))
 
 
@@ -208,8 +209,8 @@ def train_cmd(
             else TrainConfig(**{k: v for k, v in given.items() if v is not None})
         )
         out = train(cfg)
-    except (DataError, ValueError, TypeError, NotImplementedError) as exc:  # NotImplementedError: a family not yet
-        fail(str(exc))
+    except (DataError, ValueError, TypeError, NotImplementedError, OSError) as exc:  # NotImplementedError: a family
+        fail(str(exc))  # not yet supported; OSError: a checkpoint or hub id that cannot be read
     console.print(f"wrote checkpoint {out}")
 
 
@@ -338,6 +339,7 @@ def data_shapes(
     """Generate the shapes world: training data (LLaVA JSON) and benchmarks (vqa as gqa, if16)."""
     from .shapes.dataset import build_shapes
 
+    check_out_dir(out)
     try:
         counts = build_shapes(out, num, seed, if_per_task=if_per_task, if_rate=if_rate)
     except ValueError as exc:
@@ -401,14 +403,21 @@ def bench_speed(
             f"rep {rep} {method:>10}: TTFT {row.ttft_ms:8.0f} ms  decode {row.decode_ms_per_token:7.1f} ms/token"
         )
 
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+        fail(
+            f"--out {out} must name a JSON file in a folder (the .md, .png and the {out.stem}.run/ record go beside it)."
+        )
+    record = out.with_suffix(".run")  # every measured repetition, as it finishes: a rerun resumes
     try:
         result = run_speed(
             preset, methods=tuple(methods.split(",")), batch=batch, reps=reps, warmup=warmup,
             text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
+            record=record,
         )  # fmt: skip
     except ValueError as exc:
         fail(str(exc))
     paths = write_results(result, out)
+    shutil.rmtree(record)  # the results hold every repetition
     console.print(to_markdown(result))
     console.print("wrote " + ", ".join(map(str, paths)))
 

@@ -95,9 +95,19 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a file where the folder should be, a read-only file system, ...
+            raise ValueError(f"{self.option} {self.folder}: cannot create its lock file ({exc.strerror}).") from None
+        try:
+            locked = _try_lock(fd)
+        except OSError as exc:  # e.g. ENOLCK: a network file system without locks
+            os.close(fd)
+            raise ValueError(
+                f"{self.option} {self.folder}: its file system cannot lock files ({exc.strerror}); use a local folder."
+            ) from None
+        if not locked:
             os.close(fd)
             owner = self._read_owner()
             cmd = f"; command: {owner['command']}" if owner.get("command") else ""

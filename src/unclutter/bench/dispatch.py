@@ -162,6 +162,12 @@ def count_method(model, processor, image, method: str, *, new_tokens: int, text_
 
 def run_dispatch(presets: list[str], *, methods: tuple[str, ...] = METHODS, new_tokens: int = 4) -> dict:
     """Counts for every preset and supported method (CPU; micro presets take seconds each)."""
+    if new_tokens < 2:
+        raise ValueError(
+            f"new_tokens must be >= 2 (a decode step is counted from the second token on), got {new_tokens}."
+        )
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct and at least one, got {list(methods)}.")
     out = []
     for name in presets:
         model, processor, spec = build_preset(name)

@@ -34,6 +34,7 @@ from ..integrations.base import adapter_for
 from ..methods import resolve
 from ..models.presets import build_preset
 from ..models.tiny import WORDS
+from ..runlock import RunLock
 
 METHODS = ("stock", "spd", "vmtc", "cmai", "vmtc+cmai")
 FIELDS = (
@@ -232,23 +233,64 @@ def run_speed(
     device: str = "cpu",
     cpu_layers: int | None = None,
     progress=None,
+    record: str | Path | None = None,
 ) -> dict:
-    """Run the benchmark; returns {"meta", "rows", "ratios"} (rows are per-method medians)."""
+    """Run the benchmark; returns {"meta", "rows", "ratios"} (rows are per-method medians).
+
+    record: a folder where every measured repetition is appended (fsynced) as it finishes, under a one-writer lock:
+    a killed run, rerun with the same settings, measures only what is missing (after its own warm-up round)."""
+    check_arguments(methods, batch=batch, reps=reps, warmup=warmup, new_tokens=new_tokens, cpu_layers=cpu_layers)
+    with RunLock(record, what="unclutter bench speed") if record is not None else contextlib.nullcontext():
+        return _run_speed(
+            preset, methods=methods, batch=batch, reps=reps, warmup=warmup, text_tokens=text_tokens,
+            new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
+            record=Path(record) if record is not None else None,
+        )  # fmt: skip
+
+
+def check_arguments(methods, *, batch: int, reps: int, warmup: int, new_tokens: int | None, cpu_layers: int | None):
+    """Clear errors before anything is built (each run takes minutes)."""
+    for name, value, least in (("batch", batch, 1), ("reps", reps, 1), ("warmup", warmup, 0)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}.")
+    if new_tokens is not None and new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 (decoding is timed from the second token on), got {new_tokens}.")
+    if cpu_layers is not None and cpu_layers < 1:
+        raise ValueError(f"cpu_layers must be >= 1, got {cpu_layers}.")
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct and at least one, got {list(methods)}.")
+
+
+def _run_speed(
+    preset, *, methods, batch, reps, warmup, text_tokens, new_tokens, device, cpu_layers, progress, record
+) -> dict:
     model, processor, spec = build_preset(preset, device=device, cpu_layers=cpu_layers)
-    new_tokens = new_tokens or spec.new_tokens
+    new_tokens = new_tokens if new_tokens is not None else spec.new_tokens
     image = bench_image(spec.image)
     adapter = adapter_for(model)
     skipped = {m: why for m in methods if (why := supported(adapter, m))}
     methods = tuple(m for m in methods if m not in skipped)
-    samples: dict[str, list[Row]] = {m: [] for m in methods}
+    if not methods:
+        raise ValueError(f"no method runs on {adapter.family}: {skipped}")
+    settings = {
+        "preset": preset, "methods": list(methods), "batch": batch, "reps": reps, "text_tokens": text_tokens,
+        "new_tokens": new_tokens, "device": device, "cpu_layers": cpu_layers,
+    }  # fmt: skip
+    samples = _recorded_samples(record, settings, methods, reps)
+    missing = [(rep, m) for rep in range(reps) for m in methods if rep >= len(samples[m])]
     for rep in range(warmup + reps):
         for m in methods:  # interleaved: drift hits every method alike
+            measured = rep >= warmup
+            if measured and (rep - warmup, m) not in missing:
+                continue  # recorded by an earlier, interrupted run
             row = run_once(
                 model, processor, image, m, batch=batch, text_tokens=text_tokens, new_tokens=new_tokens, device=device,
                 spd_grid=spec.spd_grid,
             )  # fmt: skip
-            if rep >= warmup:
+            if measured:
                 samples[m].append(row)
+                if record is not None:
+                    _append(record / "samples.jsonl", asdict(row))
             if progress:
                 progress(rep, m, row)
     rows = [_median(samples[m]) for m in methods]
@@ -276,6 +318,38 @@ def run_speed(
     # single repetitions swing, which decides how far a ratio can be read
     samples_out = {m: [asdict(r) for r in samples[m]] for m in methods}
     return {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": ratios, "samples": samples_out}
+
+
+def _recorded_samples(record: Path | None, settings: dict, methods, reps: int) -> dict[str, list[Row]]:
+    """The repetitions an earlier run with the same settings recorded in ``record`` (none without a record)."""
+    samples: dict[str, list[Row]] = {m: [] for m in methods}
+    if record is None:
+        return samples
+    config = record / "settings.json"
+    if config.is_file() and json.loads(config.read_text()) != settings:
+        raise ValueError(
+            f"{record} holds samples of a run with other settings ({config}); delete it, or rerun with those settings."
+        )
+    config.write_text(json.dumps(settings, indent=1) + "\n")
+    path = record / "samples.jsonl"
+    if path.is_file():
+        data = path.read_bytes()
+        good = data.rfind(b"\n") + 1  # a killed write leaves at most a partial last line
+        for line in data[:good].decode("utf-8").split("\n"):
+            if line.strip():
+                row = Row(**json.loads(line))
+                if len(samples[row.method]) < reps:
+                    samples[row.method].append(row)
+        with path.open("r+b") as f:
+            f.truncate(good)
+    return samples
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _load_average() -> list[float] | None:
@@ -377,7 +451,9 @@ def chart(result: dict, path: str | Path) -> None:
         ("decode_ms_per_token", "decode/token"),
         ("kv_cache_bytes", "KV cache"),
     ]
-    methods = [r["method"] for r in result["rows"]]
+    methods = [r["method"] for r in result["rows"] if r["method"] in result["ratios"]]  # ratios need stock
+    if not methods:
+        return  # nothing to draw against stock
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
@@ -394,11 +470,11 @@ def chart(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_results(result: dict, out: str | Path) -> tuple[Path, Path, Path]:
+def write_results(result: dict, out: str | Path) -> tuple[Path, ...]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     md, png = out.with_suffix(".md"), out.with_suffix(".png")
     md.write_text(to_markdown(result))
     chart(result, png)
-    return out, md, png
+    return tuple(p for p in (out, md, png) if p.is_file())

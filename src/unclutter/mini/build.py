@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+from ..ifeval.scoring import write_json_atomic
+
 # The method active in both stages, per recipe: "method" is the paper's (VMTC 50% + CMAI gamma_max 0.6).
 RECIPES = {"stock": "stock", "method": "vmtc+cmai", "vmtc": "vmtc", "cmai": "cmai"}
 TRAIN_IMAGES, TEST_IMAGES, IF_PER_TASK = 4000, 500, 20
@@ -88,9 +90,9 @@ def build(recipe: str, seed: int, root: str | Path = "build/mini", configs: str 
     record = out / "build.json"
     log: list[dict] = json.loads(record.read_text())["steps"] if record.is_file() else []
 
-    def save() -> None:
+    def save() -> None:  # atomic: a kill mid-write must not leave a file the rerun cannot read
         total = round(sum(e["seconds"] for e in log), 1)
-        record.write_text(json.dumps({"recipe": recipe, "seed": seed, "seconds": total, "steps": log}, indent=1))
+        write_json_atomic(record, {"recipe": recipe, "seed": seed, "seconds": total, "steps": log})
 
     shared_steps(root, log)
     init = root / f"init-s{seed}"

@@ -33,6 +33,7 @@ from ..evaluation.data import load_records
 from ..evaluation.runner import PredictionLog, compute_metrics, question_text, run_eval, score_record
 from ..ifeval.scoring import write_json_atomic
 from ..ifeval.suite import TASKS
+from ..runlock import RunLock
 
 BENCHES = ("gqa", "if16")
 MAX_NEW_TOKENS = {"gqa": 16, "if16": 128}
@@ -134,12 +135,17 @@ def ceiling_eval(model, processor, bench: str, records: list[dict], descriptions
                  batch_size: int) -> dict:  # fmt: skip
     """The LLM's own ceiling: each question asked about the true scene description, text only, in the prompt
     describe-then-answer uses; written as a harness run folder (config, predictions, metrics)."""
+    with RunLock(out, what="the miniature's ceiling run"):  # one writer, as every harness run folder
+        return _ceiling_eval(model, processor, bench, records, descriptions, out, batch_size)
+
+
+def _ceiling_eval(model, processor, bench, records, descriptions, out: Path, batch_size: int) -> dict:
     from ..evaluation.generation import build_prompt, generate
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out / "config.json", {"method": "ceiling", "bench": bench, "max_new_tokens": MAX_NEW_TOKENS[bench]}
-    )
+    config = {"method": "ceiling", "bench": bench, "max_new_tokens": MAX_NEW_TOKENS[bench]}
+    if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) != config:
+        raise ValueError(f"{out} holds a ceiling run with other settings; delete it to run again.")
+    write_json_atomic(out / "config.json", config)
     log = PredictionLog(out / "predictions.jsonl")
     todo = [r for r in records if r["id"] not in log.rows]
     for start in range(0, len(todo), batch_size):
@@ -286,7 +292,9 @@ def _ci(entry: dict | None, key: str = "mean") -> str:
 
 
 def _seeds(r: dict) -> str:
-    return str(len(r.get("vqa", r.get("if_strict", {})).get("seeds", [])))
+    """Seeds behind the row's numbers: one count, or VQA's and IF's when an unfinished run left them different."""
+    vqa, ifs = (len((r.get(k) or {}).get("seeds", [])) for k in ("vqa", "if_strict"))
+    return str(max(vqa, ifs)) if vqa == ifs or not (vqa and ifs) else f"{vqa} VQA / {ifs} IF"
 
 
 def comparison_table(results: dict, names: list[str], title: str) -> list[str]:
@@ -435,7 +443,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from finished runs")
     args = parser.parse_args(argv)
     root, out = Path(args.root), Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds!r}")
+    unknown = [n for n in (args.only or "").split(",") if n and n not in BY_NAME]
+    if unknown:
+        parser.error(f"--only: unknown conditions {unknown}; choose from {', '.join(BY_NAME)}")
     test = root / "test"
     records = {"gqa": load_records("gqa", test / "vqa.jsonl", test / "images"),
                "if16": load_records("if16", test / "if16.jsonl", test / "images")}  # fmt: skip

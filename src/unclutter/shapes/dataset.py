@@ -119,6 +119,6 @@ def build_shapes(
         out / "questions.jsonl",
         [{"question_id": q["question_id"], "image": q["image"], "text": q["question"]} for q in questions],
     )
-    suite = build_suite(questions, per_task=if_per_task or max(1, num // 16), seed=seed)
+    suite = build_suite(questions, per_task=if_per_task if if_per_task is not None else max(1, num // 16), seed=seed)
     write_jsonl_atomic(out / "if16.jsonl", suite)
     return {"images": num, "pretrain": len(pretrain), "finetune": len(finetune), "vqa": len(vqa), "if16": len(suite)}

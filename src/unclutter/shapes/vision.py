@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ifeval.scoring import read_jsonl
+from ..ifeval.scoring import read_jsonl, write_json_atomic
 from .world import COLORS, IMAGE_SIZE, POSITIONS, SHAPES
 
 VIT = {"patch_size": 8, "hidden_size": 128, "num_hidden_layers": 5, "num_attention_heads": 4}
@@ -202,7 +202,7 @@ def pretrain_vision(
     out.mkdir(parents=True, exist_ok=True)
     tower.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "vision_pretrain.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json_atomic(out / "vision_pretrain.json", result)  # the step's done-marker: never half written
     return result
 
 
