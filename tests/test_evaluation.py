@@ -401,3 +401,16 @@ def test_eval_refuses_a_method_the_family_lacks(tmp_path_factory, tmp_path):
     result = runner.invoke(app, ["eval", "--model", str(path), "--method", "spd", "--bench", "gqa", "--data", str(data),
                                  "--images", str(images), "--out", str(tmp_path / "x"), "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 2 and "SPD is not available for Qwen2.5-VL" in " ".join(result.output.split())
+
+
+def test_a_model_folder_under_home_loads_by_its_tilde_path(model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from unclutter.evaluation.generation import load_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(model_dir, tmp_path / "ckpt")
+    model, _ = load_model("~/ckpt", device="cpu")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    with pytest.raises(ValueError, match="no model folder ~/nowhere"):
+        load_model("~/nowhere", device="cpu")

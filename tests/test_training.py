@@ -352,3 +352,12 @@ def test_tune_selects_trained_modules():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="--tune takes"):
         TrainConfig(stage="pretrain", data="d", output="o", model="m", tune=["vit"])
+
+
+def test_the_global_batch_must_divide_over_the_devices(tmp_path, monkeypatch):
+    """96 over 16 per device passes TrainConfig, but on 4 devices accumulation cannot make 96 (it made 64)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    cfg = TrainConfig(stage="finetune", model="m", data="d", output=str(tmp_path / "o"), batch_size=96,
+                      per_device_batch_size=16)  # fmt: skip
+    with pytest.raises(ValueError, match="16 per device x 4 devices"):
+        train(cfg)

@@ -46,6 +46,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
         raise ValueError(f"no model folder {name}: give an existing checkpoint folder or a hub id (owner/name).")
     if path.exists() and not any(path.glob("*.safetensors")):
         raise ValueError(f"{name} holds no .safetensors weights; unclutter never loads pickled checkpoints.")
+    if path.exists():
+        name = str(path)  # the folder as found (~ expanded), not a hub id
     torch_dtype = DTYPES[dtype]
     if torch_dtype == "auto" and device == "cpu":
         torch_dtype = torch.float32  # half precision matmuls are slow or missing on many CPUs

@@ -233,6 +233,15 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
 def _train(cfg: TrainConfig, callbacks=None) -> Path:
     lr_default, batch_default, fmt = STAGE_DEFAULTS[cfg.stage]
     fmt = cfg.prompt_format or fmt
+    world = max(torch.cuda.device_count(), 1)
+    global_batch = cfg.batch_size or batch_default
+    per_device = min(cfg.per_device_batch_size, global_batch)
+    if global_batch % (per_device * world):  # TrainConfig checked the per-device batch; here the devices count too
+        raise ValueError(
+            f"the global batch {global_batch} is not a multiple of {per_device} per device x {world} devices: "
+            "gradient accumulation could not make it; choose sizes that divide."
+        )
+    accumulation = global_batch // (per_device * world)
     records = load_llava_json(cfg.data, cfg.images)  # every record validated before anything trains
     if any(r.get("image") for r in records) and cfg.images is None:
         raise DataError("the data has image samples: give --images.")
@@ -266,10 +275,6 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
 
-    world = max(torch.cuda.device_count(), 1)
-    global_batch = cfg.batch_size or batch_default
-    per_device = min(cfg.per_device_batch_size, global_batch)
-    accumulation = max(1, global_batch // (per_device * world))  # sizes that divide: TrainConfig checks
     args = TrainingArguments(
         output_dir=cfg.output, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate or lr_default, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
