@@ -224,3 +224,10 @@ def test_all_26_instructions_described():
         sentence = ifeval.describe(iid, {k: sample[k] for k in inst.args})
         assert sentence and "{" not in sentence.replace("{'", "").replace('{"', "")
     assert "French language" in ifeval.describe("language:response_language", {"language": "fr"})
+    # the reference's build_description sorts keywords, and sorts and deduplicates forbidden words
+    assert ifeval.describe("keywords:existence", {"keywords": ["image", "background"]}) == (
+        "Include keywords ['background', 'image'] in the response."
+    )
+    assert "['field', 'issue', 'thanks']" in ifeval.describe(
+        "keywords:forbidden_words", {"forbidden_words": ["field", "thanks", "issue", "field"]}
+    )

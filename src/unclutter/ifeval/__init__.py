@@ -120,6 +120,10 @@ def describe(instruction_id: str, kwargs: Mapping[str, Any] | None = None) -> st
         kw["language"] = LANGUAGES.get(kw["language"], kw["language"])
     if "letter" in kw:
         kw["letter"] = normalize_letter(kw["letter"])
+    if "keywords" in kw:  # the reference's build_description keeps them sorted, forbidden words also deduplicated
+        kw["keywords"] = sorted(kw["keywords"])
+    if "forbidden_words" in kw:
+        kw["forbidden_words"] = sorted(set(kw["forbidden_words"]))
     for key in ("postscript_marker", "section_spliter", "end_phrase", "start_phrase", "keyword"):
         if key in kw:
             kw[key] = kw[key].strip()
