@@ -393,6 +393,21 @@ def test_report_separates_models(tmp_path):
         ("qwen-vl: stock", 60.0, "Qwen2.5-VL"), ("qwen-vl: vmtc+cmai", 61.0, "Qwen2.5-VL"),
     ]  # fmt: skip
     assert "| qwen-vl: vmtc+cmai | 61.0 |" in (tmp_path / "rep" / "comparison.md").read_text()
+    # models whose folders end alike keep their own rows, named by the shortest end that tells them apart
+    for model, acc in (("a/checkpoint", 33.3), ("b/checkpoint", 16.7), ("runs/llava-next", 40.0)):
+        run = tmp_path / "same-end" / model.replace("/", "-")
+        run.mkdir(parents=True)
+        m = {"bench": "gqa", "accuracy": acc, "method": "stock", "label": "stock", "model": model,
+             "num_records": 1, "num_errors": 0}  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps(m))
+    result = runner.invoke(app, ["report", *map(str, sorted((tmp_path / "same-end").iterdir())), runs[0],
+                                 "--out", str(tmp_path / "rep2")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tab = json.loads((tmp_path / "rep2" / "comparison.json").read_text())
+    assert [(r["method"], r["GQA"]) for r in tab["rows"]] == [
+        ("a/checkpoint: stock", 33.3), ("b/checkpoint: stock", 16.7), ("runs/llava-next: stock", 40.0),
+        ("hub/llava-next: stock", 50.0),
+    ]  # fmt: skip
 
 
 def test_eval_refuses_a_method_the_family_lacks(tmp_path_factory, tmp_path):

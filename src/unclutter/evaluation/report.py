@@ -32,10 +32,10 @@ def load_metrics(run: str | Path) -> dict[str, Any]:
 def compare(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows keyed by method (each run's metrics contribute their benchmark's headline number). Runs of several
     models side by side (one method on LLaVA-NeXT and on Qwen2.5-VL, say) get one row per model and method."""
-    several = len({m.get("model") for m in metrics}) > 1
+    labels = row_labels(metrics)
     rows: dict[str, dict[str, Any]] = defaultdict(dict)
-    for m in metrics:
-        label = row_label(m, several)
+    several = len({m.get("model") for m in metrics}) > 1
+    for m, label in zip(metrics, labels, strict=True):
         if several:
             rows[label].update({k: m[k] for k in ("model", "family") if m.get(k)})
         for title, (bench, key) in COLUMNS.items():
@@ -45,11 +45,24 @@ def compare(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return {"columns": cols, "rows": [{"method": k, **v} for k, v in rows.items()]}
 
 
-def row_label(m: dict[str, Any], several_models: bool) -> str:
-    """A run's row: its method and overrides, after its model's name (the last part of its hub id or folder) when
-    the runs compared come from several models."""
-    label = m.get("label") or m.get("method") or m["name"]
-    return f"{Path(m['model']).name if m.get('model') else '?'}: {label}" if several_models else label
+def row_labels(metrics: list[dict[str, Any]]) -> list[str]:
+    """Each run's row: its method and overrides, after its model's name when the runs compared come from several
+    models. A model is named by the shortest end of its hub id or folder that no other model's shares
+    (``a/checkpoint`` and ``b/checkpoint``; ``llava-hf/llava-1.5-7b-hf`` and ``runs/llava-1.5-7b-hf``)."""
+    models = sorted({str(m.get("model") or "?") for m in metrics})
+    names = {}
+    for model in models:
+        parts = Path(model).parts or (model,)
+        for k in range(1, len(parts) + 1):
+            tail = parts[-k:]
+            if all(Path(other).parts[-k:] != tail for other in models if other != model) or k == len(parts):
+                names[model] = "/".join(tail)
+                break
+    labels = []
+    for m in metrics:
+        label = m.get("label") or m.get("method") or m["name"]
+        labels.append(f"{names[str(m.get('model') or '?')]}: {label}" if len(models) > 1 else label)
+    return labels
 
 
 def compare_markdown(tab: dict[str, Any]) -> str:
@@ -91,9 +104,10 @@ def write_comparison(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     (out / "comparison.md").write_text(compare_markdown(tab), encoding="utf-8")
     write_json_atomic(out / "comparison.json", tab)
     compare_chart(tab, out / "comparison.png")
-    several = len({m.get("model") for m in metrics}) > 1
     if_runs = [
-        (row_label(m, several), m["if16"]) for m in metrics if m["bench"] == "if16" and "per_task" in m.get("if16", {})
+        (label, m["if16"])
+        for m, label in zip(metrics, row_labels(metrics), strict=True)
+        if m["bench"] == "if16" and "per_task" in m.get("if16", {})
     ]
     if if_runs:
         itab = table(if_runs)
