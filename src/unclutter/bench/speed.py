@@ -30,6 +30,7 @@ from PIL import Image
 from .. import apply
 from ..compat import output_cache
 from ..config import SPDConfig
+from ..evaluation.runner import append_rows, read_appended
 from ..integrations.base import adapter_for
 from ..methods import resolve
 from ..models.presets import build_preset
@@ -290,7 +291,7 @@ def _run_speed(
             if measured:
                 samples[m].append(row)
                 if record is not None:
-                    _append(record / "samples.jsonl", asdict(row))
+                    append_rows(record / "samples.jsonl", [asdict(row)])
             if progress:
                 progress(rep, m, row)
     rows = [_median(samples[m]) for m in methods]
@@ -331,25 +332,10 @@ def _recorded_samples(record: Path | None, settings: dict, methods, reps: int) -
             f"{record} holds samples of a run with other settings ({config}); delete it, or rerun with those settings."
         )
     config.write_text(json.dumps(settings, indent=1) + "\n")
-    path = record / "samples.jsonl"
-    if path.is_file():
-        data = path.read_bytes()
-        good = data.rfind(b"\n") + 1  # a killed write leaves at most a partial last line
-        for line in data[:good].decode("utf-8").split("\n"):
-            if line.strip():
-                row = Row(**json.loads(line))
-                if len(samples[row.method]) < reps:
-                    samples[row.method].append(row)
-        with path.open("r+b") as f:
-            f.truncate(good)
+    for row in (Row(**fields) for fields in read_appended(record / "samples.jsonl")):
+        if len(samples[row.method]) < reps:
+            samples[row.method].append(row)
     return samples
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _load_average() -> list[float] | None:

@@ -124,34 +124,38 @@ def metrics_markdown(name: str, m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_appended(path: Path) -> list[dict]:
+    """The rows of an append-only JSONL file, its torn tail (a killed write leaves at most one partial line at the
+    end) cut off the file. Lines split on "\n" only: str.splitlines would also split inside a string holding U+2028,
+    U+0085, ... (json.dumps leaves them unescaped with ensure_ascii=False)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    good = data.rfind(b"\n") + 1
+    if good < len(data):
+        with path.open("r+b") as f:
+            f.truncate(good)
+    return [json.loads(line) for line in data[:good].decode("utf-8").split("\n") if line.strip()]
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines in one fsynced write."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class PredictionLog:
     """Append-only ``predictions.jsonl``: one fsynced write per batch, torn tails repaired on open."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows: dict[str, dict] = {}
-        if path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        good = data.rfind(b"\n") + 1  # a killed write leaves at most one partial line at the end
-        if good < len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(good)
-        # split on "\n" only: str.splitlines would also split inside an answer holding U+2028, U+0085, ... (json.dumps
-        # leaves them unescaped with ensure_ascii=False)
-        for line in data[:good].decode("utf-8").split("\n"):
-            if line.strip():
-                row = json.loads(line)
-                self.rows[row["id"]] = row
+        self.rows: dict[str, dict] = {row["id"]: row for row in read_appended(path)}
 
     def append(self, rows: list[dict]) -> None:
-        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        append_rows(self.path, rows)
         for r in rows:
             self.rows[r["id"]] = r
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..evaluation.generation import LLAVA_SYSTEM
-from ..evaluation.images import to_rgb
+from ..evaluation.images import open_image
 from ..ifeval.scoring import DataError
 
 IGNORE_INDEX = -100
@@ -89,12 +89,11 @@ def check_image(path: Path, where: str) -> None:
 
 
 def load_image(path: Path, where: str) -> Image.Image:
-    """8-bit RGB (`to_rgb`), or a `DataError` naming the record and the file."""
+    """8-bit RGB (`open_image`), or a `DataError` naming the record and the file."""
     try:
-        with Image.open(path) as im:
-            return to_rgb(im)
-    except Exception as exc:
-        raise DataError(f"{where}: cannot read image {path}: {exc}; fix or drop the record, then rerun") from None
+        return open_image(path)
+    except ValueError as exc:
+        raise DataError(f"{where}: {exc}; fix or drop the record, then rerun") from None
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
