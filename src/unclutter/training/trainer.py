@@ -176,6 +176,18 @@ class _LlavaTrainer(Trainer):
         self._order_fn = order_fn
         self._loose = loose or {}  # parameters a (PEFT) checkpoint leaves out: saved and restored beside it
 
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss = result[0] if return_outputs else result
+        if model.training and torch.is_grad_enabled() and not loss.requires_grad:
+            # The batch reached no tuned parameter: stage 1 tunes only the projector, and a batch of text-only samples
+            # never calls it. backward() would fail; LLaVA passes an empty slice of image features through instead,
+            # so its tuned parameters get zero gradients and distributed ranks stay in step. So do we.
+            tuned = [p for p in model.parameters() if p.requires_grad]
+            loss = loss + 0.0 * sum(p.sum() for p in tuned)
+            result = (loss, *result[1:]) if return_outputs else loss
+        return result
+
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
         if self._loose and self.args.should_save:
