@@ -198,8 +198,8 @@ def test_vmtc_batch_of_tiles_equals_each_image_alone(model, processor, images):
     [
         ({}, TOKENS_PER_TILE),
         ({"vmtc": VMTCConfig(ratio=0.5)}, 8),
-        ({"spd": SPDConfig(grid=4)}, 4),
-        ({"spd": SPDConfig(grid=6)}, 9),
+        ({"spd": SPDConfig(grid=2)}, 4),
+        ({"spd": SPDConfig(grid=3)}, 9),
     ],
 )
 def test_per_tile_counts_processor_and_model_agree(model, processor, images, kwargs, per_tile):
@@ -222,14 +222,17 @@ def test_per_tile_counts_processor_and_model_agree(model, processor, images, kwa
         model(**batch)  # stock InternVL checks that the features fill the placeholders exactly
 
 
-@pytest.mark.parametrize("grid", [4, 6])
-def test_spd_pools_the_patch_grid_before_the_stock_shuffle(model, processor, images, grid):
+@pytest.mark.parametrize("grid", [1, 2, 3])
+def test_spd_pools_the_stock_grid_of_tokens_to_grid_x_grid(model, processor, images, grid):
+    """As on every family, grid x grid tokens per tile reach the LLM (it pooled the patch grid before the shuffle,
+    giving (grid / 2)^2 tokens and refusing odd grids)."""
     pixel_values = _encode(processor, images)["pixel_values"]
     with torch.no_grad():
         patches = model.model.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
-        square = patches.transpose(1, 2).reshape(len(patches), -1, SIDE, SIDE)
-        pooled = F.adaptive_avg_pool2d(square, grid).permute(0, 2, 3, 1)  # (tiles, grid, grid, D)
-        expected = model.model.multi_modal_projector(model.model.pixel_shuffle(pooled).flatten(1, 2))
+        shuffled = model.model.pixel_shuffle(patches.reshape(len(patches), SIDE, SIDE, -1))  # (tiles, 4, 4, 4D)
+        pooled = F.adaptive_avg_pool2d(shuffled.permute(0, 3, 1, 2), grid).flatten(2).transpose(1, 2)
+        expected = model.model.multi_modal_projector(pooled)
+        assert expected.shape[1] == grid * grid
         with unclutter.apply(model, processor, spd=SPDConfig(grid=grid)):
             got = _features(model, pixel_values)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
@@ -307,7 +310,7 @@ def test_remove_restores_model_and_processor(model, processor, images):
     with torch.no_grad():
         stock = model(**batch).logits
     counts = processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
-    for kwargs in ({"vmtc": VMTCConfig(), "cmai": CMAIConfig()}, {"spd": SPDConfig(grid=4)}):
+    for kwargs in ({"vmtc": VMTCConfig(), "cmai": CMAIConfig()}, {"spd": SPDConfig(grid=2)}):
         handle = unclutter.apply(model, processor, **kwargs)
         with torch.no_grad():
             model(**_encode(processor, images))
@@ -332,8 +335,7 @@ def test_stock_placeholders_without_processor(model, processor, images):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"spd": SPDConfig(grid=3)}, "multiple of the pixel-shuffle block"),
-        ({"spd": SPDConfig(grid=10)}, "at most the 8x8"),
+        ({"spd": SPDConfig(grid=5)}, "larger than the 4x4 grid of tokens"),
         ({"vmtc": VMTCConfig(num_tokens=17)}, "impossible for 16 patches"),
     ],
 )

@@ -191,6 +191,15 @@ def test_wrong_config_type(model):
         (lambda: VMTCConfig(clusters=0), "clusters must be an integer >= 1"),
         (lambda: VMTCConfig(num_tokens=8, clusters=(0, 1, 1, 1)), "clusters must be an integer >= 1"),
         (lambda: VMTCConfig(clusters=(2, 1.5)), "clusters must be an integer >= 1"),
+        # counts and indices that are not integers failed in the processor or inside the forward
+        (lambda: VMTCConfig(num_tokens=20.0), r"num_tokens takes integers, got 20.0"),
+        (lambda: VMTCConfig(stage_tokens=(50.5, 40, 35, 32)), "stage_tokens takes integers"),
+        (lambda: VMTCConfig(layers=(1.5, 4)), "layers takes integers"),
+        (lambda: VMTCConfig(num_stages=True), "num_stages takes integers"),
+        (lambda: VMTCConfig(ratio="0.5"), "ratio must be a number"),
+        (lambda: CMAIConfig(layers=(0.5, 2)), "layers takes integers"),
+        (lambda: CMAIConfig(discount="0.9"), "discount must be a number"),
+        (lambda: SPDConfig(grid=4.0), "grid takes integers"),
     ],
 )
 def test_bad_configs(make, match):

@@ -6,6 +6,7 @@ fails where the user wrote it, not deep inside a forward pass.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,23 @@ FocusMode = Literal["paper", "tia", "sum", "discounted"]
 
 def _as_tuple(value: Sequence[int] | Sequence[float] | None) -> tuple | None:
     return None if value is None else tuple(value)
+
+
+def _ints(name: str, value):
+    """``value`` (a number, a tuple of them, or None) as Python ints (numpy's too); raise unless it holds integers
+    only: a float token count or block index would otherwise pass here and fail inside a forward pass or the
+    processor."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise ValueError(f"{name} takes integers, got {value!r}.")
+    if isinstance(value, tuple):
+        return tuple(int(v) for v in value)
+    return None if value is None else int(value)
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -51,8 +69,11 @@ class VMTCConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _as_tuple(self.layers))
         object.__setattr__(self, "stage_tokens", _as_tuple(self.stage_tokens))
-        if not isinstance(self.clusters, int | type(None)):
+        if not isinstance(self.clusters, numbers.Integral | type(None)):
             object.__setattr__(self, "clusters", _as_tuple(self.clusters))
+        for name in ("num_tokens", "num_stages", "layers", "stage_tokens", "kmeans_iters"):
+            object.__setattr__(self, name, _ints(f"VMTCConfig.{name}", getattr(self, name)))
+        _check_real("VMTCConfig.ratio", self.ratio)
         if self.num_tokens is None and not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"VMTCConfig.ratio must be in (0, 1], got {self.ratio}; or set num_tokens.")
         if self.num_tokens is not None and self.num_tokens < 1:
@@ -71,11 +92,14 @@ class VMTCConfig:
         if self.kmeans_iters < 1:
             raise ValueError(f"VMTCConfig.kmeans_iters must be >= 1, got {self.kmeans_iters}.")
         per_stage = self.clusters if isinstance(self.clusters, tuple) else (self.clusters,)
-        if self.clusters is not None and any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in per_stage):
+        if self.clusters is not None and any(
+            isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1 for c in per_stage
+        ):
             raise ValueError(
                 f"VMTCConfig.clusters must be an integer >= 1 (or one per stage), got {self.clusters}; "
                 "merge='drop' removes the redundant patches without clusters."
             )
+        object.__setattr__(self, "clusters", _ints("VMTCConfig.clusters", self.clusters))
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,8 @@ class CMAIConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "gammas", _as_tuple(self.gammas))
         object.__setattr__(self, "layers", _as_tuple(self.layers))
+        object.__setattr__(self, "layers", _ints("CMAIConfig.layers", self.layers))
+        _check_real("CMAIConfig.discount", self.discount)
         check_gamma(self.gamma_max, "CMAIConfig.gamma_max")
         for g in self.gammas or ():
             check_gamma(g, "CMAIConfig.gammas")
@@ -117,11 +143,12 @@ class CMAIConfig:
 
 @dataclass(frozen=True)
 class SPDConfig:
-    """Spatial down-sampling baseline: average-pool the patch grid to ``grid x grid``."""
+    """Spatial down-sampling baseline: average-pool the image's (or tile's) grid of LLM tokens to ``grid x grid``."""
 
     grid: int = 12
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", _ints("SPDConfig.grid", self.grid))
         if self.grid < 1:
             raise ValueError(f"SPDConfig.grid must be >= 1, got {self.grid}.")
 

@@ -16,8 +16,8 @@ block by block: top-left patch, top-right, bottom-left, bottom-right. Token coun
   them, i.e. the outputs of ``q_norm`` / ``k_norm`` (RMS norms when ``use_qk_norm``, identities otherwise).
 - The block: InternViT is ``h += lambda_1 * attn(layernorm_before(h)); h += lambda_2 * mlp(layernorm_after(h))``;
   VMTC sits between the two residual steps (paper Fig. 3). `install` checks the layout against the stock block.
-- SPD: the patch grid is average-pooled to ``grid x grid`` (``grid`` a multiple of ``s``) before the stock pixel
-  shuffle, so the LLM gets ``(grid / s) ** 2`` tokens per tile.
+- SPD: as on every family, ``grid x grid`` tokens per tile reach the LLM: the stock pixel shuffle makes the tile's
+  ``(side / s) x (side / s)`` grid of tokens, which is average-pooled to ``grid x grid`` before the projector.
 - CMAI: ``<IMG_CONTEXT>`` tokens are the image keys; the ``<img>`` / ``</img>`` markers around each image (and
   each video frame) are structural: neither image keys nor inhibited text queries, and not in A_t2n. Their ids
   come from the processor given to `apply`, else from InternVL's id layout (``<img>``, ``</img>``,
@@ -194,13 +194,13 @@ class InternVLAdapter(Adapter):
             handle.stages = plan_vmtc(handle.vmtc, units, vmtc_math.feature_block(blocks, layer))
             handle.num_image_tokens = handle.stages[-1].tokens_out
         if handle.spd is not None:
-            grid = handle.spd.grid
-            if grid > side or grid % s:
+            grid, tokens_side = handle.spd.grid, side // s
+            if grid > tokens_side:
                 raise ValueError(
-                    f"SPD grid {grid} must be a multiple of the pixel-shuffle block {s} and at most the "
-                    f"{side}x{side} patch grid of an InternVL tile."
+                    f"SPD grid {grid} is larger than the {tokens_side}x{tokens_side} grid of tokens an InternVL tile "
+                    f"makes ({side}x{side} patches, pixel shuffle {s}x{s}): choose grid <= {tokens_side}."
                 )
-            handle.num_image_tokens = (grid // s) ** 2
+            handle.num_image_tokens = grid**2
 
     def install(self, handle: Handle) -> None:
         stages = handle.active_stages
@@ -236,10 +236,11 @@ class InternVLAdapter(Adapter):
             out = base.vision_tower(pixel_values=pixel_values.to(dtype=base.dtype), return_dict=True, **kwargs)
             features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
             patches = features[:, 1:]  # (tiles, P, D), CLS dropped
-            if handle.spd is not None:  # pool the row-major grid, then the stock pixel shuffle
-                g = handle.spd.grid
-                square = pool_grid(patches, g).reshape(patches.shape[0], g, g, -1).contiguous()  # shuffle views it
-                tokens = base.pixel_shuffle(square, scale_factor=base.config.downsample_ratio).flatten(1, 2)
+            if handle.spd is not None:  # the stock pixel shuffle, then pool its grid of tokens
+                side = int(round(patches.shape[1] ** 0.5))
+                square = patches.reshape(patches.shape[0], side, side, -1)
+                shuffled = base.pixel_shuffle(square, scale_factor=base.config.downsample_ratio)
+                tokens = pool_grid(shuffled.flatten(1, 2), handle.spd.grid)
             else:  # VMTC left whole units, in unit order
                 tokens = units_to_tokens(patches, s)
             out.pooler_output = base.multi_modal_projector(tokens)
