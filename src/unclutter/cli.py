@@ -331,7 +331,7 @@ def data_shapes(
     out: Annotated[Path, typer.Option(help="folder for images/, pretrain.json, finetune.json, vqa.jsonl, if16.jsonl")],
     num: Annotated[int, typer.Option(help="number of images")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
-    if_per_task: Annotated[int | None, typer.Option(help="if16 records per task (default num // 16)")] = None,
+    if_per_task: Annotated[int | None, typer.Option(help="if16 records per task (default max(1, num // 16))")] = None,
     if_rate: Annotated[
         float, typer.Option(help="share of stage-2 turns that are instruction-following turns (LLaVA's mix: 0)")
     ] = 0.0,

@@ -197,7 +197,7 @@ def chart(summary: dict[str, dict], path: Path) -> Path:
 
 
 def bench_items(num: int, seed: str = "unclutter-demo-bench") -> tuple[list[Item], list[Item]]:
-    """The chart's benchmark: ``num`` short-answer VQA items and ``num`` instruction items (all 16 tasks)."""
+    """The chart's benchmark: ``num`` short-answer VQA items and ``num`` instruction items (the 16 tasks in turn)."""
     from .evaluation.runner import SHORT_ANSWER
     from .shapes.text import QUESTION_TYPES, ask
     from .shapes.world import render, sample_scene
@@ -287,7 +287,8 @@ def run_demo(
         }
         for name, r in scored.items()
     }
-    bench = Table(title=f"Bundled benchmark: {len(vqa)} VQA questions, {len(ifs)} instruction prompts (all 16 types)")
+    types = f"all {len(TASKS)} types" if len(ifs) >= len(TASKS) else f"{len(ifs)} of the {len(TASKS)} types"
+    bench = Table(title=f"Bundled benchmark: {len(vqa)} VQA questions, {len(ifs)} instruction prompts ({types})")
     for col in ("method", "VQA acc", "IF followed", "image tokens", "time"):
         bench.add_column(col)
     for name, s in summary.items():
