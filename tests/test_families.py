@@ -316,3 +316,24 @@ def test_inputs_made_under_inference_mode_generate_alike(reducing):
             batch = family.batch(processor, images, QUESTIONS).to(DEVICE)
             got = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def test_a_trained_tower_backpropagates_through_vmtc_and_cmai(reducing):
+    """Fine-tuning the vision tower with the method on: backward through every stage (towers that rank by received
+    attention failed, their fused score pass was in place). The tower's parameters get gradients where stock's do."""
+    family, model, processor, images = reducing
+    model.train()
+
+    def tower_grads(**cfg) -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        with unclutter.apply(model, processor, **cfg):
+            batch = _batch(family, processor, images)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            model(**batch, labels=labels).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if any(t in n for t in ("vision", "visual"))}
+
+    stock, method = tower_grads(), tower_grads(vmtc=VMTCConfig(), cmai=CMAIConfig())
+    assert [n for n, g in method.items() if g is None] == [n for n, g in stock.items() if g is None]
+    reached = [g for g in method.values() if g is not None]
+    assert reached and all(torch.isfinite(g).all() for g in reached)
+    assert sum(bool(g.any()) for g in reached) > len(reached) // 2

@@ -249,3 +249,82 @@ def test_text_only_prompt_runs_under_cmai(model, processor):
         with unclutter.apply(model, cmai=CMAIConfig()):
             got = model(**ids).logits
     torch.testing.assert_close(got, stock)
+
+
+# ---- the model object around apply: PEFT, accelerate, copies, attention implementation --------------------------
+
+
+def test_lora_wrapped_after_apply_ranks_with_the_adapted_queries(processor, images):
+    """LoRA on the tower's q/k projections added after apply: VMTC ranks with the adapted projections (it kept the
+    original module's output, without the LoRA term). Reference: the same LoRA merged, then the method applied."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    batch = encode(processor, images)
+    torch.manual_seed(0)
+    merged = tiny_llava()
+    torch.manual_seed(1)
+    merged = get_peft_model(merged, lora).merge_and_unload()
+    with unclutter.apply(merged, processor, vmtc=VMTCConfig()) as h, torch.no_grad():
+        batch = encode(processor, images)
+        expected, kept = merged(**batch).logits, [info.kept_index for info in h.stage_infos]
+    torch.manual_seed(0)
+    model = tiny_llava()
+    with unclutter.apply(model, processor, vmtc=VMTCConfig()) as h, torch.no_grad():
+        torch.manual_seed(1)
+        wrapped = get_peft_model(model, lora)
+        got = wrapped(**batch).logits
+        assert all(torch.equal(info.kept_index, k) for info, k in zip(h.stage_infos, kept, strict=True))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_dispatched_by_accelerate(model, processor, images, tmp_path):
+    """device_map over several targets (here the CPU and disk offload) wraps each module's forward on the instance;
+    apply replaced none of them ("already patched"). The dispatched model equals the plain one, then stock again."""
+    from transformers import LlavaForConditionalGeneration
+
+    model.save_pretrained(tmp_path / "m")
+    device_map = {
+        "model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.language_model.embed_tokens": "cpu",
+        "model.language_model.layers": "cpu", "model.language_model.rotary_emb": "cpu",
+        "model.language_model.norm": "disk", "lm_head": "cpu",
+    }  # fmt: skip
+    dispatched = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    wrapped = {name: m._old_forward for name, m in dispatched.named_modules() if "_old_forward" in vars(m)}
+    assert wrapped  # accelerate's hooks are there
+    batch = encode(processor, images)
+    with torch.no_grad():
+        stock = dispatched(**batch).logits
+    for kwargs in ({"vmtc": VMTCConfig(), "cmai": CMAIConfig()}, {"spd": SPDConfig(grid=4)}):
+        with torch.no_grad(), unclutter.apply(model, processor, **kwargs):
+            expected = model(**encode(processor, images)).logits
+        with torch.no_grad(), unclutter.apply(dispatched, processor, **kwargs):
+            got = dispatched(**encode(processor, images)).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert {n: m._old_forward for n, m in dispatched.named_modules() if "_old_forward" in vars(m)} == wrapped
+        with torch.no_grad():
+            assert torch.equal(dispatched(**batch).logits, stock)
+
+
+def test_deepcopy_while_applied_is_refused(model, processor):
+    """A copy would share CMAI's state with the original, and its handle's remove() would undo the original."""
+    import copy
+
+    handle = unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig())
+    with pytest.raises(TypeError, match="remove\\(\\) first, copy, then"):
+        copy.deepcopy(model)
+    handle.remove()
+    copy.deepcopy(model)
+
+
+def test_switching_the_attention_implementation_after_apply(processor, images):
+    """set_attn_implementation after apply turned CMAI off silently, and remove() then overwrote the user's choice."""
+    model = tiny_llava()
+    handle = unclutter.apply(model, processor, cmai=CMAIConfig())
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="turns CMAI off: call handle.remove"), torch.no_grad():
+        model(**encode(processor, images))
+    handle.remove()
+    assert model.model.language_model.config._attn_implementation == "eager"

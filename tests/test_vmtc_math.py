@@ -187,6 +187,37 @@ def test_attention_with_received_equals_sdpa_and_the_score_pass(chunk):
     assert half.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("chunk", [5, 37, None])
+def test_received_ranking_is_differentiable_like_full_attention(chunk):
+    """A trained tower backpropagates through the fused stage attention and its ranking (the in-place exponent
+    failed in backward): gradients of both outputs equal those of plain softmax attention."""
+    g = torch.Generator().manual_seed(8)
+    leaves = [torch.randn(2, 3, 37, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    probe_out, probe_imp = torch.randn(2, 3, 37, 8, generator=g), torch.randn(2, 37, generator=g)
+    valid = torch.ones(2, 37, dtype=torch.bool)
+    valid[1, 30:] = False
+
+    def grads(fn):
+        q, k, v = (x.float() for x in leaves)
+        out, imp, imp_masked = fn(q, k, v)
+        loss = (out * probe_out).sum() + (imp * probe_imp).sum() + (imp_masked * probe_imp).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    def ours(q, k, v):
+        out, imp = vmtc.attention_with_received(q, k, v, 0.3, chunk=chunk)
+        return out, imp, vmtc.received_importance(q, k, 0.3, valid=valid, chunk=chunk)
+
+    def reference(q, k, v):
+        probs = ((q @ k.transpose(-1, -2)) * 0.3).softmax(-1)
+        bias = torch.zeros(2, 1, 1, 37).masked_fill(~valid[:, None, None], float("-inf"))
+        masked = ((q @ k.transpose(-1, -2)) * 0.3 + bias).softmax(-1) * valid[:, None, :, None]
+        imp_masked = masked.sum(dim=(1, 2)) / (3 * valid.sum(1, keepdim=True))
+        return probs @ v, probs.mean(dim=(1, 2)), imp_masked
+
+    for got, want in zip(grads(ours), grads(reference), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_received_importance_is_stable_for_large_logits():
     """Scores of several hundred (attention sinks in trained towers) must not overflow the in-place exponent."""
     g = torch.Generator().manual_seed(6)

@@ -78,15 +78,23 @@ def _score_chunks(query: torch.Tensor, key: torch.Tensor, scale: float, valid: t
     key_bias = None
     if valid is not None:
         key_bias = torch.zeros(bsz, 1, 1, t, device=query.device).masked_fill(~valid[:, None, None, :], float("-inf"))
+    # under autograd (a tower being trained) every step is out of place: backward needs the tensors it saved
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     for h in range(0, heads, group):
         hs = slice(h, h + group)
         for start in range(0, t, per_head):
             scores = (query[:, hs, start : start + per_head].float() * scale) @ keys[:, hs]  # (B, h, c, T) logits
-            if key_bias is not None:
-                scores += key_bias
-            scores -= scores.amax(dim=-1, keepdim=True)
-            scores.exp_()  # in place: one (B, h, c, T) buffer per chunk
-            weight = scores.sum(dim=-1, keepdim=True).reciprocal_()
+            if grad:
+                if key_bias is not None:
+                    scores = scores + key_bias
+                scores = (scores - scores.amax(dim=-1, keepdim=True).detach()).exp()  # the shift needs no gradient
+                weight = scores.sum(dim=-1, keepdim=True).reciprocal()
+            else:
+                if key_bias is not None:
+                    scores += key_bias
+                scores -= scores.amax(dim=-1, keepdim=True)
+                scores.exp_()  # in place: one (B, h, c, T) buffer per chunk
+                weight = scores.sum(dim=-1, keepdim=True).reciprocal_()
             if valid is not None:
                 weight = weight * valid[:, None, start : start + per_head, None]  # padding queries give nothing
             yield hs, start, scores, weight

@@ -211,8 +211,19 @@ class Handle:
         self._undo.append(hook_handle.remove)
 
     def patch_forward(self, module: nn.Module, forward) -> None:
+        """Replace ``module``'s forward on the instance. A module dispatched by accelerate (``device_map`` over
+        several devices, offload) already has an instance forward, accelerate's wrapper, which moves the inputs and
+        then calls ``module._old_forward``: that inner forward is replaced instead, so the wrapper keeps its work."""
+        if getattr(module, "_hf_hook", None) is not None and "_old_forward" in vars(module):
+            inner = module._old_forward
+            module._old_forward = forward
+            self._undo.append(lambda: setattr(module, "_old_forward", inner))
+            return
         if "forward" in vars(module):
-            raise ValueError(f"{type(module).__name__}.forward is already patched on this instance; not stacking.")
+            raise ValueError(
+                f"{type(module).__name__}.forward is already replaced on this instance (by another library, or by a "
+                "second unclutter.apply); unclutter does not stack on it."
+            )
         module.forward = forward
         self._undo.append(lambda: delattr(module, "forward"))
 
@@ -230,6 +241,14 @@ class Handle:
         while self._undo:
             self._undo.pop()()
         self._removed = True
+
+    def __deepcopy__(self, memo) -> Handle:
+        # The handle's undo actions, hooks and CMAI state point at the original model: a copy would share CMAI's
+        # state with it and its remove() would undo the original.
+        raise TypeError(
+            "copy.deepcopy of a model with unclutter applied: call handle.remove() first, copy, then "
+            "unclutter.apply to each model."
+        )
 
     def __enter__(self) -> Handle:
         return self
@@ -304,7 +323,8 @@ def _install_cmai(handle: Handle, adapter: Adapter, cfg: CMAIConfig) -> None:
     cmai_attention.register()
     previous = lm.config._attn_implementation
     lm.set_attn_implementation(cmai_attention.ATTN_NAME)
-    handle._undo.append(lambda: lm.set_attn_implementation(previous))
+    # (a user who switched the implementation after apply keeps that choice; the pre-hook refuses to run then)
+    handle._undo.append(lambda: cmai_active(lm) and lm.set_attn_implementation(previous))
     ref = weakref.ref(state)
     found = set()
     for module in lm.modules():
@@ -320,6 +340,11 @@ def _install_cmai(handle: Handle, adapter: Adapter, cfg: CMAIConfig) -> None:
         )
 
 
+def cmai_active(lm: nn.Module) -> bool:
+    """Whether the language model still dispatches attention to CMAI's registered function."""
+    return lm.config._attn_implementation == cmai_attention.ATTN_NAME
+
+
 def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
     """A forward pre-hook on the VLM validates placeholders and feeds CMAI the per-call facts."""
     state = handle.cmai_state
@@ -328,6 +353,12 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         adapter.check_prompt(handle, input_ids, kwargs)
         if state is not None:
+            if not cmai_active(adapter.language_model):
+                raise ValueError(
+                    "the language model's attn_implementation was changed to "
+                    f"{adapter.language_model.config._attn_implementation!r} after unclutter.apply, which turns CMAI "
+                    "off: call handle.remove(), set the implementation, then apply again."
+                )
             state.begin(
                 input_ids,
                 kwargs.get("attention_mask"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MethodType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,13 +103,29 @@ def plan_vmtc(cfg: VMTCConfig, num_patches: int, feature_block: int) -> list[VMT
 
 
 def capture_qk(handle, attn: nn.Module, layer: int, names: tuple[str, str] = ("q_proj", "k_proj")) -> None:
-    """Keep the outputs of the block's query and key projections for the VMTC forward (no second pass)."""
-    for short, name in zip(("q", "k"), names, strict=True):
+    """Keep the outputs of the block's query and key projections for the VMTC forward (no second pass).
 
-        def grab(module, args, output, short=short):
-            handle._qk.setdefault(layer, {})[short] = output
+    The projections are looked up at every call of ``attn``: a wrapper installed after `apply` (PEFT's LoRA layers
+    replace ``q_proj`` by a module that calls the original) is then the module whose output is kept, LoRA term
+    included, not the original inside it."""
+    hooked: dict[str, tuple[nn.Module, Any]] = {}  # "q" / "k" -> (projection module, its hook handle)
 
-        handle.add_hook(getattr(attn, name).register_forward_hook(grab))
+    def follow(module, args) -> None:
+        for short, name in zip(("q", "k"), names, strict=True):
+            proj = getattr(attn, name)
+            if short in hooked and hooked[short][0] is proj:
+                continue
+            if short in hooked:
+                hooked[short][1].remove()
+
+            def grab(module, args, output, short=short):
+                handle._qk.setdefault(layer, {})[short] = output
+
+            hooked[short] = (proj, proj.register_forward_hook(grab))
+
+    follow(attn, ())
+    handle.add_hook(attn.register_forward_pre_hook(follow))
+    handle._undo.append(lambda: [hook.remove() for _, hook in hooked.values()])
 
 
 class RankingSlot:
@@ -149,10 +166,18 @@ def rank_in_attention(handle, tower: nn.Module, attn: nn.Module, layer: int) -> 
     if impl == "sdpa":
         AttentionInterface.register(VISION_ATTN, vmtc_attention)
         tower.set_attn_implementation(VISION_ATTN)
-        handle._undo.append(lambda: tower.set_attn_implementation("sdpa"))
+        # (a user who switched the tower's implementation after apply keeps that choice)
+        handle._undo.append(
+            lambda: tower.config._attn_implementation == VISION_ATTN and tower.set_attn_implementation("sdpa")
+        )
     slot = RankingSlot()
     handle.override(attn, "_unclutter_ranking", slot)
     handle._ranked[layer] = slot
+
+
+def tower_impl(attn: nn.Module) -> str | None:
+    config = getattr(attn, "config", None)
+    return getattr(config, "_attn_implementation", None)
 
 
 def want_ranking(handle, layer: int) -> None:
@@ -176,7 +201,9 @@ def stage_importance(
         if importance is None:
             raise RuntimeError(
                 f"VMTC stage at block {stage.layer}: the block's attention did not run through unclutter's registered "
-                "attention function (transformers changed how the tower dispatches attention?); cannot rank patches."
+                f"attention function (the tower's attn_implementation is {tower_impl(attn)!r}: if you changed it after "
+                "unclutter.apply, remove() first and apply again; else transformers changed how the tower dispatches "
+                "attention); cannot rank patches."
             )
         if has_cls or valid is not None or importance.shape[1] != tokens or tokens != stage.tokens_in:
             raise ValueError(
