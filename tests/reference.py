@@ -61,7 +61,7 @@ class NaiveReference:
                         scores[b, :, text[j], img[k]] = float("-inf")
         probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
         out = (probs @ value.double()).to(query.dtype)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous(), probs.to(query.dtype)  # the weights, as eager attention returns
 
 
 def reference_logits(model, batch, gammas, *, roles=None, structural=()):
@@ -69,6 +69,11 @@ def reference_logits(model, batch, gammas, *, roles=None, structural=()):
 
     roles: token ids that decide each position's role (image key, structural, text), if not ``batch["input_ids"]``
     (a batch given as ``inputs_embeds``); structural: more ids to count as structural."""
+    return reference_outputs(model, batch, gammas, roles=roles, structural=structural).logits
+
+
+def reference_outputs(model, batch, gammas, *, roles=None, structural=(), **kwargs):
+    """`reference_logits`' whole model output (``output_attentions=True``: each layer's inhibited weights)."""
     adapter = unclutter.integrations.base.adapter_for(model)(model)
     ref_model = copy.deepcopy(model)
     ref_adapter = type(adapter)(ref_model)
@@ -78,4 +83,4 @@ def reference_logits(model, batch, gammas, *, roles=None, structural=()):
     ref_adapter.language_model.set_attn_implementation("naive_cmai_test")
     ref.input_ids, ref.pad = batch["input_ids"] if roles is None else roles, batch["attention_mask"]
     with torch.no_grad():
-        return ref_model(**batch, use_cache=False).logits
+        return ref_model(**batch, use_cache=False, **kwargs)

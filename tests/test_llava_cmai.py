@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import PROMPTS, encode, image_features
-from reference import reference_logits
+from reference import reference_logits, reference_outputs
 
 import unclutter
 from unclutter import CMAIConfig
@@ -137,6 +137,55 @@ def test_beam_search_follows_cache_reordering(model, processor, images):
             logits = model(input_ids=seq, pixel_values=batch["pixel_values"]).logits[0, prompt_len - 1 : -1]
             logp = logits.log_softmax(-1).gather(1, seq[0, prompt_len:, None]).sum()
             torch.testing.assert_close(out.sequences_scores[i], logp, atol=1e-4, rtol=1e-4)
+
+
+def test_output_attentions_are_the_inhibited_weights(processor, images):
+    """A model loaded with eager attention returns its attention maps; under CMAI it returned none (SDPA's). Now each
+    layer's weights are the ones the inhibited attention used: stock eager's at gamma 0, the naive reference's."""
+    from unclutter.models.tiny import tiny_llava
+
+    torch.manual_seed(0)
+    model = tiny_llava(attn_implementation="eager")
+    batch = encode(processor, images)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        stock = model(**batch, output_attentions=True)
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    expected = reference_outputs(model, batch, gammas, output_attentions=True)
+    for cfg, want in ((CMAIConfig(gamma_max=0.0), stock), (CMAIConfig(gamma_max=0.6), expected)):
+        with unclutter.apply(model, cmai=cfg), torch.no_grad():
+            got = model(**batch, output_attentions=True)
+            torch.testing.assert_close(got.logits, model(**batch).logits, atol=0, rtol=0)  # the maps change nothing
+        assert len(got.attentions) == len(want.attentions) == model.config.text_config.num_hidden_layers
+        for a, b in zip(got.attentions, want.attentions, strict=True):
+            rows = valid[:, None, :, None] & valid[:, None, None, :]  # padding rows and keys differ by convention
+            torch.testing.assert_close(a * rows, b.float() * rows, atol=2e-6, rtol=1e-4)
+    inhibited = expected.attentions[-1].float() * rows == 0
+    assert inhibited.sum() > (stock.attentions[-1] * rows == 0).sum()  # the last layer's maps show the inhibition
+
+
+def test_one_cache_object_reused_for_beam_searches(model, processor, images):
+    """A DynamicCache passed to several generations (``reset()`` between): each beam search equals one with a fresh
+    cache (CMAI's rows were reordered once per earlier generation of the cache). A copy of the cache reorders
+    itself, as stock's does, not the cache it was copied from."""
+    import copy
+
+    from transformers import DynamicCache
+
+    batch = encode(processor, images[:1], PROMPTS[:1])
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3, num_return_sequences=3, do_sample=False,
+                  length_penalty=0.0, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        fresh = model.generate(**batch, **kwargs)
+        cache = DynamicCache(config=model.config.get_text_config())
+        for _ in range(3):
+            cache.reset()
+            again = model.generate(**batch, **{cache_argument(model): cache}, **kwargs)
+            assert torch.equal(again.sequences, fresh.sequences)
+            torch.testing.assert_close(again.sequences_scores, fresh.sequences_scores, atol=0, rtol=0)
+    copied, keys = copy.deepcopy(cache), cache.layers[0].keys.clone()
+    copied.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(copied.layers[0].keys, keys[[2, 0, 1]]) and torch.equal(cache.layers[0].keys, keys)
 
 
 @pytest.mark.parametrize("masked", [(0,), (0, 1)], ids=["one-sample", "every-sample"])

@@ -42,6 +42,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import MethodType
 
 import torch
 from transformers import AttentionInterface
@@ -339,17 +340,12 @@ class CMAIState:
             self._follow_reorders(cache)
 
     def _follow_reorders(self, cache) -> None:
-        """Beam search reorders the cache's batch rows in place; reorder CMAI's rows with it."""
-        original = cache.reorder_cache
-        state = weakref.ref(self)
-
-        def reorder_cache(beam_idx: torch.Tensor) -> None:
-            original(beam_idx)
-            st = state()
-            if st is not None and st._cache_ref is not None and st._cache_ref() is cache:
-                st._reorder(beam_idx.to(st.text_pos.device))
-
-        cache.reorder_cache = reorder_cache
+        """Beam search reorders the cache's batch rows in place; reorder CMAI's rows with it. The cache's
+        ``reorder_cache`` is replaced (not wrapped) by one that follows the state of the cache's latest prefill: a
+        cache object reused for another generation (``cache.reset()``) reordered the rows once per earlier
+        generation when each wrapped the last, and a copy of the cache reorders itself, not this one."""
+        cache._unclutter_cmai_state = weakref.ref(self)
+        cache.reorder_cache = MethodType(_reorder_cache_following_cmai, cache)
 
     def _reorder(self, beam_idx: torch.Tensor) -> None:
         for name in ("image_pos", "image_valid", "first_image", "pad", "text_pos", "text_count"):
@@ -489,6 +485,18 @@ def sliding_window(module, kwargs: dict) -> int | None:
     pass ``sliding_window=``; Mistral's modules have no such attribute), else the module's attribute; None: full."""
     window = kwargs.get("sliding_window")
     return window if window is not None else getattr(module, "sliding_window", None)
+
+
+def _reorder_cache_following_cmai(cache, beam_idx: torch.Tensor) -> None:
+    """``cache.reorder_cache`` while CMAI follows the cache (see `CMAIState._follow_reorders`)."""
+    type(cache).reorder_cache(cache, beam_idx)
+    ref = getattr(cache, "_unclutter_cmai_state", None)
+    state = ref() if ref is not None else None
+    if state is not None and state._cache_ref is not None and state._cache_ref() is cache:
+        state._reorder(beam_idx.to(state.text_pos.device))
+
+
+_reorder_cache_following_cmai.__name__ = "reorder_cache"  # what copy.deepcopy looks up on a copied cache
 
 
 def _no_image_after_prefill(has_image: bool) -> None:
@@ -661,13 +669,12 @@ def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, 
 
 
 def cmai_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA with CMAI's inhibition added to the mask of the module's layer (plain SDPA elsewhere)."""
+    """SDPA with CMAI's inhibition added to the mask of the module's layer (plain SDPA elsewhere). With
+    ``output_attentions`` it also returns the softmax weights that attention used, inhibition included."""
     ctx = getattr(module, "_unclutter_cmai", None)
     state: CMAIState | None = ctx() if ctx is not None else None
     if state is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     bsz, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     window = sliding_window(module, kwargs)
@@ -681,9 +688,7 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
             state.trace.setdefault(layer, []).append(torch.zeros(bsz, n, dtype=torch.bool))
         if state.sees_everything(window, kv_len):
             attention_mask = None  # all True: SDPA's unmasked kernel, as stock transformers would call it
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
@@ -691,7 +696,30 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     with torch.no_grad(), autocast_disabled(query.device.type):
         lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query, window)
         mask = _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay)
-    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
+
+
+def _sdpa(module, query, key, value, mask, scaling, dropout, kwargs: dict):
+    """SDPA's output, and with ``output_attentions`` the (B, H, q, kv) weights of that same attention (eager's
+    convention: softmax in float32, returned in the query's dtype, a row with no allowed key uniform). SDPA itself
+    returns none, so a model loaded with eager attention kept its attention maps only without CMAI."""
+    want = kwargs.pop("output_attentions", False)
+    out, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not want:
+        return out, None
+    scaling = module.scaling if scaling is None else scaling
+    keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # grouped-query heads
+    with autocast_disabled(query.device.type):
+        logits = (query.float() @ keys.float().transpose(-1, -2)) * scaling
+        softcap = kwargs.get("softcap")
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        lowest = torch.finfo(torch.float32).min
+        if mask is not None and mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, lowest)
+        elif mask is not None:
+            logits = (logits + mask[..., : keys.shape[2]]).clamp_min(lowest)
+        return out, logits.softmax(dim=-1).to(query.dtype)
 
 
 def _mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout) -> torch.Tensor:
