@@ -361,6 +361,36 @@ def test_config_validation(tmp_path):
         TrainConfig.from_yaml(tmp_path / "c.yaml")
 
 
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("batch_size", 0, "batch_size must be an integer >= 1"),  # was read as "the default" (128)
+        ("per_device_batch_size", 0, "per_device_batch_size must be"),  # was a ZeroDivisionError
+        ("learning_rate", -1e-5, "learning_rate must be a number >= 0"),
+        ("epochs", -1, "epochs must be a number >= 0"),  # was 0 steps and an untrained "checkpoint"
+        ("epochs", 0, "epochs must be > 0 when max_steps is not set"),
+        ("max_steps", 0, "max_steps must be >= 1, or -1"),
+        ("batch_size", 2.5, "batch_size must be an integer"),
+        ("lora_dropout", 1.0, r"fractions in \[0, 1\)"),
+        ("save_steps", True, "save_steps must be an integer"),
+    ],
+)
+def test_numbers_out_of_range_are_refused(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(stage="finetune", data="d", output="o", model="m", **{field: value})
+
+
+def test_a_zero_learning_rate_is_not_the_default(base_dir, tmp_path):
+    data, images = make_data(tmp_path, n=4, stage="finetune")
+    out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images), output=str(tmp_path / "z"),
+                            max_steps=2, batch_size=2, per_device_batch_size=2, learning_rate=0.0, method="stock"))  # fmt: skip
+    key = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(
+        LlavaForConditionalGeneration.from_pretrained(out).state_dict()[key],
+        LlavaForConditionalGeneration.from_pretrained(base_dir).state_dict()[key],
+    )
+
+
 def test_tune_selects_trained_modules():
     from unclutter.training.trainer import DEFAULT_TUNE, _freeze
 

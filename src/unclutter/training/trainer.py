@@ -34,6 +34,30 @@ STAGE_DEFAULTS = {  # LLaVA-1.5: (learning rate, global batch, prompt format)
 DEFAULT_TUNE = {"pretrain": ["projector"], "finetune": ["projector", "llm"]}  # LLaVA-1.5's trained parts per stage
 
 
+# (field, lowest value, what it must be): checked on construction, so 0 or a negative number is refused instead of
+# being read as "the default" (`x or default`) or failing inside the Trainer
+NUMBERS = [
+    ("learning_rate", 0, "a number >= 0 (or unset: the stage's default)"),
+    ("batch_size", 1, "an integer >= 1 (or unset: the stage's default)"),
+    ("per_device_batch_size", 1, "an integer >= 1"),
+    ("epochs", 0, "a number >= 0"),
+    ("max_steps", -1, "an integer"),
+    ("max_length", 1, "an integer >= 1"),
+    ("warmup_ratio", 0, "a number >= 0"),
+    ("weight_decay", 0, "a number >= 0"),
+    ("lora_r", 1, "an integer >= 1"),
+    ("lora_alpha", 0, "a number >= 0"),
+    ("lora_dropout", 0, "a number >= 0"),
+    ("save_steps", 1, "an integer >= 1"),
+    ("logging_steps", 1, "an integer >= 1"),
+    ("seed", 0, "an integer >= 0"),
+    ("dataloader_workers", 0, "an integer >= 0"),
+]
+INTEGERS = {"batch_size", "per_device_batch_size", "max_steps", "max_length", "lora_r", "save_steps", "logging_steps",
+            "seed", "dataloader_workers"}  # fmt: skip
+OPTIONAL = {"learning_rate", "batch_size"}
+
+
 @dataclass
 class TrainConfig:
     """Every `unclutter train` option (also the keys of its YAML config file)."""
@@ -84,12 +108,31 @@ class TrainConfig:
             raise ValueError("--lora applies to the finetune stage (stage 1 trains only the projector).")
         if self.lora and self.tune is not None and "llm" not in self.tune:
             raise ValueError("--lora puts adapters on the LLM: include llm in --tune, or drop --lora.")
-        global_batch = self.batch_size or STAGE_DEFAULTS[self.stage][1]
+        for name, low, what in NUMBERS:
+            value = getattr(self, name)
+            kind = int if name in INTEGERS else (int, float)
+            if value is None and name in OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind) or not value >= low:
+                raise ValueError(f"{name} must be {what}, got {value!r}.")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, or -1 to train for `epochs`; got {self.max_steps}.")
+        if self.max_steps == -1 and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}.")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(
+                f"warmup_ratio and lora_dropout are fractions in [0, 1); got {self.warmup_ratio}, {self.lora_dropout}."
+            )
+        global_batch = self.global_batch
         if global_batch % self.per_device_batch_size and self.per_device_batch_size < global_batch:
             raise ValueError(
                 f"the global batch {global_batch} is not a multiple of the per-device batch "
                 f"{self.per_device_batch_size}: gradient accumulation could not make it; choose sizes that divide."
             )
+
+    @property
+    def global_batch(self) -> int:
+        return STAGE_DEFAULTS[self.stage][1] if self.batch_size is None else self.batch_size
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -243,10 +286,10 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
 
 
 def _train(cfg: TrainConfig, callbacks=None) -> Path:
-    lr_default, batch_default, fmt = STAGE_DEFAULTS[cfg.stage]
+    lr_default, _, fmt = STAGE_DEFAULTS[cfg.stage]
     fmt = cfg.prompt_format or fmt
     world = max(torch.cuda.device_count(), 1)
-    global_batch = cfg.batch_size or batch_default
+    global_batch = cfg.global_batch
     per_device = min(cfg.per_device_batch_size, global_batch)
     if global_batch % (per_device * world):  # TrainConfig checked the per-device batch; here the devices count too
         raise ValueError(
@@ -289,7 +332,8 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
 
     args = TrainingArguments(
         output_dir=cfg.output, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
-        learning_rate=cfg.learning_rate or lr_default, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=lr_default if cfg.learning_rate is None else cfg.learning_rate, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
         # only without any accelerator (CUDA, MPS, XPU...): also what lets bf16 autocast run on CPU
         use_cpu=not torch.accelerator.is_available(),
