@@ -6,6 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from unclutter.bench.dispatch import run_dispatch
 from unclutter.bench.speed import bench_image, run_speed, to_markdown, write_results
 from unclutter.cli import app
 from unclutter.models.presets import PRESETS, gemma3_config, get_preset, qwen25_config
@@ -142,6 +143,8 @@ def test_arguments_are_checked_before_anything_is_built(tmp_path):
         ({"new_tokens": 0}, "new_tokens must be >= 2"),
         ({"cpu_layers": 0}, "cpu_layers must be >= 1"),
         ({"methods": ("stock", "stock")}, "methods must be distinct"),
+        ({"methods": ("stock", "describe-then-answer")}, "got describe-then-answer"),  # timed as stock, unnoticed
+        ({"text_tokens": -5}, "text_tokens must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=match):
             run_speed("micro-llava", **kwargs)
@@ -150,6 +153,13 @@ def test_arguments_are_checked_before_anything_is_built(tmp_path):
     (tmp_path / "a_dir.json").mkdir()
     res = CliRunner().invoke(app, ["bench", "speed", "--preset", "micro-llava", "--out", str(tmp_path / "a_dir.json")])
     assert res.exit_code == 2 and "must name a JSON file" in " ".join(res.output.split())
+    for device, match in (("foo", "not a device name"), ("cuda:7", "CUDA device")):
+        res = CliRunner().invoke(app, ["bench", "speed", "--out", str(tmp_path / "r.json"), "--device", device])
+        assert res.exit_code == 2 and match in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, ["bench", "dispatch", "--out", str(tmp_path / "a_dir.json")])
+    assert res.exit_code == 2 and "must name a JSON file" in " ".join(res.output.split())
+    with pytest.raises(ValueError, match="got checkpoint"):
+        run_dispatch(["micro-llava"], methods=("checkpoint",))
     result = run_speed("micro-llava", methods=("vmtc",), reps=1, warmup=0, new_tokens=2, text_tokens=6)
     assert [p.suffix for p in write_results(result, tmp_path / "alone.json")] == [".json", ".md"]  # no stock: no chart
 

@@ -391,12 +391,13 @@ def bench_speed(
     methods: Annotated[str, typer.Option(help="comma-separated")] = "stock,spd,vmtc,cmai,vmtc+cmai",
 ) -> None:
     """Speed and memory of every method against stock on a random-init real-shape model of any family."""
-    import torch
-
     from .bench.speed import run_speed, to_markdown, write_results
+    from .evaluation.generation import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = resolve_device(device)
+    except ValueError as exc:
+        fail(str(exc))
 
     def progress(rep, method, row):
         console.print(
@@ -435,6 +436,8 @@ def bench_dispatch(
     that decides GPU speed at batch 1, where eager PyTorch launches kernels slower than the GPU runs them."""
     from .bench.dispatch import run_dispatch, to_markdown, write_dispatch
 
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+        fail(f"--out {out} must name a JSON file in a folder (the .md goes beside it).")
     try:
         result = run_dispatch(presets.split(","), methods=tuple(methods.split(",")), new_tokens=new_tokens)
     except ValueError as exc:

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import apply
 from ..integrations.base import adapter_for
 from ..models.presets import build_preset
-from .speed import METHODS, bench_image, make_inputs, method_configs, supported
+from .speed import METHODS, bench_image, check_methods, make_inputs, method_configs, supported
 
 # ATen operators that copy a device value to the host (the caller blocks until the device catches up), and the
 # Tensor methods that do so on a GPU without an ATen call on CPU (counted by wrapping them while counting)
@@ -166,8 +166,7 @@ def run_dispatch(presets: list[str], *, methods: tuple[str, ...] = METHODS, new_
         raise ValueError(
             f"new_tokens must be >= 2 (a decode step is counted from the second token on), got {new_tokens}."
         )
-    if not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be distinct and at least one, got {list(methods)}.")
+    check_methods(methods)
     out = []
     for name in presets:
         model, processor, spec = build_preset(name)

@@ -240,7 +240,10 @@ def run_speed(
 
     record: a folder where every measured repetition is appended (fsynced) as it finishes, under a one-writer lock:
     a killed run, rerun with the same settings, measures only what is missing (after its own warm-up round)."""
-    check_arguments(methods, batch=batch, reps=reps, warmup=warmup, new_tokens=new_tokens, cpu_layers=cpu_layers)
+    check_arguments(
+        methods, batch=batch, reps=reps, warmup=warmup, new_tokens=new_tokens, cpu_layers=cpu_layers,
+        text_tokens=text_tokens,
+    )  # fmt: skip
     with RunLock(record, what="unclutter bench speed") if record is not None else contextlib.nullcontext():
         return _run_speed(
             preset, methods=methods, batch=batch, reps=reps, warmup=warmup, text_tokens=text_tokens,
@@ -249,17 +252,32 @@ def run_speed(
         )  # fmt: skip
 
 
-def check_arguments(methods, *, batch: int, reps: int, warmup: int, new_tokens: int | None, cpu_layers: int | None):
+def check_arguments(
+    methods, *, batch: int, reps: int, warmup: int, new_tokens: int | None, cpu_layers: int | None, text_tokens: int = 0
+):
     """Clear errors before anything is built (each run takes minutes)."""
-    for name, value, least in (("batch", batch, 1), ("reps", reps, 1), ("warmup", warmup, 0)):
+    check_methods(methods)
+    for name, value, least in (
+        ("batch", batch, 1),
+        ("reps", reps, 1),
+        ("warmup", warmup, 0),
+        ("text_tokens", text_tokens, 0),
+    ):
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}.")
     if new_tokens is not None and new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 (decoding is timed from the second token on), got {new_tokens}.")
     if cpu_layers is not None and cpu_layers < 1:
         raise ValueError(f"cpu_layers must be >= 1, got {cpu_layers}.")
+
+
+def check_methods(methods) -> None:
+    """The benchmarks time model patches; "describe-then-answer" (two generations) and "checkpoint" are not."""
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods must be distinct and at least one, got {list(methods)}.")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"the benchmarks time {', '.join(METHODS)}; got {', '.join(unknown)}.")
 
 
 def _run_speed(

@@ -27,10 +27,27 @@ DTYPES = {
 
 
 def resolve_device(device: str) -> str:
+    """``device`` checked against what this machine has ("auto": CUDA if present, else the CPU)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but no CUDA device is available; use --device cpu.")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device {device!r} is not a device name torch knows (cpu, cuda, cuda:1, mps, ...)."
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise ValueError(
+                f"--device {device} asked for, but this machine has {count} CUDA device(s); use --device cpu."
+            )
+    elif dev.type != "cpu":
+        here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if here is None or here.type != dev.type:
+            raise ValueError(
+                f"--device {device} asked for, but this machine has no {dev.type} device; use --device cpu."
+            )
     return device
 
 
