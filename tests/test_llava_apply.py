@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import unclutter
 from unclutter import CMAIConfig, SPDConfig, VMTCConfig
+from unclutter.methods import resolve
 from unclutter.models.tiny import tiny_llava
 
 pytestmark = pytest.mark.exact  # the exactness suite CI runs on both ends of the transformers range
@@ -200,11 +201,21 @@ def test_wrong_config_type(model):
         (lambda: CMAIConfig(layers=(0.5, 2)), "layers takes integers"),
         (lambda: CMAIConfig(discount="0.9"), "discount must be a number"),
         (lambda: SPDConfig(grid=4.0), "grid takes integers"),
+        (lambda: VMTCConfig(ratio=0.25, num_tokens=40), "give ratio or num_tokens, not both"),  # 40 won silently
+        (lambda: VMTCConfig(normalize="no"), "normalize is True or False"),  # a non-empty string was True
     ],
 )
 def test_bad_configs(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_budget_override_replaces_the_other_budget_field():
+    """--set vmtc.ratio on a checkpoint recorded with num_tokens kept num_tokens: the last budget given wins."""
+    recorded = {"configs": {"vmtc": {"num_tokens": 16}}}
+    assert resolve("checkpoint", ["vmtc.ratio=0.25"], recorded=recorded)["vmtc"].num_tokens is None
+    cfg = resolve("vmtc", ["vmtc.ratio=0.25", "vmtc.num_tokens=9"])["vmtc"]
+    assert (cfg.num_tokens, cfg.ratio) == (9, 0.5)
 
 
 def test_budget_larger_than_patches(model):

@@ -37,6 +37,9 @@ def _check_real(name: str, value) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}.")
 
 
+DEFAULT_RATIO = 0.5
+
+
 @dataclass(frozen=True)
 class VMTCConfig:
     """Visual-modality token compression inside the vision tower.
@@ -55,7 +58,7 @@ class VMTCConfig:
     picks the tower's default ("cls" where the tower has a CLS token).
     """
 
-    ratio: float = 0.5
+    ratio: float = 0.5  # DEFAULT_RATIO
     num_tokens: int | None = None
     num_stages: int | None = None  # None: 4, or every block up to the feature layer if fewer
     layers: tuple[int, ...] | None = None
@@ -74,6 +77,13 @@ class VMTCConfig:
         for name in ("num_tokens", "num_stages", "layers", "stage_tokens", "kmeans_iters"):
             object.__setattr__(self, name, _ints(f"VMTCConfig.{name}", getattr(self, name)))
         _check_real("VMTCConfig.ratio", self.ratio)
+        if self.num_tokens is not None and self.ratio != DEFAULT_RATIO:
+            raise ValueError(
+                f"VMTCConfig got ratio={self.ratio} and num_tokens={self.num_tokens}: the budget is one of them; "
+                "give ratio or num_tokens, not both."
+            )
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"VMTCConfig.normalize is True or False, got {self.normalize!r}.")
         if self.num_tokens is None and not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"VMTCConfig.ratio must be in (0, 1], got {self.ratio}; or set num_tokens.")
         if self.num_tokens is not None and self.num_tokens < 1:

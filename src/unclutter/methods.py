@@ -9,7 +9,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from .config import CMAIConfig, SPDConfig, VMTCConfig
+from .config import DEFAULT_RATIO, CMAIConfig, SPDConfig, VMTCConfig
 
 # "describe-then-answer" is not a model patch but an evaluation strategy (see unclutter.eval).
 METHODS: dict[str, dict[str, Any]] = {
@@ -28,6 +28,11 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text  # bare strings: --set vmtc.merge=drop
+
+
+# VMTC's budget fields and their defaults: an override of one resets the other (a checkpoint recorded with
+# num_tokens=16, evaluated with --set vmtc.ratio=0.25, would otherwise keep 16)
+BUDGET = {"ratio": DEFAULT_RATIO, "num_tokens": None}
 
 
 def resolve(name: str, overrides: Iterable[str] = (), recorded: dict | None = None) -> dict[str, Any]:
@@ -56,7 +61,10 @@ def resolve(name: str, overrides: Iterable[str] = (), recorded: dict | None = No
         value = _parse_value(raw)
         _check_type(cls, field, value, item)
         current = configs.get(section) or cls()
-        configs[section] = dataclasses.replace(current, **{field: value})
+        changes = {field: value}
+        if section == "vmtc" and field in BUDGET:  # the budget is the last of ratio / num_tokens given
+            changes.update({other: default for other, default in BUDGET.items() if other != field})
+        configs[section] = dataclasses.replace(current, **changes)
     return configs
 
 
