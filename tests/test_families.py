@@ -265,6 +265,17 @@ def test_token_reduction_on_a_family_without_it_is_a_clear_error(setup):
             unclutter.apply(model, processor, **kwargs)
 
 
+def test_another_familys_processor_is_refused(setup):
+    """Every processor has the expansion hooks unclutter patches: another family's was accepted and failed later,
+    in the model or in unclutter's own hooks (a KeyError), or silently expanded the wrong count."""
+    family, model, processor, images = setup
+    other = tiny_vlm("gemma3" if family.family != "gemma3" else "llava").processor()
+    for kwargs in ({"vmtc": VMTCConfig()} if family.vmtc else {}, {"cmai": CMAIConfig()}):
+        with pytest.raises(TypeError, match=f"takes its own processor .*got {type(other).__name__}"):
+            unclutter.apply(model, other, **kwargs)
+        assert "_unclutter_handle" not in vars(unclutter.integrations.base.adapter_for(model)(model).base)
+
+
 # ---- VMTC and SPD where the family supports them ------------------------------------------------------
 
 

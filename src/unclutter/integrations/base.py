@@ -65,6 +65,8 @@ class Adapter:
 
     family: ClassVar[str] = ""
     classes: ClassVar[tuple[str, ...]] = ()
+    # the family's processor classes (subclasses too): the one whose expansion `patch_processor` changes
+    processor_classes: ClassVar[tuple[str, ...]] = ()
     vmtc: ClassVar[bool] = False  # VMTC supported
     spd: ClassVar[bool] = False  # SPD supported
     default_importance: ClassVar[str] = "cls"  # "received" for towers without a CLS token
@@ -294,6 +296,8 @@ def apply(
                 f"{name} is not available for {adapter.family} yet; CMAI is. See the README's support matrix."
             )
 
+    if processor is not None:
+        check_processor(adapter, processor)
     handle = Handle(model, processor, adapter, vmtc, cmai, spd)
     adapter.plan(handle)
     setattr(adapter.base, _HANDLE_ATTR, handle)
@@ -309,6 +313,17 @@ def apply(
         handle.remove()
         raise
     return handle
+
+
+def check_processor(adapter: Adapter, processor) -> None:
+    """Refuse another family's processor (each has the expansion hooks, so it would be patched, then fail later
+    in the model or in unclutter's own hooks)."""
+    names = adapter.processor_classes
+    if names and not any(c.__name__ in names for c in type(processor).__mro__):
+        raise TypeError(
+            f"{adapter.family} takes its own processor ({' or '.join(names)}), got {type(processor).__name__}: "
+            "load the processor from the model's checkpoint (AutoProcessor.from_pretrained)."
+        )
 
 
 def _install_cmai(handle: Handle, adapter: Adapter, cfg: CMAIConfig) -> None:

@@ -104,6 +104,7 @@ def unit_stage_forward(stage: VMTCStage, handle: Handle, side: int, kernel: int,
 class Gemma3Adapter(Adapter):
     family = "Gemma 3"
     classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
+    processor_classes = ("Gemma3Processor",)
     vmtc = True
     spd = True
     default_importance = "received"  # SigLIP has no CLS token

@@ -194,6 +194,7 @@ def tile_count(kwargs: dict) -> int:
 class Idefics3Adapter(Adapter):
     family = "Idefics3"
     classes = ("Idefics3ForConditionalGeneration", "Idefics3Model")
+    processor_classes = ("Idefics3Processor",)
     vmtc = True
     spd = True
     default_importance = "received"
@@ -356,6 +357,7 @@ class SmolVLMAdapter(Idefics3Adapter):
 
     family = "SmolVLM"
     classes = ("SmolVLMForConditionalGeneration", "SmolVLMModel")
+    processor_classes = ("SmolVLMProcessor",)
     global_tag_attr = "global_image_token"
 
     def patch_processor(self, handle: Handle, processor) -> None:

@@ -146,6 +146,7 @@ def vmtc_block_forward(stage: VMTCStage, handle: Handle, s: int, order: torch.Te
 class InternVLAdapter(Adapter):
     family = "InternVL"
     classes = ("InternVLForConditionalGeneration", "InternVLModel")
+    processor_classes = ("InternVLProcessor",)
     vmtc = True
     spd = True
 

@@ -56,6 +56,7 @@ def fixed_count_processor(handle: Handle, processor, tokens: int) -> None:
 class LlavaAdapter(Adapter):
     family = "LLaVA-1.5"
     classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    processor_classes = ("LlavaProcessor",)
     vmtc = True
     spd = True
 

@@ -25,6 +25,7 @@ from .vision import install_vmtc_layers
 class LlavaNextAdapter(AnyresAdapter):
     family = "LLaVA-NeXT"
     classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    processor_classes = ("LlavaNextProcessor",)
     vmtc = True
     spd = True
     has_cls = True

@@ -64,6 +64,7 @@ def images_per_prompt(batch_num_images, image_idx: int) -> int:
 class LlavaOnevisionAdapter(AnyresAdapter):
     family = "LLaVA-OneVision"
     classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    processor_classes = ("LlavaOnevisionProcessor",)
     vmtc = True
     has_cls = False
     default_importance = "received"

@@ -23,6 +23,7 @@ from .qwen_vl import Packed, QwenVLAdapter
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     family = "Qwen2.5-VL"
     classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+    processor_classes = ("Qwen2_5_VLProcessor",)
     output_class = BaseModelOutputWithPooling
     rotary = staticmethod(apply_rotary_pos_emb_vision)
 

@@ -25,6 +25,7 @@ from .qwen_vl import Packed, QwenVLAdapter
 class Qwen3VLAdapter(QwenVLAdapter):
     family = "Qwen3-VL"
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
+    processor_classes = ("Qwen3VLProcessor",)
     output_class = BaseModelOutputWithDeepstackFeatures
     rotary = staticmethod(apply_rotary_pos_emb_vision)
     video_run_per_frame = True
