@@ -339,3 +339,13 @@ def test_switching_the_attention_implementation_after_apply(processor, images):
         model(**encode(processor, images))
     handle.remove()
     assert model.model.language_model.config._attn_implementation == "eager"
+
+
+def test_generate_with_a_hand_tokenized_prompt_names_the_count(model, processor, images):
+    """generate encodes the images before its first forward, so a wrong placeholder count was reported as features
+    'encoded before this call (mm_encoder_outputs)', which the user never passed."""
+    ids = processor.tokenizer(["user : <image> what is this ? assistant :"], return_tensors="pt")
+    pixels = processor.image_processor(images[:1], return_tensors="pt")["pixel_values"]
+    with unclutter.apply(model, processor, vmtc=VMTCConfig()), torch.no_grad():
+        with pytest.raises(ValueError, match=r"1 image tokens for 1 image\(s\); expected 32 per image"):
+            model.generate(**ids, pixel_values=pixels, max_new_tokens=2)

@@ -432,10 +432,16 @@ def check_placeholders(
             return
         if stale and found * handle.num_image_tokens == rows * handle.stock_image_tokens:
             raise ValueError(stale)
+        per_image = handle.num_image_tokens
+        if per_image and rows % per_image == 0:  # whole images (generate encodes them before its first forward)
+            raise ValueError(
+                f"the prompt has {found} image tokens for {rows // per_image} image(s); expected {per_image} per "
+                "image. Expand the prompt with the processor passed to unclutter.apply."
+            )
         raise ValueError(
-            f"the prompt has {found} image tokens but the image features encoded before this call "
-            f"(mm_encoder_outputs) hold {rows} rows: encode the images with the model unclutter was applied to, "
-            "and expand the prompt with the processor passed to unclutter.apply."
+            f"the prompt has {found} image tokens but the image features encoded before this call (by generate, or "
+            f"passed as mm_encoder_outputs) hold {rows} rows: encode the images with the model unclutter was applied "
+            "to, and expand the prompt with the processor passed to unclutter.apply."
         )
     want = images * handle.num_image_tokens
     if found == 0:
