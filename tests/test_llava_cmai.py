@@ -284,3 +284,15 @@ def test_images_after_the_prefill_are_refused(model, processor, images):
         again = {**batch, "attention_mask": torch.cat([batch["attention_mask"], batch["attention_mask"]], 1)}
         with pytest.raises(ValueError, match="every image in the first forward call"):
             model(**again, use_cache=True, **{cache_argument(model): output_cache(out)})
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_torch_compile_with_cmai(model, processor, images):
+    """torch.compile (inductor, on CPU) of a model with CMAI equals eager: CMAI's mask bookkeeping runs eagerly (a
+    graph break); compiled, inductor generated C++ that did not build (bool and float vector masks mixed)."""
+    batch = encode(processor, images)
+    with unclutter.apply(model, processor, cmai=CMAIConfig()), torch.no_grad():
+        expected = model(**batch, use_cache=False).logits
+        got = torch.compile(model, backend="inductor")(**batch, use_cache=False).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)

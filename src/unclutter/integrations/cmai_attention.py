@@ -722,6 +722,7 @@ def _sdpa(module, query, key, value, mask, scaling, dropout, kwargs: dict):
         return out, logits.softmax(dim=-1).to(query.dtype)
 
 
+@torch.compiler.disable  # bookkeeping on host numbers; inductor also miscompiles its bool/float masks on CPU
 def _mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout) -> torch.Tensor:
     if lay.fast_mask is not None:
         return _fast_mask(state, layer, gamma, query, key, scaling, softcap, lay)
