@@ -106,6 +106,12 @@ def test_cli_verbs_name_bad_arguments_before_loading(model_dir, tmp_path, images
         (["visualize", "--model", str(model_dir), *see, "--out", str(tmp_path / "file")], "is a file, not a folder"),
         (["model", "export", "--out", str(tmp_path / "file")], "is a file, not a folder"),
         (["visualize", "--model", str(model_dir), *see, "--token-index", "-1"], "counts generated tokens from 0"),
+        # these two were silently ignored: SPD's override, and an index past the answer (the last token was drawn)
+        (["visualize", "--model", str(model_dir), *see, "--set", "spd.grid=4"], "SPD has none"),
+        (
+            ["visualize", "--model", str(model_dir), *see, "--token-index", "1000", "--out", str(tmp_path / "v")],
+            "token index 1000 is past the answer",
+        ),
         (["visualize", "--model", str(tmp_path / "nowhere"), *see, "--out", str(tmp_path / "v")], "no model folder"),
         (["demo", "--model", str(model_dir), "--bench-size", "0", "--out", str(tmp_path / "d")], "must be >= 1"),
         (["demo", "--model", str(qwen), "--out", str(tmp_path / "d")], "not Qwen2.5-VL"),

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from unclutter.cli import app
 from unclutter.evaluation import data as D
+from unclutter.evaluation.report import write_comparison
 from unclutter.evaluation.runner import PredictionLog, run_eval
 from unclutter.ifeval.scoring import DataError
 
@@ -110,9 +111,13 @@ def test_bad_data_fails_before_the_run(tmp_path, model_dir):
         ("vqav2", {"answers": ["red", None]}, "non-empty list of strings"),
         ("gqa", {"answer": 2}, "'answer' must be a string"),
         ("mme", {"answer": "Maybe"}, "Yes or No"),
+        ("mme", {"category": "Existence"}, "unknown MME category 'Existence'; MME's are existence, count"),
         ("mmbench", {"options": {"A": "red", "B": ""}, "answer": "B"}, "names no option"),
         ("if16", {"instruction_id_list": ["x:y"]}, "unknown instruction id"),
         ("if16", {"kwargs": [{}, {}]}, "equal length"),
+        ("if16", {"kwargs": ["x"]}, "kwargs must be an object"),
+        ("if16", {"instruction_id_list": [["punctuation:no_comma"]]}, "an instruction id is a string"),
+        ("if16", {"task": 1}, "'task' must be a string"),
         ("if16", {"instruction_id_list": ["length_constraints:number_words"], "kwargs": [{}]}, r"needs kwargs"),
         (
             "if16",
@@ -133,13 +138,44 @@ def test_malformed_fields_are_named_before_the_run(tmp_path, bench, change, matc
         D.load_records(bench, data, images)
 
 
+def test_if16_records_need_their_task(tmp_path):
+    """Without ``task`` an eval had no headline (if_avg_strict) and `report` failed in matplotlib or dropped the run.
+    IFEval's own format, without tasks, stays what `unclutter ifeval score` reads."""
+    from unclutter.ifeval.scoring import read_inputs
+
+    data, images = write_bench(tmp_path, "if16", n=2)
+    recs = [{k: v for k, v in json.loads(line).items() if k != "task"} for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DataError, match=r"if16.jsonl:1: if16 record lacks \['task'\]"):
+        D.load_records("if16", data, images)
+    assert len(read_inputs(data)) == 2
+    run = tmp_path / "old-run"  # a run from before the check: refused by report, named
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"bench": "if16", "if16": {}, "num_records": 2, "num_errors": 0}))
+    with pytest.raises(ValueError, match=r"old-run/metrics.json: the if16 run has no if_avg_strict \(its if16 file"):
+        write_comparison([run], tmp_path / "rep")
+    assert runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "rep")]).exit_code == 2
+    assert not (tmp_path / "rep").exists()
+
+
+def test_non_utf8_data_is_named_with_its_line(tmp_path):
+    data, images = write_bench(tmp_path, "gqa", n=2)
+    data.write_bytes(data.read_bytes().replace(b"color", b"colo\xff", 2))
+    with pytest.raises(DataError, match=r"gqa.jsonl:1: not UTF-8 \(byte 0xff at character"):
+        D.load_records("gqa", data, images)
+
+
 def test_run_arguments_are_checked(model_dir, tmp_path):
     data, images = write_bench(tmp_path, "gqa", n=2)
     for bad in ({"limit": 0}, {"limit": -1}, {"batch_size": 0}, {"batch_size": -1}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive integer"):
             run_eval(model_name=str(model_dir), method="stock", bench="gqa", data=data, images=images,
                      out=tmp_path / "r", device="cpu", **bad)  # fmt: skip
-    assert not (tmp_path / "r" / "predictions.jsonl").exists()
+    for device, match in (("foo", "not a device name"), ("cuda:3", "CUDA device")):  # failed in torch, folder written
+        with pytest.raises(ValueError, match=match):
+            run_eval(model_name=str(model_dir), method="stock", bench="gqa", data=data, images=images,
+                     out=tmp_path / "r", device=device)  # fmt: skip
+    assert not (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "predictions.jsonl").exists()
 
 
 def test_rerun_with_other_settings_is_refused(model_dir, tmp_path):
@@ -238,6 +274,39 @@ def test_report_compares_runs(model_dir, tmp_path):
     assert itab["tasks"] == ["T1"] and len(itab["rows"]) == 2
 
 
+def test_report_keeps_runs_that_share_model_method_and_bench(tmp_path):
+    """Two runs of one model and method on one benchmark (two data files, say) shared a row: one number vanished."""
+    runs = []
+    for folder, acc in (("a/run1", 30.0), ("b/run2", 70.0), ("c/run", 10.0), ("d/run", 20.0)):
+        run = tmp_path / folder
+        run.mkdir(parents=True)
+        m = {"bench": "gqa", "accuracy": acc, "method": "stock", "label": "stock", "model": "m",
+             "num_records": 1, "num_errors": 0}  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps(m))
+        runs.append(str(run))
+    result = runner.invoke(app, ["report", *runs, "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    tab = json.loads((tmp_path / "rep" / "comparison.json").read_text())
+    assert [(r["method"], r["GQA"]) for r in tab["rows"]] == [
+        ("stock (run1)", 30.0), ("stock (run2)", 70.0), ("stock (c/run)", 10.0), ("stock (d/run)", 20.0),
+    ]  # fmt: skip
+
+
+def test_report_refuses_files_that_are_not_run_metrics(tmp_path):
+    summary = tmp_path / "score" / "summary.json"  # `ifeval score`'s: a KeyError 'bench' traceback
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({"num_prompts": 1, "per_task": {}}))
+    predictions = tmp_path / "predictions.jsonl"  # "Extra data: line 2 column 1" without the file
+    predictions.write_text('{"id": "a"}\n{"id": "b"}\n')
+    for path, message in (
+        (summary, r"summary.json is not the metrics.json of an `unclutter eval` run"),
+        (predictions, r"predictions.jsonl: cannot read it as JSON \(Extra data"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            write_comparison([path], tmp_path / "rep")
+        assert runner.invoke(app, ["report", str(path), "--out", str(tmp_path / "rep")]).exit_code == 2
+
+
 def test_converters(tmp_path):
     import base64
     import io
@@ -283,6 +352,44 @@ def test_converters(tmp_path):
     assert D.convert_mmbench_tsv(tsv, tmp_path / "mmb.jsonl", tmp_path / "mmb_images") == 1
     recs = D.load_records("mmbench", tmp_path / "mmb.jsonl", tmp_path / "mmb_images")
     assert [(r["id"], r["answer"]) for r in recs] == [("5@0", "B"), ("5@1", "A")]
+
+
+def test_converters_name_bad_inputs(tmp_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 7, "image": "a.jpg", "text": "Is it red?"}) + "\n")
+    gqa = tmp_path / "gqa.json"
+    gqa.write_text(json.dumps({"7": {"answer": "no"}}))
+    # the output's folder is created (a FileNotFoundError traceback)
+    assert D.convert_llava("gqa", q, gqa, tmp_path / "new" / "g.jsonl") == 1
+    tsv = tmp_path / "noq.tsv"
+    tsv.write_text("index\tA\tB\tanswer\timage\n1\tred\tblue\tA\tx\n")
+    (tmp_path / "empty").mkdir()
+    for convert, match in [
+        (lambda: D.convert_llava("gqa", q, tmp_path / "none.json", tmp_path / "o.jsonl"), r"none.json: no such file"),
+        (lambda: D.convert_mme(tmp_path / "none", tmp_path / "o.jsonl"), r"none: no such folder"),
+        (lambda: D.convert_mmbench_tsv(tmp_path / "none.tsv", tmp_path / "o.jsonl", tmp_path / "i"), "no such file"),
+        # the bare KeyError text: "error: 'annotations'", "error: 'question'"
+        (lambda: D.convert_llava("vqav2", q, gqa, tmp_path / "o.jsonl"),
+         r"gqa.json lacks field 'annotations' \(is it the vqav2 answers file, v2_mscoco_val2014_annotations.json\?\)"),
+        (lambda: D.convert_mmbench_tsv(tsv, tmp_path / "o.jsonl", tmp_path / "i"),
+         r"noq.tsv lacks column\(s\) \['question'\] \(is it the MMBench TSV\?\)"),
+        (lambda: D.convert_mme(tmp_path / "empty", tmp_path / "o.jsonl"), r"empty: no records found"),  # "wrote 0"
+    ]:  # fmt: skip
+        with pytest.raises(DataError, match=match):
+            convert()
+    assert not (tmp_path / "o.jsonl").exists()
+    mme = tmp_path / "MME" / "color"
+    mme.mkdir(parents=True)
+    random_image(0).save(mme / "0001.png")
+    (mme / "0001.txt").write_bytes(b"Is it r\xe9d?\tYes\n")
+    with pytest.raises(DataError, match=r"0001.txt: not UTF-8 \(byte 0xe9 at offset 7\)"):
+        D.convert_mme(tmp_path / "MME", tmp_path / "o.jsonl")
+    result = runner.invoke(app, ["data", "convert", "--bench", "mme", "--mme-root", str(tmp_path / "empty"),
+                                 "--out", str(tmp_path / "o.jsonl")])  # fmt: skip
+    assert result.exit_code == 2 and "no records found" in " ".join(result.output.split())
+    result = runner.invoke(app, ["data", "convert", "--bench", "mme", "--mme-root", str(tmp_path / "MME"),
+                                 "--out", str(tmp_path / "empty")])  # fmt: skip
+    assert result.exit_code == 2 and "must name a JSONL file" in " ".join(result.output.split())
 
 
 def test_convert_hf_dataset(tmp_path):
@@ -408,6 +515,32 @@ def test_report_separates_models(tmp_path):
         ("a/checkpoint: stock", 33.3), ("b/checkpoint: stock", 16.7), ("runs/llava-next: stock", 40.0),
         ("hub/llava-next: stock", 50.0),
     ]  # fmt: skip
+
+
+def test_an_image_the_processor_refuses_becomes_an_error_row(tmp_path_factory, tmp_path):
+    """Qwen2.5-VL's processor refuses an aspect ratio over 200: the whole eval stopped there, on every rerun."""
+    path, _ = family_dir(tmp_path_factory, "qwen2_5_vl")
+    data, images = write_bench(tmp_path, "gqa", n=3)
+    Image.new("RGB", (2000, 1), (255, 0, 0)).save(images / "1.png")
+    kw = dict(model_name=str(path), method="vmtc+cmai", bench="gqa", data=data, images=images, out=tmp_path / "r",
+              batch_size=2, max_new_tokens=2, device="cpu")  # fmt: skip
+    m = run_eval(**kw)
+    assert m["num_errors"] == 1 and m["num_records"] == 3
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "r" / "predictions.jsonl").open())}
+    assert rows["q1"]["prediction"] is None and "aspect ratio must be smaller than 200" in rows["q1"]["error"]
+    assert f"refuses image {images / '1.png'}" in rows["q1"]["error"]
+    assert isinstance(rows["q0"]["prediction"], str) and isinstance(rows["q2"]["prediction"], str)
+    assert run_eval(**kw) == m  # the rerun resumes past it
+
+
+def test_a_processor_failure_that_is_not_the_images_is_raised():
+    from unclutter.evaluation.generation import generate
+
+    def processor(images, text, **kw):  # fails whatever the image: the prompt's or the processor's fault
+        raise ValueError("the prompt has no image token")
+
+    with pytest.raises(ValueError, match="the prompt has no image token"):
+        generate(None, processor, ["q"], [Image.new("RGB", (2000, 1))])
 
 
 def test_eval_refuses_a_method_the_family_lacks(tmp_path_factory, tmp_path):

@@ -208,6 +208,11 @@ def test_bad_ids_and_kwargs():
         F("length_constraints:number_words", {"relation": "more than", "num_words": 2}, "x y z")
     # lm-eval style kwargs with every key present as null are accepted
     assert F("punctuation:no_comma", {"num_words": None, "relation": None}, "x")
+    # containers of the wrong type are named, not an AttributeError / unhashable TypeError from inside
+    with pytest.raises(ValueError, match=r"punctuation:no_comma: kwargs must be an object .* got 'x'"):
+        F("punctuation:no_comma", "x", "y")
+    with pytest.raises(ValueError, match=r"an instruction id is a string .* got \['punctuation:no_comma'\]"):
+        F(["punctuation:no_comma"], {}, "y")
 
 
 def test_all_26_instructions_described():

@@ -66,6 +66,35 @@ def test_malformed_lines_name_file_and_line(tmp_path):
         bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": [iid], "kwargs": [kwargs]}) + "\n")
         with pytest.raises(scoring.DataError, match=rf"in.jsonl:1: {iid}: .*{match}"):
             scoring.read_inputs(bad)
+    for change, match in [  # malformed containers: named with their line, not an AttributeError or TypeError
+        ({"kwargs": ["x"]}, "punctuation:no_comma: kwargs must be an object"),
+        ({"instruction_id_list": [["punctuation:no_comma"]]}, "an instruction id is a string"),
+        ({"prompt": 5}, "'prompt' must be a string"),
+    ]:
+        line = {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], **change}
+        bad.write_text(json.dumps(line) + "\n")
+        with pytest.raises(scoring.DataError, match=rf"in.jsonl:1: {match}"):
+            scoring.read_inputs(bad)
+
+
+def test_files_that_are_not_utf8_are_named_with_their_line(tmp_path):
+    good = json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(good + "\n")
+    responses = tmp_path / "resp.jsonl"
+    responses.write_bytes(b'{"key": 1, "response": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(scoring.DataError, match=r"resp.jsonl:1: not UTF-8 \(byte 0xe9 at character 28\)"):
+        scoring.read_responses(responses)
+    result = runner.invoke(
+        app, ["ifeval", "score", "--input", str(inputs), "--responses", str(responses), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "resp.jsonl:1: not UTF-8" in " ".join(result.output.split())
+    questions = tmp_path / "q.jsonl"
+    questions.write_bytes(
+        b'{"question_id": 1, "image": "a.png", "text": "ok"}\n{"question_id": 2, "image": "\xff.png"}\n'
+    )
+    with pytest.raises(scoring.DataError, match=r"q.jsonl:2: not UTF-8 \(byte 0xff"):
+        suite.build_suite_file(questions, tmp_path / "s.jsonl", per_task=1, tasks=["T1"])
 
 
 @pytest.fixture
@@ -112,6 +141,29 @@ def test_build_suite_task_subset_and_errors(llava_questions, tmp_path):
     (images / "3.png").unlink()
     with pytest.raises(scoring.DataError, match="image '3.png' not found"):
         suite.build_suite_file(path, tmp_path / "s.jsonl", images=images)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question_id": 1, "image": "0.png", "text": 5}) + "\n")
+    with pytest.raises(scoring.DataError, match=r"bad.jsonl:1: 'text' must be a string, got 5"):
+        suite.build_suite_file(bad, tmp_path / "s.jsonl")
+
+
+def test_build_suite_refuses_sources_that_are_neither_jsonl_nor_a_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "q.json").write_text("[]")
+    for source, match in [
+        (tmp_path / "q.json", "must be LLaVA question JSONL ending in .jsonl"),  # it reached the hub as an id
+        (tmp_path / "no" / "such", "no such file or folder"),  # a FileNotFoundError traceback
+        (tmp_path / "nothing.parquet", "no such file or folder"),
+    ]:
+        with pytest.raises(scoring.DataError, match=match):
+            suite.build_suite_file(str(source), tmp_path / "out" / "s.jsonl")
+    (tmp_path / "empty").mkdir()  # a folder datasets cannot load: its error in one line, naming the source
+    result = runner.invoke(
+        app, ["ifeval", "build", "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "s.jsonl")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot load it as a Hugging Face dataset" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
 
 
 def test_build_suite_from_hf_dataset_dir(tmp_path):
@@ -162,3 +214,22 @@ def test_report_renders_table1_layout(tmp_path):
     assert (tmp_path / "rep" / "if_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no summary.json"):
         report.load_run(tmp_path / "nowhere")
+    (tmp_path / "list.json").write_text("[1, 2]")  # an AttributeError traceback
+    with pytest.raises(ValueError, match=r"list.json holds a JSON list, not an object; give the summary.json"):
+        report.load_run(tmp_path / "list.json")
+    (tmp_path / "p.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl: cannot read it as JSON \(Extra data"):
+        report.load_run(tmp_path / "p.jsonl")
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path):
+    a = _fake_run(tmp_path, "stock", {"T1": 4})
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for args in (
+        ["ifeval", "score", "--input", str(tmp_path / "stock.in"), "--responses", str(tmp_path / "stock.resp")],
+        ["ifeval", "report", str(a)],
+        ["report", str(a)],
+    ):
+        result = runner.invoke(app, [*args, "--out", str(taken)])
+        assert result.exit_code == 2 and "is a file, not a folder" in " ".join(result.output.split()), args

@@ -57,6 +57,7 @@ def ifeval_score(
     """Score responses: eval_results_{strict,loose}.jsonl and summary.json in OUT."""
     from .ifeval.scoring import DataError, score_files
 
+    check_out_dir(out)
     try:
         summary = score_files(input, responses, out)
     except DataError as exc:
@@ -88,6 +89,8 @@ def ifeval_build(
     from .ifeval.scoring import DataError
     from .ifeval.suite import build_suite_file
 
+    if out.is_dir():
+        fail(f"--out {out} is a folder: give the suite JSONL file to write.")
     try:
         records = build_suite_file(
             source, out, images=images, per_task=per_task, seed=seed, tasks=tasks.split(",") if tasks else None
@@ -106,6 +109,7 @@ def ifeval_report(
     """Table 1 layout (T1..T16, AVG; one row per run) as markdown, JSON and a bar chart."""
     from .ifeval.report import to_markdown, write_report
 
+    check_out_dir(out)
     try:
         tab = write_report(runs, out, mode)
     except ValueError as exc:
@@ -222,6 +226,7 @@ def report_cmd(
     """Compare runs side by side (Table 1 / Table 2 style): markdown, JSON and charts."""
     from .evaluation.report import compare_markdown, write_comparison
 
+    check_out_dir(out)
     try:
         tab = write_comparison(runs, out)
     except ValueError as exc:
@@ -251,6 +256,8 @@ def data_convert(
     from .evaluation import data as D
     from .ifeval.scoring import DataError
 
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+        fail(f"--out {out} must name a JSONL file in a folder (the folder is created if missing).")
     try:
         if llava_questions and annotations:
             n = D.convert_llava(bench, llava_questions, annotations, out)
@@ -314,6 +321,8 @@ def visualize_cmd(
     check_out_dir(out)
     try:
         configs = resolve("vmtc+cmai", set_ or [])
+        if configs.get("spd") is not None:
+            fail("visualize draws VMTC's and CMAI's pictures; SPD has none: drop the spd.* overrides.")
         llava, processor = load(model)
         result = visualize(
             llava, processor, open_image(image), prompt, out, vmtc=configs.get("vmtc"), cmai=configs.get("cmai"),

@@ -272,7 +272,11 @@ def visualize(
         if one
         else vmtc_figure(imgs, stages, [t.grid for t in tiles], path, titles=titles, names=names)
     }
-    token_index = min(token_index, len(new) - 1)
+    if token_index >= len(new):
+        raise ValueError(
+            f"token index {token_index} is past the answer, which has {len(new)} generated token(s) ({answer!r}); "
+            f"choose 0 to {len(new) - 1}."
+        )
     token = processor.tokenizer.decode(new[token_index : token_index + 1]).strip() or "<eos>"
     final = [[g.patches for g in tile_stages[-1]] for tile_stages in stages]
     for t, (where, groups) in enumerate(zip(tiles, final, strict=True)):

@@ -21,13 +21,12 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 from collections import Counter
 from pathlib import Path
 
 from ..ifeval import resolve_kwargs
-from ..ifeval.scoring import DataError, read_jsonl, write_jsonl_atomic
-from ..metrics import rotate_options
+from ..ifeval.scoring import DataError, read_json_object, read_jsonl, write_jsonl_atomic
+from ..metrics import MME_COGNITION, MME_PERCEPTION, rotate_options
 from .images import to_rgb
 
 BENCHES = ("vqav2", "textvqa", "gqa", "mme", "mmbench", "if16")
@@ -37,7 +36,7 @@ REQUIRED = {
     "gqa": ("question_id", "image", "question", "answer"),
     "mme": ("question_id", "image", "question", "answer", "category"),
     "mmbench": ("question_id", "image", "question", "options", "answer"),
-    "if16": ("key", "image", "prompt", "instruction_id_list", "kwargs"),
+    "if16": ("key", "image", "prompt", "instruction_id_list", "kwargs", "task"),  # task: the per-task rates
 }
 
 
@@ -84,6 +83,10 @@ def _check_fields(bench: str, rec: dict, where: str) -> None:
         raise DataError(f"{where}: the question must be a string.")
     if bench == "mme" and rec["answer"].lower().strip().replace(".", "") not in ("yes", "no"):  # as `mme_scores`
         raise DataError(f"{where}: MME answers are Yes or No, got {rec['answer']!r}.")
+    if bench == "mme" and rec["category"] not in MME_PERCEPTION + MME_COGNITION:  # else scored as cognition
+        raise DataError(
+            f"{where}: unknown MME category {rec['category']!r}; MME's are {', '.join(MME_PERCEPTION + MME_COGNITION)}."
+        )
     if bench == "mmbench":
         options = rec["options"]
         if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
@@ -91,6 +94,8 @@ def _check_fields(bench: str, rec: dict, where: str) -> None:
         if not str(options.get(rec["answer"], "")).strip():
             raise DataError(f"{where}: the answer letter {rec['answer']!r} names no option with a text.")
     if bench == "if16":
+        if not isinstance(rec["task"], str):
+            raise DataError(f"{where}: 'task' must be a string (T1..T16), got {rec['task']!r}.")
         ids, kwargs = rec["instruction_id_list"], rec["kwargs"]
         if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
             raise DataError(f"{where}: instruction_id_list and kwargs must be lists of equal length.")
@@ -121,6 +126,9 @@ def _llava_questions(path: str | Path) -> list[dict]:
         for f in ("question_id", "image", "text"):
             if f not in obj:
                 raise DataError(f"{path}:{lineno}: LLaVA question line lacks {f!r}.")
+        for f in ("image", "text"):
+            if not isinstance(obj[f], str):
+                raise DataError(f"{path}:{lineno}: {f!r} must be a string, got {obj[f]!r}.")
         question = obj["text"].split("\n")[0].replace("<image>", "").strip()  # drop LLaVA's format hint
         rows.append(
             {
@@ -133,26 +141,35 @@ def _llava_questions(path: str | Path) -> list[dict]:
     return rows
 
 
+ANSWER_FILES = {  # the official answers file each LLaVA question set is converted with
+    "vqav2": "v2_mscoco_val2014_annotations.json", "textvqa": "TextVQA_0.5.1_val.json",
+    "gqa": "testdev_balanced_questions.json",
+}  # fmt: skip
+
+
 def convert_llava(bench: str, questions: str | Path, annotations: str | Path, out: str | Path) -> int:
     """LLaVA eval question JSONL + the official answers file -> our format. Returns the record count.
 
     vqav2: ``v2_mscoco_val2014_annotations.json``; textvqa: ``TextVQA_0.5.1_val.json``;
     gqa: ``testdev_balanced_questions.json``.
     """
-    data = json.loads(Path(annotations).read_text(encoding="utf-8"))
-    if bench == "vqav2":
-        answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in data["annotations"]}
-        key = "answers"
-    elif bench == "textvqa":
-        answers = {a["question_id"]: a["answers"] for a in data["data"]}
-        key = "answers"
-    elif bench == "gqa":
-        answers = {qid: v["answer"] for qid, v in data.items()}
-        key = "answer"
-    else:
+    if bench not in ANSWER_FILES:
         raise ValueError(
             f"convert_llava handles vqav2, textvqa and gqa; use convert_mme / convert_mmbench_tsv for {bench}."
         )
+    _check_input(annotations)
+    data = read_json_object(annotations, f"the {bench} answers file, {ANSWER_FILES[bench]}")
+    try:
+        if bench == "vqav2":
+            answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in data["annotations"]}
+        elif bench == "textvqa":
+            answers = {a["question_id"]: a["answers"] for a in data["data"]}
+        else:
+            answers = {qid: v["answer"] for qid, v in data.items()}
+    except (KeyError, TypeError) as exc:  # another benchmark's file (or another layout)
+        lacks = f"lacks field {exc.args[0]!r}" if isinstance(exc, KeyError) else f"is not laid out as {bench}'s"
+        raise DataError(f"{annotations} {lacks} (is it the {bench} answers file, {ANSWER_FILES[bench]}?).") from None
+    key = "answers" if bench in ("vqav2", "textvqa") else "answer"
     rows = []
     for q in _llava_questions(questions):
         qid = q["question_id"]
@@ -160,14 +177,14 @@ def convert_llava(bench: str, questions: str | Path, annotations: str | Path, ou
         if ans is None:
             raise DataError(f"{annotations}: no answer for question_id {qid!r}.")
         rows.append({**q, key: ans})
-    write_jsonl_atomic(Path(out), rows)
-    return len(rows)
+    return _write(rows, out, questions)
 
 
 def convert_mme(root: str | Path, out: str | Path) -> int:
     """The official MME release folder (one folder per category; ``question<TAB>answer`` .txt files beside
     or in ``questions_answers_YN/``, images beside or in ``images/``) -> our format, image paths relative to ``root``."""
     root = Path(root)
+    _check_input(root, folder=True)
     rows = []
     for cat_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         qa_dir = cat_dir / "questions_answers_YN" if (cat_dir / "questions_answers_YN").is_dir() else cat_dir
@@ -178,7 +195,7 @@ def convert_mme(root: str | Path, out: str | Path) -> int:
             )
             if image is None:
                 raise DataError(f"{txt}: no image named {txt.stem}.* in {img_dir}.")
-            for lineno, line in enumerate(txt.read_text(encoding="utf-8").split("\n"), 1):
+            for lineno, line in enumerate(_read_text(txt).split("\n"), 1):
                 if not line.strip():
                     continue
                 if "\t" not in line:
@@ -188,17 +205,21 @@ def convert_mme(root: str | Path, out: str | Path) -> int:
                     "question_id": f"{cat_dir.name}/{image.name}", "image": str(image.relative_to(root)),
                     "question": question.strip(), "answer": answer.strip(), "category": cat_dir.name,
                 })  # fmt: skip
-    write_jsonl_atomic(Path(out), rows)
-    return len(rows)
+    return _write(rows, out, root)
 
 
 def convert_mmbench_tsv(tsv: str | Path, out: str | Path, images_out: str | Path) -> int:
     """MMBench's TSV (index, question, hint, A-D, answer, category, base64 image) -> our format + image files."""
+    _check_input(tsv)
     images_out = Path(images_out)
-    images_out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(tsv, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in ("index", "question", "image") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{tsv} lacks column(s) {missing} (is it the MMBench TSV?).")
+        images_out.mkdir(parents=True, exist_ok=True)
+        for lineno, row in enumerate(reader, 2):
             if _circular_copy(row.get("index"), f"{tsv}:{lineno}"):
                 continue
             try:
@@ -214,6 +235,27 @@ def convert_mmbench_tsv(tsv: str | Path, out: str | Path, images_out: str | Path
                 "answer": row.get("answer"), "category": row.get("category"),
                 **({"hint": hint} if hint and hint != "nan" else {}),
             })  # fmt: skip
+    return _write(rows, out, tsv)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8."
+        ) from None
+
+
+def _check_input(path: str | Path, folder: bool = False) -> None:
+    if not (Path(path).is_dir() if folder else Path(path).is_file()):
+        raise DataError(f"{path}: no such {'folder' if folder else 'file'}.")
+
+
+def _write(rows: list[dict], out: str | Path, source) -> int:
+    """Write the converted records; none at all means the source was not what the converter reads."""
+    if not rows:
+        raise DataError(f"{source}: no records found to convert (is it the right file or folder?); nothing written.")
     write_jsonl_atomic(Path(out), rows)
     return len(rows)
 
@@ -286,8 +328,7 @@ def convert_hf(
         name = f"{i:07d}.png"
         to_rgb(image).save(images_out / name)
         rows.append({**rec, "image": name})
-    write_jsonl_atomic(Path(out), rows)
-    return len(rows)
+    return _write(rows, out, dataset if isinstance(dataset, str | Path) else "the dataset")
 
 
 def _open_dataset(dataset, split):

@@ -76,6 +76,35 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
     return model.eval(), processor
 
 
+class ImagesRefused(ValueError):
+    """The processor refuses some images of a batch (Qwen2.5-VL's aspect ratio limit, say) though it takes a plain
+    image in their place: the fault is theirs, not the run's. ``refused`` maps each prompt's index to the message."""
+
+    def __init__(self, refused: dict[int, str]) -> None:
+        super().__init__("; ".join(f"image {i}: {message}" for i, message in refused.items()))
+        self.refused = refused
+
+
+def _encode(processor, prompts: list[str], images: list[list[Image.Image]] | None):
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def _refused_images(processor, prompts: list[str], images: list[list[Image.Image]]) -> dict[int, str]:
+    """The prompts whose images the processor refuses, each tried alone and then with plain images in their place
+    (a prompt that fails either way is not the images' fault)."""
+    refused = {}
+    for i, (prompt, ims) in enumerate(zip(prompts, images, strict=True)):
+        try:
+            _encode(processor, [prompt], [ims])
+        except (ValueError, TypeError) as exc:
+            try:
+                _encode(processor, [prompt], [[Image.new("RGB", (224, 224))] * len(ims)])
+            except (ValueError, TypeError):
+                continue
+            refused[i] = str(exc)
+    return refused
+
+
 def build_prompt(processor, question: str, with_image: bool | int = True) -> str:
     """The processor's chat template when it has one, else the LLaVA-1.5 (Vicuna v1) conversation with the
     processor's image placeholder. ``with_image``: whether the question comes with an image, or how many."""
@@ -102,11 +131,17 @@ def generate(
 ) -> list[str]:
     """Answers for a batch of chat-formatted prompts, each with one image (``images[i]``), several
     (``images[i]`` a list), or none (``images=None``). Greedy unless ``do_sample`` (then ``temperature`` and
-    ``top_p``); ``num_beams`` > 1 is beam search."""
+    ``top_p``); ``num_beams`` > 1 is beam search. Images the processor refuses raise `ImagesRefused`."""
     # one image list per prompt: Gemma 3 and SmolVLM read a flat list as one sample's images. The processor runs
     # outside inference mode: its tensors stay ordinary ones (an adapter may track them across calls).
     nested = [im if isinstance(im, list) else [im] for im in images] if images else None
-    inputs = processor(images=nested, text=prompts, return_tensors="pt", padding=True)
+    try:
+        inputs = _encode(processor, prompts, nested)
+    except (ValueError, TypeError):  # what processors raise for inputs they cannot take: whose fault?
+        refused = _refused_images(processor, prompts, nested) if nested else {}
+        if not refused:
+            raise
+        raise ImagesRefused(refused) from None
     inputs = inputs.to(model.device)
     for key, value in inputs.items():
         if key.startswith("pixel_values") and value.is_floating_point():

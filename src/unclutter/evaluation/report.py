@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from ..ifeval.report import bar_chart, table, to_markdown
-from ..ifeval.scoring import write_json_atomic
+from ..ifeval.scoring import read_json_object, write_json_atomic
 
 COLUMNS = {  # (column title, bench, metric key)
     "IF": ("if16", "if_avg_strict"),
@@ -18,14 +17,23 @@ COLUMNS = {  # (column title, bench, metric key)
     "MME": ("mme", "perception"),
     "MMB": ("mmbench", "circular_accuracy"),
 }
+HEADLINES = dict(COLUMNS.values())  # bench -> its headline metric
 
 
 def load_metrics(run: str | Path) -> dict[str, Any]:
     path = Path(run) / "metrics.json" if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise ValueError(f"{run}: no metrics.json (finish the run with `unclutter eval` first).")
-    m = json.loads(path.read_text(encoding="utf-8"))
+    what = "a run folder of `unclutter eval` or its metrics.json (`unclutter ifeval report` takes IFEval summaries)"
+    m = read_json_object(path, what)
+    if m.get("bench") not in HEADLINES:
+        raise ValueError(f"{path} is not the metrics.json of an `unclutter eval` run (no known 'bench'); give {what}.")
+    key = HEADLINES[m["bench"]]
+    if not isinstance(m.get(key), int | float):  # a row without its number would be dropped from the table
+        hint = " (its if16 file has no 'task' fields: build the suite with `unclutter ifeval build`)"
+        raise ValueError(f"{path}: the {m['bench']} run has no {key}{hint if m['bench'] == 'if16' else ''}.")
     m.setdefault("name", path.parent.name)
+    m["run"] = str(path.parent)  # the run folder, to tell apart runs that would share a row
     return m
 
 
@@ -45,24 +53,37 @@ def compare(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return {"columns": cols, "rows": [{"method": k, **v} for k, v in rows.items()]}
 
 
-def row_labels(metrics: list[dict[str, Any]]) -> list[str]:
-    """Each run's row: its method and overrides, after its model's name when the runs compared come from several
-    models. A model is named by the shortest end of its hub id or folder that no other model's shares
-    (``a/checkpoint`` and ``b/checkpoint``; ``llava-hf/llava-1.5-7b-hf`` and ``runs/llava-1.5-7b-hf``)."""
-    models = sorted({str(m.get("model") or "?") for m in metrics})
+def short_names(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest end that no other path's shares (``a/checkpoint`` and ``b/checkpoint``;
+    ``llava-hf/llava-1.5-7b-hf`` and ``runs/llava-1.5-7b-hf``)."""
+    paths = sorted(set(paths))
     names = {}
-    for model in models:
-        parts = Path(model).parts or (model,)
+    for path in paths:
+        parts = Path(path).parts or (path,)
         for k in range(1, len(parts) + 1):
             tail = parts[-k:]
-            if all(Path(other).parts[-k:] != tail for other in models if other != model) or k == len(parts):
-                names[model] = "/".join(tail)
+            if all(Path(other).parts[-k:] != tail for other in paths if other != path) or k == len(parts):
+                names[path] = "/".join(tail)
                 break
+    return names
+
+
+def row_labels(metrics: list[dict[str, Any]]) -> list[str]:
+    """Each run's row: its method and overrides, after its model's name (`short_names`) when the runs compared come
+    from several models. Runs of one benchmark that would share a row (the same model and method, evaluated twice)
+    keep their own rows, each followed by its run folder's name: one number must not overwrite the other."""
+    models = short_names([str(m.get("model") or "?") for m in metrics])
     labels = []
     for m in metrics:
         label = m.get("label") or m.get("method") or m["name"]
-        labels.append(f"{names[str(m.get('model') or '?')]}: {label}" if len(models) > 1 else label)
-    return labels
+        labels.append(f"{models[str(m.get('model') or '?')]}: {label}" if len(models) > 1 else label)
+    clash = Counter(zip(labels, [m["bench"] for m in metrics], strict=True))
+    folders = [str(m.get("run") or m.get("name") or i) for i, m in enumerate(metrics)]
+    names = short_names(folders)
+    return [
+        f"{label} ({names[folder]})" if clash[label, m["bench"]] > 1 else label
+        for m, label, folder in zip(metrics, labels, folders, strict=True)
+    ]
 
 
 def compare_markdown(tab: dict[str, Any]) -> str:
@@ -97,9 +118,9 @@ def write_comparison(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     if16 runs are among them, Table 1's per-task layout (``if_table.{md,json,png}``)."""
     if not runs:
         raise ValueError("give at least one run directory.")
+    metrics = [load_metrics(run) for run in runs]  # every run checked before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = [load_metrics(run) for run in runs]
     tab = compare(metrics)
     (out / "comparison.md").write_text(compare_markdown(tab), encoding="utf-8")
     write_json_atomic(out / "comparison.json", tab)

@@ -23,7 +23,7 @@ from ..methods import resolve, to_dict
 from ..metrics import circular_accuracy, gqa_match, mmbench_choice, mme_scores, vqa_accuracy
 from ..runlock import RunLock
 from .data import load_records
-from .generation import build_prompt, generate
+from .generation import ImagesRefused, build_prompt, generate
 from .images import open_image
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -83,11 +83,7 @@ def compute_metrics(bench: str, records: list[dict], rows: dict[str, dict]) -> d
         strict, loose = [], []
         for rec, row in preds:
             s = score_record(bench, rec, row.get("prediction"))
-            base = (
-                {"instruction_id_list": rec["instruction_id_list"], "task": rec["task"]}
-                if "task" in rec
-                else {"instruction_id_list": rec["instruction_id_list"]}
-            )
+            base = {"instruction_id_list": rec["instruction_id_list"], "task": rec["task"]}
             strict.append({**base, "follow_instruction_list": s["strict"], "follow_all_instructions": all(s["strict"])})
             loose.append({**base, "follow_instruction_list": s["loose"], "follow_all_instructions": all(s["loose"])})
         m["if16"] = summarize(strict, loose)
@@ -194,6 +190,10 @@ def run_eval(
     for name, value in (("batch_size", batch_size), ("limit", limit), ("max_new_tokens", max_new_tokens)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r} (leave limit unset for every record).")
+    if model_and_processor is None:
+        from .generation import resolve_device
+
+        resolve_device(device)  # a device this machine lacks stops the run before its folder is written
     if method == "checkpoint" and model_and_processor is None:
         from .generation import load_model
 
@@ -262,40 +262,53 @@ def _check_or_write_config(path: Path, config: dict) -> None:
         write_json_atomic(path, config)
 
 
+def _error_row(rec: dict, error: str) -> dict:
+    return {"id": rec["id"], "question_id": rec.get("question_id", rec.get("key")), "prediction": None, "error": error}
+
+
 def _run_batch(bench, method, batch, images_dir, model, processor, max_new_tokens) -> list[dict]:
-    """Predictions for one batch; unreadable images become error rows."""
+    """Predictions for one batch; unreadable images, and images the processor refuses, become error rows (recorded,
+    so a rerun does not stop at them again)."""
     rows, good, pictures = [], [], []
     for rec in batch:
         try:
             pictures.append(open_image(images_dir / str(rec["image"])))
             good.append(rec)
         except ValueError as exc:
-            rows.append(
-                {
-                    "id": rec["id"],
-                    "question_id": rec.get("question_id", rec.get("key")),
-                    "prediction": None,
-                    "error": str(exc),
-                }
-            )
-    if good:
-        questions = [question_text(bench, r) for r in good]
-        if method == "describe-then-answer":  # the paper's "upper limit": answer from a description alone
-            describe = [build_prompt(processor, DESCRIBE) for _ in good]
-            described = generate(model, processor, describe, pictures, max_new_tokens=max_new_tokens)
-            prompts = [
-                build_prompt(processor, f"Image description: {d}\n\n{q}", with_image=False)
-                for d, q in zip(described, questions, strict=True)
-            ]
-            pictures = None
-        else:
-            described = [None] * len(good)
-            prompts = [build_prompt(processor, q) for q in questions]
-        answers = generate(model, processor, prompts, pictures, max_new_tokens=max_new_tokens)
-        for rec, answer, desc in zip(good, answers, described, strict=True):
-            row = {"id": rec["id"], "question_id": rec.get("question_id", rec.get("key")), "prediction": answer}
-            if desc is not None:
-                row["description"] = desc
-            rows.append(row)
+            rows.append(_error_row(rec, str(exc)))
+    while good:
+        try:
+            rows += _answer(bench, method, good, pictures, model, processor, max_new_tokens)
+            break
+        except ImagesRefused as exc:  # record those, answer the others
+            for i, message in exc.refused.items():
+                image = images_dir / str(good[i]["image"])
+                rows.append(_error_row(good[i], f"the processor refuses image {image}: {message}"))
+            good = [r for i, r in enumerate(good) if i not in exc.refused]
+            pictures = [p for i, p in enumerate(pictures) if i not in exc.refused]
     order = {r["id"]: i for i, r in enumerate(batch)}
     return sorted(rows, key=lambda r: order[r["id"]])
+
+
+def _answer(bench, method, records, pictures, model, processor, max_new_tokens) -> list[dict]:
+    """Prediction rows for records and their opened images."""
+    questions = [question_text(bench, r) for r in records]
+    if method == "describe-then-answer":  # the paper's "upper limit": answer from a description alone
+        describe = [build_prompt(processor, DESCRIBE) for _ in records]
+        described = generate(model, processor, describe, pictures, max_new_tokens=max_new_tokens)
+        prompts = [
+            build_prompt(processor, f"Image description: {d}\n\n{q}", with_image=False)
+            for d, q in zip(described, questions, strict=True)
+        ]
+        pictures = None
+    else:
+        described = [None] * len(records)
+        prompts = [build_prompt(processor, q) for q in questions]
+    answers = generate(model, processor, prompts, pictures, max_new_tokens=max_new_tokens)
+    rows = []
+    for rec, answer, desc in zip(records, answers, described, strict=True):
+        row = {"id": rec["id"], "question_id": rec.get("question_id", rec.get("key")), "prediction": answer}
+        if desc is not None:
+            row["description"] = desc
+        rows.append(row)
+    return rows

@@ -17,6 +17,8 @@ __all__ = ["IFEVAL_IDS", "INSTRUCTIONS", "Instruction", "describe", "follows", "
 
 
 def _instruction(instruction_id: str) -> Instruction:
+    if not isinstance(instruction_id, str):  # a list would fail the lookup as unhashable
+        raise ValueError(f"an instruction id is a string such as 'punctuation:no_comma', got {instruction_id!r}.")
     try:
         return INSTRUCTIONS[instruction_id]
     except KeyError:
@@ -28,6 +30,8 @@ def _instruction(instruction_id: str) -> Instruction:
 def resolve_kwargs(instruction_id: str, kwargs: Mapping[str, Any] | None, prompt: str | None = None) -> dict:
     """The kwargs a checker takes: None values dropped (lm-eval's files carry every key as null)."""
     inst = _instruction(instruction_id)
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"{instruction_id}: kwargs must be an object {{name: value}} or null, got {kwargs!r}.")
     given = {k: v for k, v in (kwargs or {}).items() if v is not None}
     unknown = sorted(set(given) - set(inst.args))
     if unknown:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .scoring import write_json_atomic
+from .scoring import read_json_object, write_json_atomic
 from .suite import TASKS
 
 
@@ -19,9 +18,11 @@ def load_run(path: str | Path) -> tuple[str, dict[str, Any]]:
     candidates = [path] if path.is_file() else [path / "summary.json", path / "metrics.json"]
     for c in candidates:
         if c.is_file():
-            data = json.loads(c.read_text(encoding="utf-8"))
+            data = read_json_object(
+                c, "the summary.json of `unclutter ifeval score` or the metrics.json of an `unclutter eval` if16 run"
+            )
             data = data.get("if16", data)
-            if "per_task" not in data:
+            if not isinstance(data, dict) or not isinstance(data.get("per_task"), dict):
                 raise ValueError(f"{c} has no per-task results: score a suite built by `unclutter ifeval build`.")
             name = data.get("name") or (path.name if path.is_dir() else path.parent.name)
             return name, data

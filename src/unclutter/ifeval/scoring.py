@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import INSTRUCTIONS, follows, resolve_kwargs
+from . import follows, resolve_kwargs
 
 TASK_KEY = "task"
 
@@ -23,8 +23,17 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
-    with path.open(encoding="utf-8") as f:
+    # surrogateescape keeps a bad byte as a lone surrogate (valid UTF-8 never decodes to one), so it is named with
+    # its line instead of failing mid-file in the decoder
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(line[exc.start]) - 0xDC00
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte {byte:#04x} at character {exc.start + 1}); save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -34,6 +43,18 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}.")
             yield lineno, obj
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON file holding an object; anything else (not JSON, not UTF-8, a list) names the file and ``what`` it
+    should be."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it as JSON ({exc}); give {what}.") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} holds a JSON {type(obj).__name__}, not an object; give {what}.")
+    return obj
 
 
 def read_inputs(path: str | Path) -> list[dict]:
@@ -46,12 +67,12 @@ def read_inputs(path: str | Path) -> list[dict]:
                 raise DataError(
                     f"{where}: missing field {field!r} (IFEval input lines need key, prompt, instruction_id_list, kwargs)."
                 )
+        if not isinstance(obj["prompt"], str):
+            raise DataError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r}.")
         ids, kwargs = obj["instruction_id_list"], obj["kwargs"]
         if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
             raise DataError(f"{where}: instruction_id_list and kwargs must be lists of equal length.")
         for iid, kw in zip(ids, kwargs, strict=True):
-            if iid not in INSTRUCTIONS:
-                raise DataError(f"{where}: unknown instruction id {iid!r}.")
             try:
                 resolve_kwargs(iid, kw, obj["prompt"])
             except ValueError as exc:
@@ -149,6 +170,7 @@ def _natural(name: str) -> tuple:
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:

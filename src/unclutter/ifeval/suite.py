@@ -97,6 +97,9 @@ def load_llava_questions(path: str | Path, images: str | Path | None = None) -> 
                 raise DataError(
                     f"{path}:{lineno}: missing field {field!r} (LLaVA question lines need question_id, image, text)."
                 )
+        for field in ("image", "text"):
+            if not isinstance(obj[field], str):
+                raise DataError(f"{path}:{lineno}: {field!r} must be a string, got {obj[field]!r}.")
         if images is not None and not (Path(images) / obj["image"]).is_file():
             raise DataError(f"{path}:{lineno}: image {obj['image']!r} not found under {images}.")
         rows.append({"question_id": obj["question_id"], "image": obj["image"], "question": clean_question(obj["text"])})
@@ -115,13 +118,19 @@ def load_hf_questions(
     except ImportError:
         raise ImportError("loading a Hugging Face dataset needs `pip install unclutter[data]`.") from None
     path = Path(source)
-    ds = (
-        datasets.load_from_disk(str(path))
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
-        else datasets.load_dataset(source, split=split)
-    )
+    try:
+        ds = (
+            datasets.load_from_disk(str(path))
+            if (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
+            else datasets.load_dataset(source, split=split)
+        )
+    except Exception as exc:  # datasets raises many types (hub, network, file layout): one line that names the source
+        raise DataError(f"{source}: cannot load it as a Hugging Face dataset ({type(exc).__name__}: {exc}).") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split]
+    missing = [f for f in (question_field, image_field) if f not in ds.column_names]
+    if missing:
+        raise DataError(f"{source}: the dataset lacks column(s) {missing} (it has {ds.column_names}).")
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -182,13 +191,32 @@ def build_suite_file(
 ) -> list[dict]:
     """Build from a LLaVA question JSONL (``.jsonl``) or a Hugging Face dataset and write ``out``."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if loader is not None:
         questions = loader(source)
     elif str(source).endswith(".jsonl"):
         questions = load_llava_questions(source, images)
     else:
+        _check_dataset_source(str(source))
         questions = load_hf_questions(str(source), out.parent)
     records = build_suite(questions, per_task=per_task, seed=seed, tasks=tasks)
     write_jsonl_atomic(out, records)
     return records
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow")
+
+
+def _check_dataset_source(source: str) -> None:
+    """A source that is not a .jsonl must be a dataset folder or a hub id: a local file, or a path that does not exist,
+    would otherwise reach the hub as an id and fail there with a message about the network."""
+    path = Path(source)
+    if path.is_file():
+        raise DataError(
+            f"{source}: a question file must be LLaVA question JSONL ending in .jsonl (or give a dataset saved with "
+            "`save_to_disk`, or a Hugging Face dataset id)."
+        )
+    looks_like_path = (
+        source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source or path.suffix in DATA_SUFFIXES
+    )  # a hub id is owner/name
+    if not path.exists() and looks_like_path:
+        raise DataError(f"{source}: no such file or folder.")
