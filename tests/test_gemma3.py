@@ -290,6 +290,28 @@ def test_processor_counts_and_image_blocks_match_the_compressed_tokens(model, pr
     assert processor._get_num_multimodal_tokens(image_sizes=[(48, 48)])["num_image_tokens"] == [TOKENS_PER_IMAGE]
 
 
+@pytest.mark.parametrize("grid", [1, 2, 3])
+def test_spd_pools_the_stock_soft_tokens(model, processor, grid):
+    """SPD pools the 4x4 grid of stock soft tokens (after the projector's own pooling) to grid x grid. It pooled the
+    raw patch grid instead, the same only where grid divides the token grid (not for the default 12 of 16)."""
+    import torch.nn.functional as F
+
+    from unclutter.compat import image_features
+
+    pixels = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)["pixel_values"]
+    proj = model.model.multi_modal_projector
+    with torch.no_grad():
+        patches = model.model.vision_tower(pixel_values=pixels).last_hidden_state  # (2, side*side, D)
+        side = proj.patches_per_image
+        soft = F.avg_pool2d(patches.transpose(1, 2).reshape(2, -1, side, side), proj.kernel_size)  # (2, D, 4, 4)
+        pooled = F.adaptive_avg_pool2d(soft, grid).flatten(2).transpose(1, 2)
+        expected = proj.mm_soft_emb_norm(pooled) @ proj.mm_input_projection_weight
+        with unclutter.apply(model, processor, spd=SPDConfig(grid=grid)):
+            got = torch.stack(image_features(model.model, pixels))
+    assert got.shape[1] == grid * grid
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_spd_at_the_soft_token_grid_is_stock_and_coarser_grids_count(model, processor):
     batch = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)
     stock = logits(model, batch)

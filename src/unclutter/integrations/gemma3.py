@@ -15,7 +15,8 @@ soft tokens attend bidirectionally within their image (the mask transformers bui
   redundant units by importance weight. The first active stage reorders the raster patches unit by unit
   (later blocks are permutation-equivariant); the projector then pools each unit with its own AvgPool2d
   (bit-identical to its stock pooling) and applies its norm and projection: exactly the budgeted count.
-- SPD: the projector pools the patch grid to ``grid x grid`` instead of ``tokens_per_side``.
+- SPD: the stock soft tokens (the ``tokens_per_side`` grid after the projector's pooling) are average-pooled to
+  ``grid x grid`` before the norm and projection, as every family pools its grid of LLM tokens.
 - Processor: each image (crop) expands to the compressed count through `replace_image_token`, the
   processor's own expansion hook (pan-and-scan wording kept), and `_get_num_multimodal_tokens`.
 """
@@ -58,6 +59,15 @@ def pool_units(projector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     n = t // (k * k)
     row = tokens.reshape(b, n, k, k, d).permute(0, 4, 2, 1, 3).reshape(b, d, k, n * k)
     return projector.avg_pool(row).flatten(2).transpose(1, 2)
+
+
+def pool_stock(projector: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """(B, side*side, D) row-major patches -> (B, tokens_side**2, D): the projector's own pooling, the stock soft
+    tokens before their norm."""
+    b, _, d = patches.shape
+    side = projector.patches_per_image
+    square = patches.transpose(1, 2).reshape(b, d, side, side).contiguous()
+    return projector.avg_pool(square).flatten(2).transpose(1, 2)
 
 
 def project(projector: nn.Module, pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -184,8 +194,8 @@ class Gemma3Adapter(Adapter):
         if handle.spd is not None:
             grid = handle.spd.grid
 
-            def spd_forward(self, vision_outputs: torch.Tensor) -> torch.Tensor:
-                return project(self, pool_grid(vision_outputs, grid), vision_outputs)
+            def spd_forward(self, vision_outputs: torch.Tensor) -> torch.Tensor:  # stock's soft tokens, pooled
+                return project(self, pool_grid(pool_stock(self, vision_outputs), grid), vision_outputs)
 
             handle.patch_forward(self.projector, MethodType(spd_forward, self.projector))
 
