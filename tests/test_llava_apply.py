@@ -216,6 +216,11 @@ def test_a_budget_override_replaces_the_other_budget_field():
     assert resolve("checkpoint", ["vmtc.ratio=0.25"], recorded=recorded)["vmtc"].num_tokens is None
     cfg = resolve("vmtc", ["vmtc.ratio=0.25", "vmtc.num_tokens=9"])["vmtc"]
     assert (cfg.num_tokens, cfg.ratio) == (9, 0.5)
+    cfg = resolve("vmtc", ["vmtc.ratio=0.25", "vmtc.num_tokens=null"])["vmtc"]  # clearing one keeps the other
+    assert (cfg.num_tokens, cfg.ratio) == (None, 0.25)
+    # configs recorded before both fields were refused together: num_tokens decided the budget, and still does
+    old = resolve("checkpoint", recorded={"configs": {"vmtc": {"ratio": 0.25, "num_tokens": 16}}})["vmtc"]
+    assert (old.num_tokens, old.ratio) == (16, 0.5)
 
 
 def test_budget_larger_than_patches(model):
@@ -317,6 +322,25 @@ def test_a_model_dispatched_by_accelerate(model, processor, images, tmp_path):
         assert {n: m._old_forward for n, m in dispatched.named_modules() if "_old_forward" in vars(m)} == wrapped
         with torch.no_grad():
             assert torch.equal(dispatched(**batch).logits, stock)
+
+
+def test_accelerate_hooks_removed_before_remove(processor, images):
+    """The user un-dispatches the model (accelerate's hooks removed) while unclutter is applied: remove() still takes
+    unclutter's forward off (accelerate had made it the module's forward, and the model failed afterwards)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+
+    torch.manual_seed(0)
+    model = tiny_llava()
+    batch = encode(processor, images)
+    with torch.no_grad():
+        stock = model(**batch).logits
+    for module in model.modules():
+        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu"))
+    handle = unclutter.apply(model, processor, vmtc=VMTCConfig())
+    remove_hook_from_submodules(model)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, stock)
 
 
 def test_deepcopy_while_applied_is_refused(model, processor):

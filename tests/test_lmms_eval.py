@@ -126,3 +126,17 @@ def test_plugin_follows_lmms_eval_request_semantics(tmp_path):
     config.save_pretrained(path)
     recorded = make(f"pretrained={path},method=checkpoint,device=cpu")
     assert recorded.handle.num_image_tokens == 16 and recorded.handle.cmai_state is None
+
+
+def test_an_image_the_processor_refuses_answers_empty_and_the_rest_are_answered(tmp_path):
+    """Qwen2.5-VL's processor refuses an aspect ratio over 200: that request answers "" (as `unclutter eval` records
+    an error row) and the batch's other requests are answered as alone; the whole task stopped before."""
+    from PIL import Image
+
+    path = saved(tmp_path, "qwen2_5_vl", "<|vision_start|><|image_pad|><|vision_end|>")
+    lm = get_model("unclutter").create_from_arg_string(f"pretrained={path},method=cmai,device=cpu,batch_size=3")
+    docs = [{"image": random_image(0)}, {"image": Image.new("RGB", (5000, 20), "white")}, {"image": random_image(2)}]
+    lm.task_dict = {"toy": {"test": docs}}
+    outs = lm.generate_until([request(i, "<image>\nwhat is the color ?") for i in range(3)])
+    alone = [lm.generate_until([request(i, "<image>\nwhat is the color ?")])[0] for i in (0, 2)]
+    assert outs[1] == "" and [outs[0], outs[2]] == alone

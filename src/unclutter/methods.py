@@ -62,7 +62,7 @@ def resolve(name: str, overrides: Iterable[str] = (), recorded: dict | None = No
         _check_type(cls, field, value, item)
         current = configs.get(section) or cls()
         changes = {field: value}
-        if section == "vmtc" and field in BUDGET:  # the budget is the last of ratio / num_tokens given
+        if section == "vmtc" and field in BUDGET and value is not None:  # the budget: the last of ratio / num_tokens
             changes.update({other: default for other, default in BUDGET.items() if other != field})
         configs[section] = dataclasses.replace(current, **changes)
     return configs
@@ -110,5 +110,13 @@ def to_dict(configs: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `to_dict`."""
-    return {k: _CLASSES[k](**v) for k, v in data.items() if v is not None and k in _CLASSES}
+    """Inverse of `to_dict`. Configs recorded before VMTCConfig refused both budget fields may hold a ratio beside
+    num_tokens, which decided the budget: they load as they trained."""
+    configs = {}
+    for k, v in data.items():
+        if v is None or k not in _CLASSES:
+            continue
+        if k == "vmtc" and v.get("num_tokens") is not None:
+            v = {**v, "ratio": DEFAULT_RATIO}
+        configs[k] = _CLASSES[k](**v)
+    return configs

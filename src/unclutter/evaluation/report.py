@@ -30,7 +30,10 @@ def load_metrics(run: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not the metrics.json of an `unclutter eval` run (no known 'bench'); give {what}.")
     key = HEADLINES[m["bench"]]
     if not isinstance(m.get(key), int | float):  # a row without its number would be dropped from the table
-        hint = " (its if16 file has no 'task' fields: build the suite with `unclutter ifeval build`)"
+        hint = (
+            " (its if16 file has no 'task' fields, which if16 runs need since 2026-12-06: rebuild the suite with "
+            "`unclutter ifeval build` and evaluate it into a new folder, or leave this run out of the report)"
+        )
         raise ValueError(f"{path}: the {m['bench']} run has no {key}{hint if m['bench'] == 'if16' else ''}.")
     m.setdefault("name", path.parent.name)
     m["run"] = str(path.parent)  # the run folder, to tell apart runs that would share a row

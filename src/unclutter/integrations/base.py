@@ -219,7 +219,17 @@ class Handle:
         if getattr(module, "_hf_hook", None) is not None and "_old_forward" in vars(module):
             inner = module._old_forward
             module._old_forward = forward
-            self._undo.append(lambda: setattr(module, "_old_forward", inner))
+
+            def undo() -> None:
+                if vars(module).get("_old_forward") is forward:  # accelerate's wrapper still there
+                    module._old_forward = inner
+                elif vars(module).get("forward") is forward:  # its hooks were removed: ours became the forward
+                    if getattr(inner, "__func__", None) is type(module).forward:
+                        del module.forward
+                    else:
+                        module.forward = inner
+
+            self._undo.append(undo)
             return
         if "forward" in vars(module):
             raise ValueError(

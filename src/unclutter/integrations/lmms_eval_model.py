@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from loguru import logger
 from PIL import Image
 
 from .. import apply
-from ..evaluation.generation import build_prompt, generate, load_model
+from ..evaluation.generation import ImagesRefused, build_prompt, generate, load_model
 from ..evaluation.images import to_rgb
 from ..methods import resolve
 
@@ -77,11 +78,22 @@ class UnclutterVLM(lmms):
             for idxs in groups.values():
                 settings = dict(prepared[idxs[0]][0])
                 until = settings.pop("until")
-                images = [prepared[i][2] for i in idxs]
-                outs = generate(
-                    self.model, self.processor, [prepared[i][1] for i in idxs], images if any(images) else None,
-                    **settings,
-                )  # fmt: skip
+                while True:  # images the processor refuses answer "" (logged); the others are answered
+                    images = [prepared[i][2] for i in idxs]
+                    try:
+                        outs = generate(
+                            self.model, self.processor, [prepared[i][1] for i in idxs],
+                            images if any(images) else None, **settings,
+                        )  # fmt: skip
+                        break
+                    except ImagesRefused as exc:
+                        for k, message in exc.refused.items():
+                            logger.warning(f"unclutter: request {start + idxs[k]}: the processor refuses its image: "
+                                           f"{message}; answering ''")  # fmt: skip
+                        idxs = [i for k, i in enumerate(idxs) if k not in exc.refused]
+                        outs = []
+                        if not idxs:
+                            break
                 for i, text in zip(idxs, outs, strict=True):
                     for stop in until:
                         if stop and stop in text:
