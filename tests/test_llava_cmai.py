@@ -296,3 +296,63 @@ def test_torch_compile_with_cmai(model, processor, images):
         got = torch.compile(model, backend="inductor")(**batch, use_cache=False).logits
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_two_threads_on_one_model_get_a_clear_error_and_the_first_is_unharmed(model, processor, images):
+    """CMAI's state is the model's: a second thread calling the model during another's forward is refused before it
+    touches the state (the first generation ends as it would alone, the second can run after it), and a generation
+    whose state another thread's prefill replaced stops with the same explanation (messages blamed transformers)."""
+    import threading
+
+    from unclutter.integrations.cmai_attention import ConcurrentUseError
+
+    first, second = encode(processor, images[:1], PROMPTS[:1]), encode(processor, images[1:], PROMPTS[1:])
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with unclutter.apply(model, processor, cmai=CMAIConfig()), torch.no_grad():
+        alone = model.generate(**first, **kwargs)
+        inside, resume, errors = threading.Event(), threading.Event(), []
+
+        def pause_in_a_layer(module, args, output):
+            if threading.current_thread().name == "first" and not inside.is_set():
+                inside.set()
+                resume.wait(10)
+
+        hook = model.model.language_model.layers[1].register_forward_hook(pause_in_a_layer)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(out=model.generate(**first, **kwargs)), name="first")
+        worker.start()
+        inside.wait(10)
+        try:
+            model.generate(**second, **kwargs)
+        except ConcurrentUseError as exc:
+            errors.append(str(exc))
+        resume.set()
+        worker.join()
+        hook.remove()
+        assert errors and "two threads called the model at once" in errors[0]
+        assert torch.equal(result["out"], alone)
+        model.generate(**second, **kwargs)  # the refused thread's turn comes
+
+        class PauseBetweenSteps:  # a stopping criterion runs between forward calls
+            def __call__(self, input_ids, scores, **kw):
+                if threading.current_thread().name == "first" and not inside.is_set():
+                    inside.set()
+                    resume.wait(10)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        inside.clear(), resume.clear()
+        failed = []
+
+        def run_first():
+            try:
+                model.generate(**first, **kwargs, stopping_criteria=[PauseBetweenSteps()])
+            except ConcurrentUseError as exc:
+                failed.append(str(exc))
+
+        worker = threading.Thread(target=run_first, name="first")
+        worker.start()
+        inside.wait(10)
+        model.generate(**second, **kwargs)  # between the first's steps: its state is replaced
+        resume.set()
+        worker.join()
+        assert failed and "another thread started a generation" in failed[0]

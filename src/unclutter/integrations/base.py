@@ -384,6 +384,7 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
                     f"{adapter.language_model.config._attn_implementation!r} after unclutter.apply, which turns CMAI "
                     "off: call handle.remove(), set the implementation, then apply again."
                 )
+            state.enter()
             state.begin(
                 input_ids,
                 kwargs.get("attention_mask"),
@@ -394,10 +395,11 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
     handle.add_hook(adapter.base.register_forward_pre_hook(pre_forward, with_kwargs=True))
     if state is not None:  # a prefill without a cache argument creates its cache inside
 
-        def post_forward(module, args, output):
-            state.adopt(output_cache(output))
+        def post_forward(module, args, output):  # also after a failed call (always_call), which gives no output
+            if state.leave() and output is not None:
+                state.adopt(output_cache(output))
 
-        handle.add_hook(adapter.base.register_forward_hook(post_forward))
+        handle.add_hook(adapter.base.register_forward_hook(post_forward, always_call=True))
 
 
 def _media_inputs(args: tuple, kwargs: dict) -> bool:

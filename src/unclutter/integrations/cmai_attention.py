@@ -39,6 +39,7 @@ Each raises `CMAIStateError` naming the transformers release.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,10 @@ class CMAIStateError(RuntimeError):
             "If you upgraded transformers, run `make compat` and report the failure; if you drive the model by "
             "hand, send every forward call (prefill and each decode step) through the model unclutter was applied to."
         )
+
+
+class ConcurrentUseError(RuntimeError):
+    """Two threads generate with one applied model: CMAI's state is the model's, one generation at a time."""
 
 
 def _materialized_sdpa_mask(*args, **kwargs):
@@ -158,7 +163,30 @@ class CMAIState:
         self._cache_ref = None
         self._id_tables: dict[tuple, torch.Tensor] = {}
         self.tracing = False  # record each call's last-row inhibition (for pictures; see `trace`)
+        # The state is the model's, one generation at a time: the thread of a forward call in progress, and the thread
+        # whose prefill the state follows (so that a second thread using the model gets an error that says so)
+        self._in_call: int | None = None
+        self._owner: int | None = None
         self.reset(0)
+
+    CONCURRENT = (
+        "CMAI keeps one generation's state per applied model, so one thread at a time may generate with it: serve "
+        "concurrent requests as one batch, or give each thread its own model"
+    )
+
+    def enter(self) -> None:
+        """A forward call starts (the pre-hook): refuse it while another thread's call is running."""
+        me = threading.get_ident()
+        if self._in_call is not None and self._in_call != me:
+            raise ConcurrentUseError(f"two threads called the model at once. {self.CONCURRENT}.")
+        self._in_call = me
+
+    def leave(self) -> bool:
+        """A forward call ended, or failed (the post-hook runs either way): whether it was this thread's."""
+        if self._in_call != threading.get_ident():
+            return False
+        self._in_call = None
+        return True
 
     def reset(self, batch: int, device: torch.device | None = None) -> None:
         self.batch = batch
@@ -218,12 +246,17 @@ class CMAIState:
         past = int(cache.get_seq_length()) if cache is not None else 0
         if past == 0:
             self.reset(bsz, device)
+            self._owner = threading.get_ident()
             self._cache_ref = weakref.ref(cache) if cache is not None else None
             if cache is not None:
                 self._follow_reorders(cache)
         else:
             known = self._cache_ref() if self._cache_ref is not None else None
             if known is not cache or bsz != self.batch:
+                if self._owner is not None and self._owner != threading.get_ident():
+                    raise ConcurrentUseError(
+                        f"another thread started a generation since this one's prefill. {self.CONCURRENT}."
+                    )
                 raise CMAIStateError(
                     "CMAI got a cache whose prefill it did not see (another generation's cache?). Run the "
                     "prefill through the model while unclutter is applied"
