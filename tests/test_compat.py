@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import encode
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 import unclutter
 from unclutter import CMAIConfig, compat
@@ -87,15 +87,16 @@ def test_a_stale_chunk_with_other_lengths_fails(model, processor, images):
 
 
 def test_a_foreign_cache_fails(model, processor, images):
+    """A cache whose prefill ran without CMAI (before apply, or on another model) cannot be continued under it."""
     batch = encode(processor, images)
+    with torch.no_grad():
+        foreign = compat.output_cache(model(**batch, use_cache=True))
     with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
-        first = compat.output_cache(model(**batch, use_cache=True))
-        other = DynamicCache(config=model.config.text_config)
-        model(**batch, use_cache=True, **{compat.cache_argument(model): other})  # a second prefill: new generation
+        model(**batch, use_cache=True)
         ids = torch.ones(2, 1, dtype=torch.long)
         mask = torch.cat([batch["attention_mask"], ids], 1)
         with pytest.raises(CMAIStateError, match="whose prefill it did not see"):
-            model(input_ids=ids, attention_mask=mask, **{compat.cache_argument(model): first})
+            model(input_ids=ids, attention_mask=mask, **{compat.cache_argument(model): foreign})
 
 
 def test_static_cache_is_refused(model, processor, images):

@@ -384,7 +384,7 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
                     f"{adapter.language_model.config._attn_implementation!r} after unclutter.apply, which turns CMAI "
                     "off: call handle.remove(), set the implementation, then apply again."
                 )
-            state.enter()
+            state.enter(module)
             state.begin(
                 input_ids,
                 kwargs.get("attention_mask"),

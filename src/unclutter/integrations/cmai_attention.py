@@ -39,6 +39,7 @@ Each raises `CMAIStateError` naming the transformers release.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import weakref
 from collections.abc import Sequence
@@ -70,7 +71,18 @@ class CMAIStateError(RuntimeError):
 
 
 class ConcurrentUseError(RuntimeError):
-    """Two threads generate with one applied model: CMAI's state is the model's, one generation at a time."""
+    """Two threads call one applied model at the same time: CMAI's state serves one forward call at a time."""
+
+
+def _calling(thread: int, module: torch.nn.Module) -> bool:
+    """Whether ``thread`` is inside a call of ``module`` now (its stack holds that module's ``_call_impl``)."""
+    frame = sys._current_frames().get(thread)
+    call = torch.nn.Module._call_impl.__code__
+    while frame is not None:
+        if frame.f_code is call and frame.f_locals.get("self") is module:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _materialized_sdpa_mask(*args, **kwargs):
@@ -139,6 +151,13 @@ class Layout:
     fast_own: int | None = None
 
 
+# what one generation's state is (everything `CMAIState.reset` sets, and the cache it follows)
+GENERATION = (
+    "batch", "length", "image_pos", "image_valid", "first_image", "pad", "text_pos", "text_count", "text_bound",
+    "rows", "plans", "block", "unpadded", "rows_exact", "fast_plans", "fast_steps", "chunk", "trace", "_cache_ref",
+)  # fmt: skip
+
+
 class CMAIState:
     """Per-model CMAI state across the forward calls of one (cached) generation.
 
@@ -166,20 +185,19 @@ class CMAIState:
         # The state is the model's, one generation at a time: the thread of a forward call in progress, and the thread
         # whose prefill the state follows (so that a second thread using the model gets an error that says so)
         self._in_call: int | None = None
-        self._owner: int | None = None
         self.reset(0)
 
     CONCURRENT = (
-        "CMAI keeps one generation's state per applied model, so one thread at a time may generate with it: serve "
+        "CMAI's state serves one forward call of an applied model at a time (generations may take turns): serve "
         "concurrent requests as one batch, or give each thread its own model"
     )
 
-    def enter(self) -> None:
-        """A forward call starts (the pre-hook): refuse it while another thread's call is running."""
+    def enter(self, module: torch.nn.Module) -> None:
+        """A forward call of ``module`` starts (the pre-hook): refuse it while another thread's call is running."""
         me = threading.get_ident()
-        if self._in_call is not None and self._in_call != me:
+        if self._in_call is not None and self._in_call != me and _calling(self._in_call, module):
             raise ConcurrentUseError(f"two threads called the model at once. {self.CONCURRENT}.")
-        self._in_call = me
+        self._in_call = me  # (a mark left by a call that ended without the post-hook, e.g. on Ctrl+C, is stale)
 
     def leave(self) -> bool:
         """A forward call ended, or failed (the post-hook runs either way): whether it was this thread's."""
@@ -187,6 +205,22 @@ class CMAIState:
             return False
         self._in_call = None
         return True
+
+    def _stash(self) -> None:
+        """Leave the current generation with its cache, which a conversation may continue from after other
+        generations ran on the model (another user's turn, another thread's request): see `_resume`."""
+        cache = self._cache_ref() if self._cache_ref is not None else None
+        if cache is not None:
+            cache._unclutter_cmai_generation = (weakref.ref(self), {k: vars(self)[k] for k in GENERATION})
+
+    def _resume(self, cache) -> None:
+        """Continue the generation ``cache`` was left with (`_stash`), leaving the current one with its own cache."""
+        owner, saved = getattr(cache, "_unclutter_cmai_generation", (None, None))
+        if owner is None or owner() is not self:
+            return  # not a cache of this model's generations: `begin` refuses it
+        self._stash()
+        vars(self).update(saved)
+        del cache._unclutter_cmai_generation  # it is the current generation again
 
     def reset(self, batch: int, device: torch.device | None = None) -> None:
         self.batch = batch
@@ -245,18 +279,17 @@ class CMAIState:
             _check_cache_kind(cache)
         past = int(cache.get_seq_length()) if cache is not None else 0
         if past == 0:
+            self._stash()
             self.reset(bsz, device)
-            self._owner = threading.get_ident()
             self._cache_ref = weakref.ref(cache) if cache is not None else None
             if cache is not None:
                 self._follow_reorders(cache)
         else:
             known = self._cache_ref() if self._cache_ref is not None else None
+            if known is not cache:
+                self._resume(cache)
+                known = self._cache_ref() if self._cache_ref is not None else None
             if known is not cache or bsz != self.batch:
-                if self._owner is not None and self._owner != threading.get_ident():
-                    raise ConcurrentUseError(
-                        f"another thread started a generation since this one's prefill. {self.CONCURRENT}."
-                    )
                 raise CMAIStateError(
                     "CMAI got a cache whose prefill it did not see (another generation's cache?). Run the "
                     "prefill through the model while unclutter is applied"
