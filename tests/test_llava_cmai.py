@@ -6,7 +6,7 @@ from conftest import PROMPTS, encode, image_features
 from reference import reference_logits, reference_outputs
 
 import unclutter
-from unclutter import CMAIConfig
+from unclutter import CMAIConfig, VMTCConfig
 from unclutter.compat import cache_argument, output_cache
 
 pytestmark = pytest.mark.exact  # the exactness suite CI runs on both ends of the transformers range
@@ -321,55 +321,54 @@ def test_conversations_take_turns_on_one_model(model, processor, images):
     torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
 
 
-def test_two_threads_on_one_model_get_a_clear_error_and_the_first_is_unharmed(model, processor, images):
-    """CMAI's state serves one forward call at a time: a second thread calling the model during another's forward is
-    refused before it touches the state (the first generation ends as it would alone, the second can run after it),
-    and generations of two threads that take turns between forward calls each end as they would alone."""
+def _generate_into(result: dict, model, batch, kwargs, stopping) -> None:
+    result["out"] = model.generate(**batch, **kwargs, stopping_criteria=stopping)
+
+
+@pytest.mark.parametrize("pause_in", ["llm", "vision"])
+def test_two_threads_on_one_model_get_a_clear_error_and_the_first_is_unharmed(processor, images, pause_in):
+    """The method's per-call state (VMTC's captured queries and rankings, CMAI's rows) serves one thread at a time: a
+    second thread's generate while the first is inside its own (paused in an LLM layer, in a vision stage block
+    during the image encoding generate runs before its first forward, or between decode steps) is refused before
+    it touches anything, and the first ends as it would alone (VMTC ranked with the other thread's q/k: silently
+    wrong answers)."""
     import threading
 
     from unclutter.integrations.cmai_attention import ConcurrentUseError
+    from unclutter.models.tiny import tiny_llava
 
-    first, second = encode(processor, images[:1], PROMPTS[:1]), encode(processor, images[1:], PROMPTS[1:])
+    torch.manual_seed(0)
+    model = tiny_llava()
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    with unclutter.apply(model, processor, cmai=CMAIConfig()), torch.no_grad():
-        alone = model.generate(**first, **kwargs)
-        alone_second = model.generate(**second, **kwargs)
-        inside, resume, errors = threading.Event(), threading.Event(), []
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()) as handle, torch.no_grad():
+        first, second = encode(processor, images[:1], PROMPTS[:1]), encode(processor, images[1:], PROMPTS[1:])
+        alone, alone_second = model.generate(**first, **kwargs), model.generate(**second, **kwargs)
+        inside, resume = threading.Event(), threading.Event()
 
-        def pause_in_a_layer(module, args, output):
+        def pause(*args, **kw):
             if threading.current_thread().name == "first" and not inside.is_set():
                 inside.set()
                 resume.wait(10)
+            return None if args else torch.zeros(kw["input_ids"].shape[0] if kw else 1, dtype=torch.bool)
 
-        hook = model.model.language_model.layers[1].register_forward_hook(pause_in_a_layer)
-        result = {}
-        worker = threading.Thread(target=lambda: result.update(out=model.generate(**first, **kwargs)), name="first")
-        worker.start()
-        inside.wait(10)
-        try:
-            model.generate(**second, **kwargs)
-        except ConcurrentUseError as exc:
-            errors.append(str(exc))
-        resume.set()
-        worker.join()
-        hook.remove()
-        assert errors and "two threads called the model at once" in errors[0]
-        assert torch.equal(result["out"], alone)
-
-        class PauseBetweenSteps:  # a stopping criterion runs between forward calls
-            def __call__(self, input_ids, scores, **kw):
-                if threading.current_thread().name == "first" and not inside.is_set():
-                    inside.set()
-                    resume.wait(10)
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-        inside.clear(), resume.clear()
-        result = {}
-        run = lambda: result.update(out=model.generate(**first, **kwargs, stopping_criteria=[PauseBetweenSteps()]))  # noqa: E731
-        worker = threading.Thread(target=run, name="first")
-        worker.start()
-        inside.wait(10)
-        between = model.generate(**second, **kwargs)  # between the first's steps
-        resume.set()
-        worker.join()
-        assert torch.equal(result["out"], alone) and torch.equal(between, alone_second)
+        blocks = [m for m in model.model.vision_tower.modules() if type(m).__name__ == "CLIPEncoderLayer"]
+        layer = model.model.language_model.layers[1] if pause_in == "llm" else blocks[handle.stages[0].layer]
+        hook = layer.register_forward_hook(pause)
+        for stopping in ([], [lambda input_ids, scores, **kw: pause(input_ids=input_ids)]):  # in a call, between
+            inside.clear(), resume.clear()
+            result, errors = {}, []
+            worker = threading.Thread(
+                target=_generate_into, args=(result, model, first, kwargs, stopping), name="first"
+            )
+            worker.start()
+            inside.wait(10)
+            try:
+                model.generate(**second, **kwargs)
+            except ConcurrentUseError as exc:
+                errors.append(str(exc))
+            resume.set()
+            worker.join()
+            assert errors and "two threads use the model at once" in errors[0]
+            assert torch.equal(result["out"], alone)
+            hook.remove()
+        assert torch.equal(model.generate(**second, **kwargs), alone_second)  # the refused thread's turn comes

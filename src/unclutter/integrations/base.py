@@ -12,7 +12,10 @@ in reverse order, so the model and processor come back exactly as they were.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,6 +199,34 @@ class Handle:
     # stage block -> its `vision.RankingSlot` (the block ranks inside its own attention)
     _ranked: dict = field(default_factory=dict)
     _removed: bool = False
+    # The thread using the model now (a generate or a forward call) and how deeply: the method's per-call state
+    # (VMTC's captured q/k and rankings, CMAI's rows) serves one thread at a time; see `enter`
+    _owner: int | None = None
+    _depth: int = 0
+
+    CONCURRENT = (
+        "unclutter's state on an applied model serves one thread at a time: serve concurrent requests as one batch, "
+        "or give each thread its own model"
+    )
+
+    def enter(self) -> None:
+        """A generate or forward call starts: refuse it while another thread is inside one (re-entrant per thread;
+        a mark left by a thread that left without `leave`, on Ctrl+C, is stale and taken over)."""
+        me = threading.get_ident()
+        if self._owner not in (None, me) and _using(self._owner, self.adapter.base):
+            raise cmai_attention.ConcurrentUseError(f"two threads use the model at once. {self.CONCURRENT}.")
+        if self._owner != me:
+            self._owner, self._depth = me, 0
+        self._depth += 1
+
+    def leave(self) -> bool:
+        """A call ends (or fails): whether it was this thread's."""
+        if self._owner != threading.get_ident():
+            return False
+        self._depth -= 1
+        if self._depth <= 0:
+            self._owner = None
+        return True
 
     @property
     def importance(self) -> str:
@@ -267,6 +298,28 @@ class Handle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _generate_exclusively(handle: Handle, generate: Callable, args: tuple, kwargs: dict):
+    """The model's own generate, one thread at a time: generate encodes the images before its first forward call,
+    so the forward pre-hook alone would leave the vision pass unguarded."""
+    handle.enter()
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        handle.leave()
+
+
+def _using(thread: int, base: nn.Module) -> bool:
+    """Whether ``thread`` is inside a guarded generate or a call of ``base`` now (its stack shows it)."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_code is _generate_exclusively.__code__ or (
+            frame.f_code is nn.Module._call_impl.__code__ and frame.f_locals.get("self") is base
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def adapter_for(model: nn.Module) -> type[Adapter]:
@@ -375,6 +428,7 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
     state = handle.cmai_state
 
     def pre_forward(module, args, kwargs):
+        handle.enter()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         adapter.check_prompt(handle, input_ids, kwargs)
         if state is not None:
@@ -384,7 +438,6 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
                     f"{adapter.language_model.config._attn_implementation!r} after unclutter.apply, which turns CMAI "
                     "off: call handle.remove(), set the implementation, then apply again."
                 )
-            state.enter(module)
             state.begin(
                 input_ids,
                 kwargs.get("attention_mask"),
@@ -392,14 +445,21 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
                 media_inputs=_media_inputs(args, kwargs),
             )
 
+    def post_forward(module, args, output):  # also after a failed call (always_call), which gives no output
+        if handle.leave() and state is not None and output is not None:
+            state.adopt(output_cache(output))  # a prefill without a cache argument creates its cache inside
+
     handle.add_hook(adapter.base.register_forward_pre_hook(pre_forward, with_kwargs=True))
-    if state is not None:  # a prefill without a cache argument creates its cache inside
+    handle.add_hook(adapter.base.register_forward_hook(post_forward, always_call=True))
+    model = handle.model
+    if callable(getattr(model, "generate", None)):
+        original = model.generate
 
-        def post_forward(module, args, output):  # also after a failed call (always_call), which gives no output
-            if state.leave() and output is not None:
-                state.adopt(output_cache(output))
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            return _generate_exclusively(handle, original, args, kwargs)
 
-        handle.add_hook(adapter.base.register_forward_hook(post_forward, always_call=True))
+        handle.override(model, "generate", generate)
 
 
 def _media_inputs(args: tuple, kwargs: dict) -> bool:

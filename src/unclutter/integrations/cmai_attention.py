@@ -39,8 +39,6 @@ Each raises `CMAIStateError` naming the transformers release.
 from __future__ import annotations
 
 import math
-import sys
-import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,18 +69,7 @@ class CMAIStateError(RuntimeError):
 
 
 class ConcurrentUseError(RuntimeError):
-    """Two threads call one applied model at the same time: CMAI's state serves one forward call at a time."""
-
-
-def _calling(thread: int, module: torch.nn.Module) -> bool:
-    """Whether ``thread`` is inside a call of ``module`` now (its stack holds that module's ``_call_impl``)."""
-    frame = sys._current_frames().get(thread)
-    call = torch.nn.Module._call_impl.__code__
-    while frame is not None:
-        if frame.f_code is call and frame.f_locals.get("self") is module:
-            return True
-        frame = frame.f_back
-    return False
+    """Two threads use one applied model at the same time (`Handle.enter`)."""
 
 
 def _materialized_sdpa_mask(*args, **kwargs):
@@ -182,29 +169,7 @@ class CMAIState:
         self._cache_ref = None
         self._id_tables: dict[tuple, torch.Tensor] = {}
         self.tracing = False  # record each call's last-row inhibition (for pictures; see `trace`)
-        # The state is the model's, one generation at a time: the thread of a forward call in progress, and the thread
-        # whose prefill the state follows (so that a second thread using the model gets an error that says so)
-        self._in_call: int | None = None
         self.reset(0)
-
-    CONCURRENT = (
-        "CMAI's state serves one forward call of an applied model at a time (generations may take turns): serve "
-        "concurrent requests as one batch, or give each thread its own model"
-    )
-
-    def enter(self, module: torch.nn.Module) -> None:
-        """A forward call of ``module`` starts (the pre-hook): refuse it while another thread's call is running."""
-        me = threading.get_ident()
-        if self._in_call is not None and self._in_call != me and _calling(self._in_call, module):
-            raise ConcurrentUseError(f"two threads called the model at once. {self.CONCURRENT}.")
-        self._in_call = me  # (a mark left by a call that ended without the post-hook, e.g. on Ctrl+C, is stale)
-
-    def leave(self) -> bool:
-        """A forward call ended, or failed (the post-hook runs either way): whether it was this thread's."""
-        if self._in_call != threading.get_ident():
-            return False
-        self._in_call = None
-        return True
 
     def _stash(self) -> None:
         """Leave the current generation with its cache, which a conversation may continue from after other
