@@ -361,3 +361,20 @@ def test_a_changed_vision_layer_fails_loudly(model, monkeypatch):
     with pytest.raises(RuntimeError, match="no longer computes"):
         unclutter.apply(model, vmtc=VMTCConfig())
     assert "_unclutter_handle" not in vars(model.model)
+
+
+def test_a_stage_block_offloaded_by_accelerate(model, processor, images, tmp_path):
+    """A vision stage block offloaded to disk (accelerate keeps its weights on the meta device between calls): the
+    layout check ran the block outside accelerate's wrapper and failed (cannot copy out of meta tensor)."""
+    model.save_pretrained(tmp_path / "m")
+    blocks = len(model.model.vision_tower.encoder.layer)
+    device_map = {f"model.vision_tower.encoder.layer.{i}": "disk" if i == 1 else "cpu" for i in range(blocks)}
+    device_map.update({name: "cpu" for name in ("model.vision_tower.embeddings", "model.multi_modal_projector",
+                                                 "model.language_model", "lm_head")})  # fmt: skip
+    dispatched = type(model).from_pretrained(tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "off")
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()) as h, torch.no_grad():
+        assert 1 in [s.layer for s in h.active_stages]
+        expected = model(**_encode(processor, images)).logits
+    with unclutter.apply(dispatched, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()), torch.no_grad():
+        got = dispatched(**_encode(processor, images)).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
