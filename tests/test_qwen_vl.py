@@ -369,3 +369,16 @@ def test_vmtc_fails_loudly_on_a_stale_prompt_and_impossible_plans():
     with pytest.raises(ValueError, match="no CLS token"):
         unclutter.apply(model, processor, vmtc=VMTCConfig(importance="cls"))
     assert "get_rope_index" not in vars(model.model)  # failed applies leave nothing behind
+
+
+def test_torch_compile_with_vmtc_and_cmai():
+    """torch.compile traced the stage block's per-call qkv hook wrongly ("its qkv projection did not run" at the second
+    stage); the stage block runs eagerly now, and the compiled model equals eager (aot_eager: the tracing is what
+    broke; inductor's kernels are checked on LLaVA)."""
+    model, processor = build("qwen2_5_vl")
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(), cmai=CMAIConfig()), torch.no_grad():
+        batch = encode(processor, [turn("how many ?", "image")] * 2, [random_image(0, 48, 64), random_image(1, 32, 48)])
+        expected = model(**batch).logits
+        got = torch.compile(model, backend="aot_eager")(**batch).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)

@@ -454,6 +454,7 @@ class QwenVLAdapter(Adapter):
         output.unclutter_layouts = layouts  # which grid cells each item kept: the rope override places them
         return output
 
+    @torch.compiler.disable  # a hook registered per call and host-side packing: torch.compile traced it wrongly
     def stage_block(self, index: int, block: nn.Module, h, cu_seqlens, position_embeddings, packed: Packed, captures):
         """A ViT block with VMTC between attention and MLP. Returns (hidden, position embeddings)."""
         for name in ("norm1", "attn", "norm2", "mlp"):
