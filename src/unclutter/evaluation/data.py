@@ -24,8 +24,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from ..ifeval import resolve_kwargs
-from ..ifeval.scoring import DataError, read_json_object, read_jsonl, write_jsonl_atomic
+from ..ifeval.scoring import DataError, check_instructions, read_json_object, read_jsonl, write_jsonl_atomic
 from ..metrics import MME_COGNITION, MME_PERCEPTION, rotate_options
 from .images import to_rgb
 
@@ -96,14 +95,7 @@ def _check_fields(bench: str, rec: dict, where: str) -> None:
     if bench == "if16":
         if not isinstance(rec["task"], str):
             raise DataError(f"{where}: 'task' must be a string (T1..T16), got {rec['task']!r}.")
-        ids, kwargs = rec["instruction_id_list"], rec["kwargs"]
-        if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
-            raise DataError(f"{where}: instruction_id_list and kwargs must be lists of equal length.")
-        for iid, kw in zip(ids, kwargs, strict=True):
-            try:
-                resolve_kwargs(iid, kw, rec["prompt"])
-            except ValueError as exc:
-                raise DataError(f"{where}: {exc}") from None
+        check_instructions(where, rec["instruction_id_list"], rec["kwargs"], rec["prompt"])
 
 
 def expand_circular(records: list[dict]) -> list[dict]:

@@ -57,6 +57,17 @@ def read_json_object(path: str | Path, what: str) -> dict:
     return obj
 
 
+def check_instructions(where: str, ids, kwargs, prompt: str) -> None:
+    """An input line's instruction ids and kwargs, checked against the checkers (IFEval files and if16 records)."""
+    if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
+        raise DataError(f"{where}: instruction_id_list and kwargs must be lists of equal length.")
+    for iid, kw in zip(ids, kwargs, strict=True):
+        try:
+            resolve_kwargs(iid, kw, prompt)
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+
+
 def read_inputs(path: str | Path) -> list[dict]:
     """IFEval input lines ``{key, prompt, instruction_id_list, kwargs}`` (extra fields kept), validated."""
     records = []
@@ -69,14 +80,7 @@ def read_inputs(path: str | Path) -> list[dict]:
                 )
         if not isinstance(obj["prompt"], str):
             raise DataError(f"{where}: 'prompt' must be a string, got {obj['prompt']!r}.")
-        ids, kwargs = obj["instruction_id_list"], obj["kwargs"]
-        if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
-            raise DataError(f"{where}: instruction_id_list and kwargs must be lists of equal length.")
-        for iid, kw in zip(ids, kwargs, strict=True):
-            try:
-                resolve_kwargs(iid, kw, obj["prompt"])
-            except ValueError as exc:
-                raise DataError(f"{where}: {exc}") from None
+        check_instructions(where, obj["instruction_id_list"], obj["kwargs"], obj["prompt"])
         obj.setdefault("key", obj["prompt"])
         records.append(obj)
     return records
