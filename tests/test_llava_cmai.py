@@ -334,7 +334,7 @@ def test_two_threads_on_one_model_get_a_clear_error_and_the_first_is_unharmed(pr
     wrong answers)."""
     import threading
 
-    from unclutter.integrations.cmai_attention import ConcurrentUseError
+    from unclutter import ConcurrentUseError
     from unclutter.models.tiny import tiny_llava
 
     torch.manual_seed(0)

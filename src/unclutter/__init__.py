@@ -11,8 +11,19 @@ the paper's model; LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, Gemma 3, I
 
 from . import cmai, kmeans, vmtc
 from .config import CMAIConfig, SPDConfig, VMTCConfig
-from .integrations import Handle, apply
+from .integrations import ConcurrentUseError, Handle, apply
 
 __version__ = "0.1.0"
 
-__all__ = ["CMAIConfig", "Handle", "SPDConfig", "VMTCConfig", "apply", "cmai", "kmeans", "vmtc", "__version__"]
+__all__ = [
+    "CMAIConfig",
+    "ConcurrentUseError",
+    "Handle",
+    "SPDConfig",
+    "VMTCConfig",
+    "apply",
+    "cmai",
+    "kmeans",
+    "vmtc",
+    "__version__",
+]

@@ -14,6 +14,6 @@ from . import (  # noqa: F401  (each module registers its adapter)
     qwen2_5_vl,
     qwen3_vl,
 )
-from .base import ADAPTERS, Adapter, Handle, apply, register
+from .base import ADAPTERS, Adapter, ConcurrentUseError, Handle, apply, register
 
-__all__ = ["ADAPTERS", "Adapter", "Handle", "apply", "register"]
+__all__ = ["ADAPTERS", "Adapter", "ConcurrentUseError", "Handle", "apply", "register"]

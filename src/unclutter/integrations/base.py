@@ -36,6 +36,10 @@ _HANDLE_ATTR = "_unclutter_handle"
 ADAPTERS: list[type[Adapter]] = []
 
 
+class ConcurrentUseError(RuntimeError):
+    """Two threads use one applied model at the same time (`Handle.enter`)."""
+
+
 def register(adapter: type[Adapter]) -> type[Adapter]:
     """Class decorator: make `apply` accept the adapter's model classes."""
     ADAPTERS.append(adapter)
@@ -214,7 +218,7 @@ class Handle:
         a mark left by a thread that left without `leave`, on Ctrl+C, is stale and taken over)."""
         me = threading.get_ident()
         if self._owner not in (None, me) and _using(self._owner, self.adapter.base):
-            raise cmai_attention.ConcurrentUseError(f"two threads use the model at once. {self.CONCURRENT}.")
+            raise ConcurrentUseError(f"two threads use the model at once. {self.CONCURRENT}.")
         if self._owner != me:
             self._owner, self._depth = me, 0
         self._depth += 1

@@ -68,10 +68,6 @@ class CMAIStateError(RuntimeError):
         )
 
 
-class ConcurrentUseError(RuntimeError):
-    """Two threads use one applied model at the same time (`Handle.enter`)."""
-
-
 def _materialized_sdpa_mask(*args, **kwargs):
     # CMAI edits the mask per row, so it must always exist (SDPA's is_causal shortcut returns None).
     kwargs["allow_is_causal_skip"] = False
