@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..ifeval.scoring import DataError, check_instructions, read_json_object, read_jsonl, write_jsonl_atomic
+from ..ifeval.suite import llava_question_lines
 from ..metrics import MME_COGNITION, MME_PERCEPTION, rotate_options
 from .images import to_rgb
 
@@ -114,13 +115,7 @@ def expand_circular(records: list[dict]) -> list[dict]:
 
 def _llava_questions(path: str | Path) -> list[dict]:
     rows = []
-    for lineno, obj in read_jsonl(path):
-        for f in ("question_id", "image", "text"):
-            if f not in obj:
-                raise DataError(f"{path}:{lineno}: LLaVA question line lacks {f!r}.")
-        for f in ("image", "text"):
-            if not isinstance(obj[f], str):
-                raise DataError(f"{path}:{lineno}: {f!r} must be a string, got {obj[f]!r}.")
+    for _, obj in llava_question_lines(path):
         question = obj["text"].split("\n")[0].replace("<image>", "").strip()  # drop LLaVA's format hint
         rows.append(
             {

@@ -88,9 +88,8 @@ def clean_question(text: str) -> str:
     return re.sub(r"\s+\n", "\n", _FORMAT_HINTS.sub("", text)).strip()
 
 
-def load_llava_questions(path: str | Path, images: str | Path | None = None) -> list[dict]:
-    """LLaVA question JSONL ``{question_id, image, text}``; checks images exist when ``images`` is given."""
-    rows = []
+def llava_question_lines(path: str | Path):
+    """Yield (line number, record) of a LLaVA question JSONL ``{question_id, image, text}``, each checked."""
     for lineno, obj in read_jsonl(path):
         for field in ("question_id", "image", "text"):
             if field not in obj:
@@ -100,6 +99,13 @@ def load_llava_questions(path: str | Path, images: str | Path | None = None) -> 
         for field in ("image", "text"):
             if not isinstance(obj[field], str):
                 raise DataError(f"{path}:{lineno}: {field!r} must be a string, got {obj[field]!r}.")
+        yield lineno, obj
+
+
+def load_llava_questions(path: str | Path, images: str | Path | None = None) -> list[dict]:
+    """LLaVA question JSONL ``{question_id, image, text}``; checks images exist when ``images`` is given."""
+    rows = []
+    for lineno, obj in llava_question_lines(path):
         if images is not None and not (Path(images) / obj["image"]).is_file():
             raise DataError(f"{path}:{lineno}: image {obj['image']!r} not found under {images}.")
         rows.append({"question_id": obj["question_id"], "image": obj["image"], "question": clean_question(obj["text"])})
