@@ -83,6 +83,25 @@ def test_row_quantile_equals_torch_quantile_with_ties():
     assert not cmai.inhibition_mask(torch.ones(2, 8), 0.6).any()  # ties at the threshold are kept
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inhibition_mask_of_half_scores_equals_that_of_their_float32_values(dtype):
+    """Half focus scores (a half model's attention maps) are ranked as the same values in float32: a quantile
+    rounded to bf16 fell onto its lower order statistic, which then was not inhibited."""
+    row = torch.tensor([[0.25, 1.0, 1.0078125]], dtype=dtype)  # 1.0 and 1.0078125: adjacent bf16 numbers
+    assert torch.equal(cmai.inhibition_mask(row, 0.6), cmai.inhibition_mask(row.float(), 0.6))
+    g = torch.Generator().manual_seed(0)
+    for gamma in cmai.gamma_schedule(32, 0.6).values():
+        focus = (torch.rand(64, 288, generator=g) * 4).softmax(-1).to(dtype)
+        assert torch.equal(cmai.inhibition_mask(focus, gamma), cmai.inhibition_mask(focus.float(), gamma))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_focus_scores_of_half_attention_are_those_of_their_float32_values(dtype):
+    a_t2t, a_t2i = (a.float().to(dtype) for a in random_attention(9, 20, 4))
+    got = cmai.focus_scores(a_t2t, a_t2i)
+    assert got.dtype == torch.float32 and torch.equal(got, cmai.focus_scores(a_t2t.float(), a_t2i.float()))
+
+
 def test_masked_row_quantile_equals_quantile_of_each_rows_valid_entries():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 9, generator=g)

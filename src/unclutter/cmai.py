@@ -59,8 +59,11 @@ def focus_scores(
         discount: base of the distance discount for mode="discounted".
 
     Returns:
-        (..., m, n) focus scores.
+        (..., m, n) focus scores; in float32 for bf16/fp16 attention (Eq. 10's sum and the ranking after it
+        would otherwise round to the half dtype).
     """
+    if a_t2i.dtype in (torch.float16, torch.bfloat16) or a_t2t.dtype in (torch.float16, torch.bfloat16):
+        a_t2t, a_t2i = a_t2t.float(), a_t2i.float()
     m = a_t2i.shape[-2]
     if a_t2t.shape[-2:] != (m, m):
         raise ValueError(
@@ -80,8 +83,12 @@ def masked_row_quantile(x: torch.Tensor, valid: torch.Tensor, q: float) -> torch
 
     x, valid: (..., n). Returns (..., 1); +inf for a row with no valid entry (so nothing lies below it
     that is not masked out by ``valid`` anyway). Rows may hold different numbers of valid entries, e.g.
-    samples of a batch with different image token counts.
+    samples of a batch with different image token counts. Half-precision ``x`` (bf16/fp16, such as attention maps
+    of a half model) is interpolated in float32 and the quantile returned in float32: rounded to the half dtype,
+    it can fall onto its lower order statistic and keep that entry from lying below it.
     """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     plan = quantile_plan(valid.sum(dim=-1, keepdim=True), q, x.dtype)
     return planned_quantile(x.masked_fill(~valid, float("inf")).sort(dim=-1).values, plan)
 
