@@ -417,3 +417,104 @@ def test_the_global_batch_must_divide_over_the_devices(tmp_path, monkeypatch):
                       per_device_batch_size=16)  # fmt: skip
     with pytest.raises(ValueError, match="16 per device x 4 devices"):
         train(cfg)
+
+
+def test_accumulation_counts_the_processes_of_a_cpu_or_multinode_job(base_dir, tmp_path, monkeypatch):
+    """Under torchrun the global batch is per-device x processes x accumulation: 2 CPU processes (no CUDA device)
+    made accumulation 4 for a global batch of 4 at 1 per device, so each step took 8 samples."""
+    import unclutter.training.trainer as trainer_module
+
+    class Seen(Exception):
+        pass
+
+    def arguments(**kwargs):
+        raise Seen(kwargs["gradient_accumulation_steps"])
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(trainer_module, "TrainingArguments", arguments)
+    data, images = make_data(tmp_path, n=4)
+    with pytest.raises(Seen) as seen:
+        train(TrainConfig(stage="pretrain", model=str(base_dir), data=str(data), images=str(images),
+                          output=str(tmp_path / "o"), batch_size=4, per_device_batch_size=1))  # fmt: skip
+    assert seen.value.args == (2,)
+
+
+def test_deepspeed_without_deepspeed_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a)
+    )
+    cfg = TrainConfig(stage="pretrain", model="m", data="d", output=str(tmp_path / "o"),
+                      deepspeed="configs/deepspeed/zero2.json")  # fmt: skip
+    with pytest.raises(ValueError, match=r"unclutter\[deepspeed\]"):
+        train(cfg)
+
+
+def test_only_the_main_process_writes_the_output(base_dir, tmp_path, monkeypatch):
+    """Rank 1 of a torchrun job wrote the processor files, train_log.json and adapter/ beside rank 0."""
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
+    data, images = make_data(tmp_path, n=2, stage="finetune")
+    out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images),
+                            output=str(tmp_path / "o"), max_steps=1, batch_size=1, per_device_batch_size=1, lora=True,
+                            lora_r=2, lora_alpha=4, save_steps=10))  # fmt: skip
+    written = sorted(
+        p.name for p in out.iterdir() if not p.name.startswith(".") and not p.name.startswith("checkpoint-")
+    )
+    assert written == []  # the Trainer's own checkpoints are rank 0's alone already (args.should_save)
+
+
+DDP_SCRIPT = """
+import sys
+from unclutter.training.trainer import TrainConfig, train
+stage, model, data, images, out, tune = sys.argv[1:7]
+train(TrainConfig(stage=stage, model=model, data=data, images=images, output=out, max_steps=2, batch_size=2,
+                  per_device_batch_size=1, learning_rate=1e-3, warmup_ratio=0.0, save_steps=10,
+                  gradient_checkpointing=stage == "finetune", tune=tune.split(",") if tune else None))
+"""
+
+
+@pytest.mark.parametrize(("stage", "tune"), [("pretrain", ""), ("finetune", ""), ("finetune", "vision,projector,llm")])
+def test_two_processes_with_text_only_samples_train_as_one(base_dir, tmp_path, stage, tune):
+    """torchrun --nproc_per_node 2 (gloo, CPU): a rank whose micro-batch is text-only leaves the projector out of its
+    forward. Stage 1 failed ("marked as ready twice": the zero-gradient term was added after DDP's forward); stage 2
+    with gradient checkpointing (DDP without find_unused_parameters) hung, and so does a tuned tower even on image
+    batches (LLaVA reads the penultimate block: the last one gets no gradient). Two processes at 1 per device equal
+    one process at 2 per device."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    recs = json.loads(make_data(tmp_path, n=2, stage=stage)[0].read_text())
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(recs[:1] + recs[-1:] + recs[1:2] + recs[-1:]))  # image, text, image, text
+    images = tmp_path / "images"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), stage, str(base_dir), str(data), str(images), str(tmp_path / "ddp"), tune]  # fmt: skip
+    run = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = run.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:  # a rank that never joins the gradient all-reduce hangs the job
+        run.terminate()  # torchrun stops its workers on SIGTERM (they run in sessions of their own)
+        output = run.communicate(timeout=60)[0]
+    assert run.returncode == 0, output[-3000:]
+    one = train(TrainConfig(stage=stage, model=str(base_dir), data=str(data), images=str(images),
+                            output=str(tmp_path / "one"), max_steps=2, batch_size=2, per_device_batch_size=2,
+                            learning_rate=1e-3, warmup_ratio=0.0, save_steps=10,
+                            tune=tune.split(",") if tune else None))  # fmt: skip
+    a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ddp").state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(one).state_dict()
+    worst = max(((a[k] - b[k]).abs().max().item(), k) for k in b)
+    assert worst[0] < 1e-4, worst  # Adam (lr 1e-3) amplifies float noise where a gradient is near its eps
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(one), rel=1e-5)

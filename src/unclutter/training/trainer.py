@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,23 +214,34 @@ def _freeze(model, tune: list[str]) -> dict[str, torch.nn.Parameter]:
     return loose
 
 
+def _touch_image_path(model):
+    """A forward hook on the VLM: every tuned parameter of the image path (the projector, a tuned tower,
+    image_newline) takes part in every training forward. A batch without images reaches none of them (stage 1 tunes
+    nothing else, so backward() would fail), and a tuned tower's blocks after the feature layer (LLaVA reads the
+    penultimate one) never do; under DDP a rank would then leave those parameters unreduced (a hang with gradient
+    checkpointing, or, with find_unused_parameters, a "marked ready twice" error for a term added after forward).
+    As LLaVA passes an empty slice of image features through, the loss takes 0 x their sum *inside* forward: zero
+    gradients, every rank in step."""
+
+    def hook(module, args, kwargs, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        if getattr(output, "loss", None) is None:
+            return output
+        image_path = [p for name, p in module.named_parameters() if p.requires_grad
+                      and not name.startswith(("model.language_model.", "language_model.", "lm_head."))]  # fmt: skip
+        if image_path:
+            output.loss = output.loss + 0.0 * sum(p.sum() for p in image_path)
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
 class _LlavaTrainer(Trainer):
     def __init__(self, *args, order_fn=None, loose=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._order_fn = order_fn
         self._loose = loose or {}  # parameters a (PEFT) checkpoint leaves out: saved and restored beside it
-
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        loss = result[0] if return_outputs else result
-        if model.training and torch.is_grad_enabled() and not loss.requires_grad:
-            # The batch reached no tuned parameter: stage 1 tunes only the projector, and a batch of text-only samples
-            # never calls it. backward() would fail; LLaVA passes an empty slice of image features through instead,
-            # so its tuned parameters get zero gradients and distributed ranks stay in step. So do we.
-            tuned = [p for p in model.parameters() if p.requires_grad]
-            loss = loss + 0.0 * sum(p.sum() for p in tuned)
-            result = (loss, *result[1:]) if return_outputs else loss
-        return result
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
@@ -286,9 +298,22 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
 
 
 def _train(cfg: TrainConfig, callbacks=None) -> Path:
+    if cfg.deepspeed is not None:  # checked before the model loads; transformers would fail later, naming no extra
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(
+                f"--deepspeed {cfg.deepspeed}: DeepSpeed is not installed; pip install 'unclutter[deepspeed]' "
+                "(or drop --deepspeed to train with plain DDP)."
+            )
+        if not Path(cfg.deepspeed).is_file():
+            raise ValueError(f"--deepspeed {cfg.deepspeed}: no such DeepSpeed config file.")
     lr_default, _, fmt = STAGE_DEFAULTS[cfg.stage]
     fmt = cfg.prompt_format or fmt
-    world = max(torch.cuda.device_count(), 1)
+    # the processes of a torchrun / accelerate / DeepSpeed job (every node's), or the GPUs that one process drives
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        world = max(torch.cuda.device_count(), 1)
     global_batch = cfg.global_batch
     per_device = min(cfg.per_device_batch_size, global_batch)
     if global_batch % (per_device * world):  # TrainConfig checked the per-device batch; here the devices count too
@@ -326,6 +351,7 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
         model = get_peft_model(model, lora)
         for p in loose.values():  # PEFT froze all but the adapter and modules_to_save: image_newline is in neither
             p.requires_grad = True
+    touch = _touch_image_path(model.get_base_model() if cfg.lora else model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -356,19 +382,24 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
     resume = any(Path(cfg.output).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
 
+    main = trainer.is_world_process_zero()  # one writer: every rank holds the same weights, rank 0 saves them
     if cfg.lora:
-        model.save_pretrained(Path(cfg.output) / "adapter")  # the trained delta alone (a few MB), for shipping
-        if loose:
-            save_loose(loose, Path(cfg.output) / "adapter")
+        if main:
+            model.save_pretrained(Path(cfg.output) / "adapter")  # the trained delta alone (a few MB), for shipping
+            if loose:
+                save_loose(loose, Path(cfg.output) / "adapter")
         model = model.merge_and_unload()
+    touch.remove()
     handle.remove()  # save the plain model; the configs travel in config.json
     model.config.unclutter = {"method": cfg.method, "overrides": list(cfg.overrides), "configs": to_dict(configs)}
-    model.save_pretrained(cfg.output, safe_serialization=True)
     processor.tokenizer.padding_side = "left"
-    processor.save_pretrained(cfg.output)
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-    (Path(cfg.output) / "train_log.json").write_text(
-        json.dumps({"config": dataclasses.asdict(cfg), "log": history, "summary": summary}, indent=2)
-    )
+    if main:
+        model.save_pretrained(cfg.output, safe_serialization=True)
+        processor.save_pretrained(cfg.output)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+        (Path(cfg.output) / "train_log.json").write_text(
+            json.dumps({"config": dataclasses.asdict(cfg), "log": history, "summary": summary}, indent=2)
+        )
+    trainer.accelerator.wait_for_everyone()  # no rank returns (and reads the output) before it is written
     return Path(cfg.output)
