@@ -74,6 +74,30 @@ def test_manual_decoding_loop_equals_generate(model, processor, images):
         torch.testing.assert_close(logits[t], gen.logits[t], atol=2e-5, rtol=1e-4)
 
 
+def test_long_prompts_take_query_rows_in_chunks_with_the_same_result(model, processor, images, monkeypatch):
+    """A long prompt's head-averaged attention is computed a chunk of query rows at a time (bounded memory); a budget
+    of 3 rows per chunk here, for the general path (padded batch) and the fast one (one prompt), against the naive
+    reference."""
+    from unclutter.integrations import cmai_attention
+
+    heads = model.config.text_config.num_attention_heads
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    for batch in (encode(processor, images), encode(processor, images[:1], PROMPTS[:1])):
+        expected = reference_logits(model, batch, gammas)
+        width = batch["input_ids"].shape[0] * heads * batch["input_ids"].shape[1]
+        monkeypatch.setattr(cmai_attention, "_LOGITS_PER_CHUNK", 3 * width)  # 3 query rows per chunk
+        calls = []
+        chunk = cmai_attention._chunk_head_mean_probs
+        monkeypatch.setattr(cmai_attention, "_chunk_head_mean_probs", lambda *a: calls.append(1) or chunk(*a))
+        with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)), torch.no_grad():
+            got = model(**batch).logits
+        monkeypatch.undo()
+        layers = sum(g > 0 for g in gammas.values())
+        assert len(calls) > 2 * layers  # several chunks per inhibiting layer
+        valid = batch["attention_mask"].bool()
+        torch.testing.assert_close(got[valid], expected[valid].float(), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("focus", ["paper", "tia"])
 def test_fast_calls_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus):
     """One unpadded prompt takes the fast path in its prefill and decode steps (the host knows the image block, that

@@ -554,6 +554,13 @@ def _check_cache_kind(cache) -> None:
         )
 
 
+# Rows of (heads x keys) float32 logits per chunk of a long prompt's text queries (128 MiB): the head-averaged
+# attention is computed a chunk of query rows at a time, so a prefill never holds all heads' (q, K) maps at once
+# (32 heads x 2,000 text rows x 3,000 keys would be 0.8 GB per copy, several copies per layer). A decode step and a
+# short prompt fit one chunk: the same operators as unchunked.
+_LOGITS_PER_CHUNK = 1 << 25
+
+
 def _head_mean_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -566,23 +573,41 @@ def _head_mean_probs(
 
     query: (B, H, q, D); key: (B, Hkv, K, D); disallowed: (B, 1, q, K) bool, or None when every key is allowed.
     empty_rows: some row may have every key disallowed (padding); its probabilities are 0 instead of NaN.
+    Query rows are taken `_LOGITS_PER_CHUNK` logits at a time (each row's values do not depend on the chunking).
     """
     bsz, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    # at most one copy of each (float32 and contiguous at once, so the reshapes are views), and the scaling inside
-    # the batched matmul
+    keys = _contiguous_float(key).view(bsz * kv_heads, kv_len, dim).transpose(1, 2)
+    rows = max(1, _LOGITS_PER_CHUNK // max(1, bsz * heads * kv_len))
+    if rows >= q_len:
+        return _chunk_head_mean_probs(query, keys, disallowed, scaling, softcap, empty_rows, kv_heads)
+    out = torch.empty(bsz, q_len, kv_len, dtype=torch.float32, device=query.device)
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        part = None if disallowed is None else disallowed[:, :, start:stop]
+        out[:, start:stop] = _chunk_head_mean_probs(
+            query[:, :, start:stop], keys, part, scaling, softcap, empty_rows, kv_heads
+        )
+    return out
+
+
+def _chunk_head_mean_probs(query, keys, disallowed, scaling, softcap, empty_rows, kv_heads) -> torch.Tensor:
+    """`_head_mean_probs` of some query rows; keys: (B * Hkv, D, K) float32."""
+    bsz, heads, q_len, dim = query.shape
+    kv_len = keys.shape[-1]
+    # at most one copy of the queries (float32 and contiguous at once, so the reshape is a view), and the scaling
+    # inside the batched matmul
     grouped = _contiguous_float(query).view(bsz * kv_heads, -1, dim)
-    keys = _contiguous_float(key).view(bsz * kv_heads, kv_len, dim)
     # beta=0: the addend is ignored (documented: not even its NaNs propagate), so an uninitialised one is enough
-    logits = torch.baddbmm(keys.new_empty(1, 1, 1), grouped, keys.transpose(1, 2), beta=0.0, alpha=scaling)
+    logits = torch.baddbmm(keys.new_empty(1, 1, 1), grouped, keys, beta=0.0, alpha=scaling)
     logits = logits.view(bsz, heads, q_len, kv_len)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if disallowed is None:
         return logits.softmax(dim=-1).mean(dim=1)
-    probs = logits.masked_fill(disallowed, float("-inf")).softmax(dim=-1)
+    probs = logits.masked_fill_(disallowed, float("-inf")).softmax(dim=-1)  # the logits are ours: in place
     if empty_rows:
-        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding) -> 0
+        probs = torch.nan_to_num_(probs, nan=0.0)  # fully masked rows (padding) -> 0
     return probs.mean(dim=1)
 
 
