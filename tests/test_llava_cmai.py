@@ -88,7 +88,9 @@ def test_long_prompts_take_query_rows_in_chunks_with_the_same_result(model, proc
         monkeypatch.setattr(cmai_attention, "_LOGITS_PER_CHUNK", 3 * width)  # 3 query rows per chunk
         calls = []
         chunk = cmai_attention._chunk_head_mean_probs
-        monkeypatch.setattr(cmai_attention, "_chunk_head_mean_probs", lambda *a: calls.append(1) or chunk(*a))
+        monkeypatch.setattr(
+            cmai_attention, "_chunk_head_mean_probs", lambda *a, calls=calls, chunk=chunk: calls.append(1) or chunk(*a)
+        )
         with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)), torch.no_grad():
             got = model(**batch).logits
         monkeypatch.undo()

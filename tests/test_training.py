@@ -458,6 +458,7 @@ def test_only_the_main_process_writes_the_output(base_dir, tmp_path, monkeypatch
     from transformers import Trainer
 
     monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
+    monkeypatch.setenv("RANK", "1")  # rank 1 of a torchrun job (rank 0 alone records the run's settings)
     data, images = make_data(tmp_path, n=2, stage="finetune")
     out = train(TrainConfig(stage="finetune", model=str(base_dir), data=str(data), images=str(images),
                             output=str(tmp_path / "o"), max_steps=1, batch_size=1, per_device_batch_size=1, lora=True,

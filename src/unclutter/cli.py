@@ -112,7 +112,7 @@ def ifeval_report(
     check_out_dir(out)
     try:
         tab = write_report(runs, out, mode)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: an --out that cannot be created or written
         fail(str(exc))
     console.print(to_markdown(tab))
     console.print(f"wrote {out}/if_table.md, if_table.json, if_table.png")
@@ -229,7 +229,7 @@ def report_cmd(
     check_out_dir(out)
     try:
         tab = write_comparison(runs, out)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: an --out that cannot be created or written
         fail(str(exc))
     console.print(compare_markdown(tab))
     console.print(f"wrote {out}/comparison.md")
@@ -351,7 +351,7 @@ def data_shapes(
     check_out_dir(out)
     try:
         counts = build_shapes(out, num, seed, if_per_task=if_per_task, if_rate=if_rate)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         fail(str(exc))
     console.print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
@@ -418,16 +418,20 @@ def bench_speed(
             f"--out {out} must name a JSON file in a folder (the .md, .png and the {out.stem}.run/ record go beside it)."
         )
     record = out.with_suffix(".run")  # every measured repetition, as it finishes: a rerun resumes
+
+    def finish(result: dict) -> tuple[Path, ...]:  # under the record's lock: no second run starts from these samples
+        written = write_results(result, out)
+        shutil.rmtree(record)  # the results hold every repetition
+        return written
+
     try:
-        result = run_speed(
+        result, paths = run_speed(
             preset, methods=tuple(methods.split(",")), batch=batch, reps=reps, warmup=warmup,
             text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
-            record=record,
+            record=record, finish=finish,
         )  # fmt: skip
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         fail(str(exc))
-    paths = write_results(result, out)
-    shutil.rmtree(record)  # the results hold every repetition
     console.print(to_markdown(result))
     console.print("wrote " + ", ".join(map(str, paths)))
 

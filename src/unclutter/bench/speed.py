@@ -235,8 +235,10 @@ def run_speed(
     cpu_layers: int | None = None,
     progress=None,
     record: str | Path | None = None,
-) -> dict:
-    """Run the benchmark; returns {"meta", "rows", "ratios"} (rows are per-method medians).
+    finish=None,
+):
+    """Run the benchmark; returns {"meta", "rows", "ratios"} (rows are per-method medians), or, with ``finish``,
+    (that, ``finish(it)``): ``finish`` runs while the record is still locked (writing the results, clearing the record).
 
     record: a folder where every measured repetition is appended (fsynced) as it finishes, under a one-writer lock:
     a killed run, rerun with the same settings, measures only what is missing (after its own warm-up round)."""
@@ -245,11 +247,12 @@ def run_speed(
         text_tokens=text_tokens,
     )  # fmt: skip
     with RunLock(record, what="unclutter bench speed") if record is not None else contextlib.nullcontext():
-        return _run_speed(
+        result = _run_speed(
             preset, methods=methods, batch=batch, reps=reps, warmup=warmup, text_tokens=text_tokens,
             new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
             record=Path(record) if record is not None else None,
         )  # fmt: skip
+        return result if finish is None else (result, finish(result))
 
 
 def check_arguments(

@@ -10,6 +10,7 @@ into it is refused while the first lives; see `unclutter.runlock`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -131,16 +132,37 @@ def read_appended(path: Path) -> list[dict]:
     if good < len(data):
         with path.open("r+b") as f:
             f.truncate(good)
-    return [json.loads(line) for line in data[:good].decode("utf-8").split("\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(data[:good].split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except ValueError as exc:
+            row, why = None, str(exc)
+        else:
+            why = "not a JSON object"
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}, line {number}: {why}; this file is only ever appended to by whole lines, so something else "
+                "changed it: delete that line (its record is done again) and rerun the same command."
+            )
+        rows.append(row)
+    return rows
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` as JSON lines in one fsynced write."""
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # a full disk, a folder that went read-only, ...: say which file, and that a rerun resumes
+        raise OSError(
+            exc.errno, f"cannot append to {path} ({exc.strerror}); fix that, then rerun the same command: it resumes"
+        ) from exc
 
 
 class PredictionLog:
@@ -148,7 +170,10 @@ class PredictionLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows: dict[str, dict] = {row["id"]: row for row in read_appended(path)}
+        rows = read_appended(path)
+        if missing := next((i for i, row in enumerate(rows, 1) if "id" not in row), None):
+            raise ValueError(f"{path}: row {missing} has no id; delete it and rerun the same command.")
+        self.rows: dict[str, dict] = {row["id"]: row for row in rows}
 
     def append(self, rows: list[dict]) -> None:
         append_rows(self.path, rows)
@@ -208,8 +233,20 @@ def run_eval(
         records = records[:limit]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if model_and_processor is not None:  # what the given model computes in, on
+        param = next(model_and_processor[0].parameters())
+        precision, where = str(param.dtype).removeprefix("torch."), param.device.type
+    else:
+        from .generation import DTYPES, resolve_device
+
+        where = torch_device_type(resolve_device(device))
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
+        # "auto" is float32 on the CPU (`load_model`) and the checkpoint's own dtype elsewhere
+        precision = "float32" if dtype == "auto" and where == "cpu" else str(DTYPES[dtype]).removeprefix("torch.")
     config = {
-        "model": model_name, "method": method, "overrides": list(overrides), "configs": to_dict(configs),
+        "model": _model_key(model_name), "dtype": precision, "device": where, "inputs": _inputs_digest(bench, records),
+        "method": method, "overrides": list(overrides), "configs": to_dict(configs),
         "bench": bench, "data": str(Path(data).resolve()), "images": str(Path(images).resolve()), "limit": limit,
         "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(bench, 128), "do_sample": False,
     }  # fmt: skip
@@ -218,7 +255,7 @@ def run_eval(
     todo = [r for r in records if r["id"] not in log.rows]
 
     family = _previous_family(out / "metrics.json")
-    if todo:
+    if todo or family is None:  # None: killed after its last answer, before metrics.json: the family is looked up
         if model_and_processor is None:
             from .generation import load_model
 
@@ -245,6 +282,28 @@ def run_eval(
     return metrics
 
 
+def torch_device_type(device: str) -> str:
+    import torch
+
+    return torch.device(device).type
+
+
+def _model_key(name: str) -> str:
+    """A local model folder by its absolute path (a relative one names another folder from another directory); a hub
+    id as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _inputs_digest(bench: str, records: list[dict]) -> str:
+    """What the model is asked, per record (id, image, question): the data file regenerated or edited in place under
+    the same name must not resume against answers to other questions (corrected answers alone still rescore)."""
+    h = hashlib.sha256()
+    for rec in records:
+        h.update(json.dumps([rec["id"], str(rec["image"]), question_text(bench, rec)], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
 def _previous_family(path: Path) -> str | None:
     """The model family an earlier pass of this run recorded (a finished run resumes without loading the model)."""
     if path.is_file():
@@ -255,9 +314,14 @@ def _previous_family(path: Path) -> str | None:
 def _check_or_write_config(path: Path, config: dict) -> None:
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if isinstance(old.get("model"), str) and _model_key(old["model"]) == config.get("model"):
+            old["model"] = config["model"]  # recorded as given before this release: the same folder from here
+        # settings recorded only since this release (dtype, device, inputs) are adopted by runs that lack them
+        diff = sorted(k for k in set(old) | set(config) if k in old and old.get(k) != config.get(k))
         if diff:
             raise ValueError(f"{path.parent} holds a run with different settings ({', '.join(diff)}); use a new --out.")
+        if set(config) - set(old):
+            write_json_atomic(path, {**config, **old})
     else:
         write_json_atomic(path, config)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,15 @@ STAGE_DEFAULTS = {  # LLaVA-1.5: (learning rate, global batch, prompt format)
     "finetune": (2e-5, 128, "v1"),
 }
 DEFAULT_TUNE = {"pretrain": ["projector"], "finetune": ["projector", "llm"]}  # LLaVA-1.5's trained parts per stage
+SETTINGS = "unclutter_train.json"  # the settings a run folder was trained with: a rerun must match them to resume
+NOT_SETTINGS = {
+    "output",
+    "save_steps",
+    "logging_steps",
+    "dataloader_workers",
+    "gradient_checkpointing",
+}  # same training
+log = logging.getLogger(__name__)
 
 
 # (field, lowest value, what it must be): checked on construction, so 0 or a negative number is refused instead of
@@ -243,6 +254,16 @@ class _LlavaTrainer(Trainer):
         self._order_fn = order_fn
         self._loose = loose or {}  # parameters a (PEFT) checkpoint leaves out: saved and restored beside it
 
+    def _save_checkpoint(self, model, trial):
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:  # torch.save on a full disk raises RuntimeError ("unexpected pos ...")
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            raise OSError(
+                f"could not write {folder} ({exc}): is the disk full? Fix that and rerun the same command: it "
+                "resumes from the last complete checkpoint."
+            ) from exc
+
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
         if self._loose and self.args.should_save:
@@ -288,6 +309,56 @@ class _EpochOrder(torch.utils.data.Sampler):
         return self.size
 
 
+def _settings(cfg: TrainConfig) -> dict:
+    def where(value):  # local files by their absolute path, hub ids as given
+        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
+    for key in ("data", "images", "model", "vision", "llm"):
+        settings[key] = where(settings[key])
+    return settings
+
+
+def _check_or_write_settings(output: Path, cfg: TrainConfig) -> None:
+    """A rerun resumes the run in ``output`` only with the settings it was started with: a checkpoint trained one way
+    and continued another would be recorded (config.json, train_log.json) as the second alone."""
+    path, settings = output / SETTINGS, _settings(cfg)
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(
+                f"--output {output} holds a training run with different settings ({', '.join(diff)}; see {path}): "
+                "rerun with those settings to resume it, or use a new --output."
+            )
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def last_complete_checkpoint(output: str | Path) -> tuple[Path | None, dict | None]:
+    """The newest ``checkpoint-N`` whose save finished, and its trainer state. Trainer writes trainer_state.json last,
+    so a checkpoint without a readable one is a save that a kill or a full disk cut short: it is skipped (and written
+    again when training reaches step N)."""
+    found = sorted(
+        ((int(m.group(1)), path) for path in Path(output).glob("checkpoint-*")
+         if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))),
+        reverse=True,
+    )  # fmt: skip
+    for _, path in found:
+        try:
+            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning(
+                "%s: skipping %s, whose save did not finish (no readable trainer_state.json)", output, path.name
+            )
+            continue
+        return path, state
+    return None, None
+
+
 def train(cfg: TrainConfig, callbacks=None) -> Path:
     """Run one stage; returns the output directory (a `from_pretrained`-loadable checkpoint).
 
@@ -308,6 +379,8 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
             )
         if not Path(cfg.deepspeed).is_file():
             raise ValueError(f"--deepspeed {cfg.deepspeed}: no such DeepSpeed config file.")
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 holds the lock and checks for the job
+        _check_or_write_settings(Path(cfg.output), cfg)
     lr_default, _, fmt = STAGE_DEFAULTS[cfg.stage]
     fmt = cfg.prompt_format or fmt
     # the processes of a torchrun / accelerate / DeepSpeed job (every node's), or the GPUs that one process drives
@@ -379,8 +452,15 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
         model=model, args=args, train_dataset=dataset, data_collator=collator(dataset, pad_id),
         callbacks=callbacks, order_fn=order_fn, loose=loose if cfg.lora else None,
     )  # fmt: skip
-    resume = any(Path(cfg.output).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    checkpoint, state = last_complete_checkpoint(cfg.output)
+    if state is not None and state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]:
+        # trained to the end already (a rerun, or a kill after the last checkpoint): Trainer would train one more step
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     main = trainer.is_world_process_zero()  # one writer: every rank holds the same weights, rank 0 saves them
     if cfg.lora:
@@ -398,6 +478,8 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
         processor.save_pretrained(cfg.output)
         history = [h for h in trainer.state.log_history if "loss" in h]
         summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+        if not summary and (Path(cfg.output) / "train_log.json").is_file():  # a finished run, rerun: keep its summary
+            summary = json.loads((Path(cfg.output) / "train_log.json").read_text()).get("summary", {})
         (Path(cfg.output) / "train_log.json").write_text(
             json.dumps({"config": dataclasses.asdict(cfg), "log": history, "summary": summary}, indent=2)
         )
