@@ -101,3 +101,41 @@ def test_a_corrupt_prediction_line_is_named(tmp_path):
     p.write_text('{"id": "a", "prediction": "x"}\n{"id": "b", "pre\n{"id": "c", "prediction": "z"}\n')
     with pytest.raises(ValueError, match=r"predictions.jsonl, line 2: .*delete that line"):
         PredictionLog(p)
+
+
+def test_a_first_attempt_that_trained_nothing_does_not_pin_its_settings(model_dir, tmp_path):
+    """The data has images but --images was forgotten: the run stops before loading anything; the corrected command
+    was refused ("different settings (images)") though nothing had been trained under the first settings."""
+    from unclutter.ifeval.scoring import DataError
+
+    with pytest.raises(DataError, match="give --images"):
+        train(_config(model_dir, tmp_path, "o", images=None, max_steps=1))
+    train(_config(model_dir, tmp_path, "o", max_steps=1))
+    assert _steps(tmp_path / "o") == [1]
+
+
+def test_eval_that_failed_before_its_first_answer_takes_other_settings(model_dir, tmp_path, monkeypatch):
+    """A first attempt that runs out of memory loading the model leaves only config.json: the retry in another
+    dtype was refused ("different settings (dtype)") though no answer could be mixed."""
+    import unclutter.evaluation.generation as generation
+
+    real = generation.load_model
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(generation, "load_model", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _eval(model_dir, tmp_path, dtype="float32")
+    monkeypatch.setattr(generation, "load_model", real)
+    _eval(model_dir, tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_rerunning_a_finished_training_whose_log_was_cut_short(model_dir, tmp_path):
+    """A full disk while writing train_log.json leaves it empty (open("w") truncates first): the rerun that keeps the
+    old summary failed on it (JSONDecodeError, naming no file), every time."""
+    out = train(_config(model_dir, tmp_path, "o"))
+    (out / "train_log.json").write_text("")
+    train(_config(model_dir, tmp_path, "o"))
+    assert _steps(out) == [1, 2, 3, 4]

@@ -519,3 +519,24 @@ def test_two_processes_with_text_only_samples_train_as_one(base_dir, tmp_path, s
     worst = max(((a[k] - b[k]).abs().max().item(), k) for k in b)
     assert worst[0] < 1e-4, worst  # Adam (lr 1e-3) amplifies float noise where a gradient is near its eps
     assert losses(tmp_path / "ddp") == pytest.approx(losses(one), rel=1e-5)
+
+
+def test_a_single_process_launch_counts_one_device(base_dir, tmp_path, monkeypatch):
+    """torchrun --nproc_per_node 1 on a 4-GPU machine: the Trainer drives one GPU (LOCAL_RANK set, n_gpu 1), so
+    accumulation must make the global batch from 1 device, not from the 4 the process sees."""
+    import unclutter.training.trainer as trainer_module
+
+    class Seen(Exception):
+        pass
+
+    def arguments(**kwargs):
+        raise Seen(kwargs["gradient_accumulation_steps"])
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(trainer_module, "TrainingArguments", arguments)
+    data, images = make_data(tmp_path, n=4)
+    with pytest.raises(Seen) as seen:
+        train(TrainConfig(stage="pretrain", model=str(base_dir), data=str(data), images=str(images),
+                          output=str(tmp_path / "o"), batch_size=4, per_device_batch_size=1))  # fmt: skip
+    assert seen.value.args == (4,)

@@ -318,6 +318,10 @@ def _check_or_write_config(path: Path, config: dict) -> None:
             old["model"] = config["model"]  # recorded as given before this release: the same folder from here
         # settings recorded only since this release (dtype, device, inputs) are adopted by runs that lack them
         diff = sorted(k for k in set(old) | set(config) if k in old and old.get(k) != config.get(k))
+        answers = path.with_name("predictions.jsonl")
+        if diff and not (answers.is_file() and answers.stat().st_size):
+            write_json_atomic(path, config)  # a first attempt that stopped before its first answer: nothing to mix
+            return
         if diff:
             raise ValueError(f"{path.parent} holds a run with different settings ({', '.join(diff)}); use a new --out.")
         if set(config) - set(old):

@@ -23,7 +23,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from .. import apply
-from ..ifeval.scoring import DataError
+from ..ifeval.scoring import DataError, write_json_atomic
 from ..methods import resolve, to_dict
 from ..runlock import main_process_lock
 from .data import load_llava_json, modality_length_order
@@ -326,12 +326,15 @@ def _check_or_write_settings(output: Path, cfg: TrainConfig) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
+        if not diff:
+            return
+        # refused only once something was trained under them: a first attempt that stopped before its first
+        # checkpoint (a mistyped --model, data without --images, an out-of-memory first step) left nothing to resume
+        if any(output.glob("checkpoint-*")) or (output / "train_log.json").is_file():
             raise ValueError(
                 f"--output {output} holds a training run with different settings ({', '.join(diff)}; see {path}): "
                 "rerun with those settings to resume it, or use a new --output."
             )
-        return
     output.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -384,9 +387,8 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
     lr_default, _, fmt = STAGE_DEFAULTS[cfg.stage]
     fmt = cfg.prompt_format or fmt
     # the processes of a torchrun / accelerate / DeepSpeed job (every node's), or the GPUs that one process drives
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        world = max(torch.cuda.device_count(), 1)
+    # (a launcher sets WORLD_SIZE, 1 included: a single torchrun process drives one GPU, not all it sees)
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else max(torch.cuda.device_count(), 1)
     global_batch = cfg.global_batch
     per_device = min(cfg.per_device_batch_size, global_batch)
     if global_batch % (per_device * world):  # TrainConfig checked the per-device batch; here the devices count too
@@ -478,10 +480,13 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
         processor.save_pretrained(cfg.output)
         history = [h for h in trainer.state.log_history if "loss" in h]
         summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-        if not summary and (Path(cfg.output) / "train_log.json").is_file():  # a finished run, rerun: keep its summary
-            summary = json.loads((Path(cfg.output) / "train_log.json").read_text()).get("summary", {})
-        (Path(cfg.output) / "train_log.json").write_text(
-            json.dumps({"config": dataclasses.asdict(cfg), "log": history, "summary": summary}, indent=2)
-        )
+        log_path = Path(cfg.output) / "train_log.json"
+        if not summary and log_path.is_file():  # a finished run, rerun: keep its summary
+            try:
+                summary = json.loads(log_path.read_text(encoding="utf-8")).get("summary", {})
+            except ValueError:  # cut short (a kill, a full disk): its summary is lost, the rest is rewritten
+                summary = {}
+        # atomic: train_log.json marks a finished stage (mini.build skips it), so it is never left half written
+        write_json_atomic(log_path, {"config": dataclasses.asdict(cfg), "log": history, "summary": summary})
     trainer.accelerator.wait_for_everyone()  # no rank returns (and reads the output) before it is written
     return Path(cfg.output)
