@@ -337,7 +337,12 @@ def visualize_cmd(
 
 @data_app.command("shapes")
 def data_shapes(
-    out: Annotated[Path, typer.Option(help="folder for images/, pretrain.json, finetune.json, vqa.jsonl, if16.jsonl")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="folder for images/, pretrain.json, finetune.json, scenes.jsonl, vqa.jsonl, if16.jsonl, questions.jsonl"
+        ),
+    ],
     num: Annotated[int, typer.Option(help="number of images")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
     if_per_task: Annotated[int | None, typer.Option(help="if16 records per task (default max(1, num // 16))")] = None,
