@@ -100,6 +100,17 @@ def test_long_prompts_take_query_rows_in_chunks_with_the_same_result(model, proc
         torch.testing.assert_close(got[valid], expected[valid].float(), atol=2e-5, rtol=1e-4)
 
 
+def test_no_per_call_mask_outlives_its_call(model, processor, images):
+    """A call's layouts hold (B, 1, q, K) masks (0.5 GB kept after an 8,600-token prefill): released when it returns,
+    and a prefill edits its shared mask in place per layer and puts it back (the naive reference checks that)."""
+    batch = encode(processor, images[:1], PROMPTS[:1])
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)) as h, torch.no_grad():
+        got = model(**batch).logits
+        assert h.cmai_state.chunk.fast and h.cmai_state.chunk.layouts == {}
+    torch.testing.assert_close(got, reference_logits(model, batch, gammas).float(), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("focus", ["paper", "tia"])
 def test_fast_calls_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus):
     """One unpadded prompt takes the fast path in its prefill and decode steps (the host knows the image block, that

@@ -98,6 +98,9 @@ def _score_chunks(query: torch.Tensor, key: torch.Tensor, scale: float, valid: t
             if valid is not None:
                 weight = weight * valid[:, None, start : start + per_head, None]  # padding queries give nothing
             yield hs, start, scores, weight
+            # drop this chunk before the next one is computed (the caller drops its references too): else two
+            # chunks are alive at once, twice the budget (2 GiB on an accelerator)
+            del scores, weight
 
 
 @autocast_off
@@ -122,6 +125,7 @@ def received_importance(
     received = torch.zeros(bsz, 1, t, dtype=torch.float32, device=query.device)
     for _, _, scores, weight in _score_chunks(query, key, scale, valid, chunk):
         received += (weight.transpose(-1, -2) @ scores).sum(dim=1)  # sum_i p_ij over the chunk's queries and heads
+        del scores, weight  # one chunk alive at a time (see `_score_chunks`)
     queries = valid.sum(dim=1, keepdim=True).clamp_min(1) if valid is not None else t
     return received[:, 0] / (heads * queries)
 
@@ -143,6 +147,7 @@ def attention_with_received(
     for hs, start, scores, weight in _score_chunks(query, key, scale, None, chunk):
         received += (weight.transpose(-1, -2) @ scores).sum(dim=1)
         out[:, hs, start : start + scores.shape[2]] = ((scores @ values[:, hs]) * weight).to(value.dtype)
+        del scores, weight  # one chunk alive at a time (see `_score_chunks`)
     return out, received[:, 0] / (heads * t)
 
 

@@ -450,8 +450,11 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
             )
 
     def post_forward(module, args, output):  # also after a failed call (always_call), which gives no output
-        if handle.leave() and state is not None and output is not None:
-            state.adopt(output_cache(output))  # a prefill without a cache argument creates its cache inside
+        if handle.leave() and state is not None:
+            if state.chunk is not None:  # a call's layouts hold (B, 1, q, K) masks: none outlives its call
+                state.chunk.layouts.clear()
+            if output is not None:
+                state.adopt(output_cache(output))  # a prefill without a cache argument creates its cache inside
 
     handle.add_hook(adapter.base.register_forward_pre_hook(pre_forward, with_kwargs=True))
     handle.add_hook(adapter.base.register_forward_hook(post_forward, always_call=True))

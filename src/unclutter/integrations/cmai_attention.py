@@ -687,11 +687,14 @@ def _block_start(image_pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(simple, first[0], -1)
 
 
-def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout):
+def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout, in_place=False):
     """The additive SDPA mask (B, 1, q_len, kv_len) of a fast call (`Chunk.fast`): the general path's arithmetic
     where the host already knows what it computes (one contiguous image block of n keys in every sample, no
     padding, every new row from ``start`` on a text query, every stored row valid), so the image keys are a slice,
-    the text rows' weights a slice or one gather, and the quantile positions host numbers."""
+    the text rows' weights a slice or one gather, and the quantile positions host numbers.
+
+    ``in_place``: write the inhibition into the layout's shared mask instead of a copy of it (a prefill's (q, K)
+    mask), and return it with what `_restore` puts back after the layer's SDPA; else (mask, None)."""
     start = state.chunk.start
     queries = query if start == 0 else query[:, :, start:]
     a = _head_mean_probs(queries, key, lay.disallowed, scaling, softcap, empty_rows=False)  # (B, q_new, kv_len)
@@ -703,7 +706,9 @@ def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, 
         focus = torch.baddbmm(t2i, a.gather(2, lay.fast_prev_index), state.rows[layer][:, :m_prev])
     if lay.fast_own is not None:  # ... and over this call's own earlier text rows (a prefill): strictly below
         own = lay.fast_own
-        focus = torch.baddbmm(focus, a[..., own : own + t2i.shape[1]].tril(-1), t2i)
+        # tril_ in place on ``a``'s own-text columns (no (q, q) copy): ``a`` is this call's, and nothing reads those
+        # columns again (t2i, stored below, is the image block's, which ends before them)
+        focus = torch.baddbmm(focus, a[..., own : own + t2i.shape[1]].tril_(-1), t2i)
     state.store(layer, t2i, slot=state.text_bound - t2i.shape[1])
     # the row's quantile from its two order statistics (every row has all n keys): a selection, not a sort (on CPU
     # a prefill's rows select 4x faster than they sort), the same values the general path's sort gives
@@ -715,9 +720,21 @@ def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, 
     inhibit = focus < threshold
     if state.tracing:
         state.trace.setdefault(layer, []).append(inhibit[:, -1].cpu())
+    if in_place:
+        region = lay.fast_mask[:, :, start:, first : first + n]
+        saved = region.clone()  # (B, 1, q_new, n): a small part of the (B, 1, q_len, kv_len) mask
+        region.masked_fill_(inhibit[:, None], -math.inf)
+        return lay.fast_mask, (region, saved)
     mask = lay.fast_mask.clone()
     mask[:, :, start:, first : first + n].masked_fill_(inhibit[:, None], -math.inf)
-    return mask
+    return mask, None
+
+
+@torch.compiler.disable
+def _restore(undo) -> None:
+    """Put back the part of a shared layout mask that `_fast_mask` edited in place."""
+    region, saved = undo
+    region.copy_(saved)
 
 
 def cmai_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -744,11 +761,18 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
+    # a prefill without autograd edits the layout's shared (q, K) mask in place and puts it back after SDPA, rather
+    # than copying it per layer (under autograd SDPA keeps its mask for the backward pass: a copy each)
+    in_place = q_len > 1 and not torch.is_grad_enabled()
     # autocast off: under bf16 mixed precision the matmuls would drop to bf16 and shift the quantile
     with torch.no_grad(), autocast_disabled(query.device.type):
         lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query, window)
-        mask = _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay)
-    return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
+        mask, undo = _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay, in_place)
+    try:
+        return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
+    finally:
+        if undo is not None:
+            _restore(undo)
 
 
 def _sdpa(module, query, key, value, mask, scaling, dropout, kwargs: dict):
@@ -775,10 +799,11 @@ def _sdpa(module, query, key, value, mask, scaling, dropout, kwargs: dict):
 
 
 @torch.compiler.disable  # bookkeeping on host numbers; inductor also miscompiles its bool/float masks on CPU
-def _mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout) -> torch.Tensor:
+def _mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout, in_place=False):
+    """The layer's SDPA mask and, when `_fast_mask` edited a shared one in place, what `_restore` puts back."""
     if lay.fast_mask is not None:
-        return _fast_mask(state, layer, gamma, query, key, scaling, softcap, lay)
-    return _general_mask(state, layer, gamma, query, key, scaling, softcap, lay)
+        return _fast_mask(state, layer, gamma, query, key, scaling, softcap, lay, in_place)
+    return _general_mask(state, layer, gamma, query, key, scaling, softcap, lay), None
 
 
 def _general_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout):
