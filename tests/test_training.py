@@ -419,9 +419,17 @@ def test_the_global_batch_must_divide_over_the_devices(tmp_path, monkeypatch):
         train(cfg)
 
 
-def test_accumulation_counts_the_processes_of_a_cpu_or_multinode_job(base_dir, tmp_path, monkeypatch):
-    """Under torchrun the global batch is per-device x processes x accumulation: 2 CPU processes (no CUDA device)
-    made accumulation 4 for a global batch of 4 at 1 per device, so each step took 8 samples."""
+@pytest.mark.parametrize(
+    ("world_size", "devices", "accumulation"),
+    [
+        ("2", 0, 2),  # 2 CPU processes: accumulation was 4, so each step took 8 samples, not 4
+        ("1", 4, 4),  # torchrun --nproc_per_node 1 on a 4-GPU machine: the process drives one GPU (n_gpu 1)
+        (None, 4, 1),  # plain python on 4 GPUs: the Trainer's one process drives them all (DataParallel)
+    ],
+)
+def test_accumulation_counts_the_devices_that_train(base_dir, tmp_path, monkeypatch, world_size, devices, accumulation):
+    """The global batch is per-device x devices x accumulation, where the devices are the launcher's processes (every
+    node's) or, without a launcher, the GPUs the one process drives."""
     import unclutter.training.trainer as trainer_module
 
     class Seen(Exception):
@@ -430,14 +438,17 @@ def test_accumulation_counts_the_processes_of_a_cpu_or_multinode_job(base_dir, t
     def arguments(**kwargs):
         raise Seen(kwargs["gradient_accumulation_steps"])
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
     monkeypatch.setattr(trainer_module, "TrainingArguments", arguments)
     data, images = make_data(tmp_path, n=4)
     with pytest.raises(Seen) as seen:
         train(TrainConfig(stage="pretrain", model=str(base_dir), data=str(data), images=str(images),
                           output=str(tmp_path / "o"), batch_size=4, per_device_batch_size=1))  # fmt: skip
-    assert seen.value.args == (2,)
+    assert seen.value.args == (accumulation,)
 
 
 def test_deepspeed_without_deepspeed_names_the_extra(tmp_path, monkeypatch):
@@ -519,24 +530,3 @@ def test_two_processes_with_text_only_samples_train_as_one(base_dir, tmp_path, s
     worst = max(((a[k] - b[k]).abs().max().item(), k) for k in b)
     assert worst[0] < 1e-4, worst  # Adam (lr 1e-3) amplifies float noise where a gradient is near its eps
     assert losses(tmp_path / "ddp") == pytest.approx(losses(one), rel=1e-5)
-
-
-def test_a_single_process_launch_counts_one_device(base_dir, tmp_path, monkeypatch):
-    """torchrun --nproc_per_node 1 on a 4-GPU machine: the Trainer drives one GPU (LOCAL_RANK set, n_gpu 1), so
-    accumulation must make the global batch from 1 device, not from the 4 the process sees."""
-    import unclutter.training.trainer as trainer_module
-
-    class Seen(Exception):
-        pass
-
-    def arguments(**kwargs):
-        raise Seen(kwargs["gradient_accumulation_steps"])
-
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(trainer_module, "TrainingArguments", arguments)
-    data, images = make_data(tmp_path, n=4)
-    with pytest.raises(Seen) as seen:
-        train(TrainConfig(stage="pretrain", model=str(base_dir), data=str(data), images=str(images),
-                          output=str(tmp_path / "o"), batch_size=4, per_device_batch_size=1))  # fmt: skip
-    assert seen.value.args == (4,)

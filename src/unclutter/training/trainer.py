@@ -336,9 +336,7 @@ def _check_or_write_settings(output: Path, cfg: TrainConfig) -> None:
                 "rerun with those settings to resume it, or use a new --output."
             )
     output.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, settings)
 
 
 def last_complete_checkpoint(output: str | Path) -> tuple[Path | None, dict | None]:
