@@ -51,13 +51,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def load_dtype(dtype: str, device: str) -> torch.dtype | str:
+    """The dtype `load_model` loads in on ``device`` (a resolved one): "auto" is float32 on the CPU (half precision
+    matmuls are slow or missing on many CPUs) and the checkpoint's own dtype ("auto") elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
+    return torch.float32 if DTYPES[dtype] == "auto" and device == "cpu" else DTYPES[dtype]
+
+
+def local_or_hub(name: str) -> str:
+    """A model name as it stays the same model from any directory: an existing local folder by its absolute path, a
+    hub id as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
     """(model, processor) from a hub id or a local directory, safetensors weights only."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
     device = resolve_device(device)
+    torch_dtype = load_dtype(dtype, device)
     path = Path(name).expanduser()
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
         raise ValueError(f"no model folder {name}: give an existing checkpoint folder or a hub id (owner/name).")
@@ -65,9 +79,6 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
         raise ValueError(f"{name} holds no .safetensors weights; unclutter never loads pickled checkpoints.")
     if path.exists():
         name = str(path)  # the folder as found (~ expanded), not a hub id
-    torch_dtype = DTYPES[dtype]
-    if torch_dtype == "auto" and device == "cpu":
-        torch_dtype = torch.float32  # half precision matmuls are slow or missing on many CPUs
     model = AutoModelForImageTextToText.from_pretrained(
         name, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     ).to(device)

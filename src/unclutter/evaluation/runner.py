@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import apply
 from ..ifeval import follows
 from ..ifeval.scoring import summarize, write_json_atomic
@@ -24,7 +26,7 @@ from ..methods import resolve, to_dict
 from ..metrics import circular_accuracy, gqa_match, mmbench_choice, mme_scores, vqa_accuracy
 from ..runlock import RunLock
 from .data import load_records
-from .generation import ImagesRefused, build_prompt, generate
+from .generation import ImagesRefused, build_prompt, generate, load_dtype, local_or_hub, resolve_device
 from .images import open_image
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -215,10 +217,9 @@ def run_eval(
     for name, value in (("batch_size", batch_size), ("limit", limit), ("max_new_tokens", max_new_tokens)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r} (leave limit unset for every record).")
-    if model_and_processor is None:
-        from .generation import resolve_device
-
-        resolve_device(device)  # a device this machine lacks stops the run before its folder is written
+    if model_and_processor is None:  # a device this machine lacks or an unknown dtype stops the run before its folder
+        resolved = resolve_device(device)  # is written; both are recorded as what `load_model` will load in, on
+        precision, where = str(load_dtype(dtype, resolved)).removeprefix("torch."), torch.device(resolved).type
     if method == "checkpoint" and model_and_processor is None:
         from .generation import load_model
 
@@ -233,19 +234,11 @@ def run_eval(
         records = records[:limit]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if model_and_processor is not None:  # what the given model computes in, on
+    if model_and_processor is not None:  # what the given (or checkpoint) model computes in, on
         param = next(model_and_processor[0].parameters())
         precision, where = str(param.dtype).removeprefix("torch."), param.device.type
-    else:
-        from .generation import DTYPES, resolve_device
-
-        where = torch_device_type(resolve_device(device))
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
-        # "auto" is float32 on the CPU (`load_model`) and the checkpoint's own dtype elsewhere
-        precision = "float32" if dtype == "auto" and where == "cpu" else str(DTYPES[dtype]).removeprefix("torch.")
     config = {
-        "model": _model_key(model_name), "dtype": precision, "device": where, "inputs": _inputs_digest(bench, records),
+        "model": local_or_hub(model_name), "dtype": precision, "device": where, "inputs": _inputs_digest(bench, records),
         "method": method, "overrides": list(overrides), "configs": to_dict(configs),
         "bench": bench, "data": str(Path(data).resolve()), "images": str(Path(images).resolve()), "limit": limit,
         "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(bench, 128), "do_sample": False,
@@ -282,19 +275,6 @@ def run_eval(
     return metrics
 
 
-def torch_device_type(device: str) -> str:
-    import torch
-
-    return torch.device(device).type
-
-
-def _model_key(name: str) -> str:
-    """A local model folder by its absolute path (a relative one names another folder from another directory); a hub
-    id as given."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
 def _inputs_digest(bench: str, records: list[dict]) -> str:
     """What the model is asked, per record (id, image, question): the data file regenerated or edited in place under
     the same name must not resume against answers to other questions (corrected answers alone still rescore)."""
@@ -314,7 +294,7 @@ def _previous_family(path: Path) -> str | None:
 def _check_or_write_config(path: Path, config: dict) -> None:
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(old.get("model"), str) and _model_key(old["model"]) == config.get("model"):
+        if isinstance(old.get("model"), str) and local_or_hub(old["model"]) == config.get("model"):
             old["model"] = config["model"]  # recorded as given before this release: the same folder from here
         # settings recorded only since this release (dtype, device, inputs) are adopted by runs that lack them
         diff = sorted(k for k in set(old) | set(config) if k in old and old.get(k) != config.get(k))

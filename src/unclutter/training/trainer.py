@@ -234,14 +234,12 @@ def _touch_image_path(model):
     As LLaVA passes an empty slice of image features through, the loss takes 0 x their sum *inside* forward: zero
     gradients, every rank in step."""
 
+    # fixed once the model is frozen and wrapped (the hook goes on last): listed once, not per forward
+    image_path = [p for name, p in model.named_parameters() if p.requires_grad
+                  and not name.startswith(("model.language_model.", "language_model.", "lm_head."))]  # fmt: skip
+
     def hook(module, args, kwargs, output):
-        if not (module.training and torch.is_grad_enabled()):
-            return output
-        if getattr(output, "loss", None) is None:
-            return output
-        image_path = [p for name, p in module.named_parameters() if p.requires_grad
-                      and not name.startswith(("model.language_model.", "language_model.", "lm_head."))]  # fmt: skip
-        if image_path:
+        if module.training and torch.is_grad_enabled() and image_path and getattr(output, "loss", None) is not None:
             output.loss = output.loss + 0.0 * sum(p.sum() for p in image_path)
         return output
 
@@ -310,12 +308,11 @@ class _EpochOrder(torch.utils.data.Sampler):
 
 
 def _settings(cfg: TrainConfig) -> dict:
-    def where(value):  # local files by their absolute path, hub ids as given
-        return str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+    from ..evaluation.generation import local_or_hub
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS}
-    for key in ("data", "images", "model", "vision", "llm"):
-        settings[key] = where(settings[key])
+    for key in ("data", "images", "model", "vision", "llm"):  # local files by their absolute path
+        settings[key] = settings[key] and local_or_hub(settings[key])
     return settings
 
 
