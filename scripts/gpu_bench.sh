@@ -15,6 +15,7 @@ device=${DEVICE:-cuda}
 tag=${TAG:-h200}
 reps=${REPS:-3}
 # METHODS (comma-separated, e.g. stock,vmtc,cmai,vmtc+cmai) limits the methods; default: all of them
+# COMPILE (a torch.compile mode, e.g. reduce-overhead) compiles every method's vision tower; the JSON gets a _MODE suffix
 extra=${EXTRA:-/tmp/gpu_bench_extra}  # only the JSONs and the log go to OUT_DIR (a GPU lease returns few files)
 mkdir -p "$extra" "$out"
 log="$out/log.txt"
@@ -31,10 +32,11 @@ for p in "${presets[@]}"; do
   if [ $left -lt 60 ]; then echo "SKIP $p: ${left}s left" >>"$log"; continue; fi
   t0=$SECONDS
   timeout $(( left - 10 )) python3 -m unclutter.cli bench speed --preset "$p" --device "$device" --reps "$reps" \
-    ${METHODS:+--methods "$METHODS"} --out "$extra/${p}_${tag}_batch1.json" >>"$log" 2>&1
+    ${METHODS:+--methods "$METHODS"} ${COMPILE:+--compile-vision "$COMPILE"} \
+    --out "$extra/${p}_${tag}_batch1${COMPILE:+_$COMPILE}.json" >>"$log" 2>&1
   rc=$?
   echo "DONE $p rc=$rc in $(( SECONDS - t0 ))s" >>"$log"
-  mv "$extra/${p}_${tag}_batch1.json" "$out/" 2>/dev/null
+  mv "$extra/${p}_${tag}_batch1${COMPILE:+_$COMPILE}.json" "$out/" 2>/dev/null
 done
 # the exactness contract of every family (tests/test_families.py) on the device: naive Eq. 9-11 reference, cached
 # decoding == one full forward, batch == single, ratio 1.0 == stock, remove() (needs pytest there; SmolVLM's

@@ -188,3 +188,47 @@ def test_a_killed_run_resumes_from_its_recorded_repetitions(tmp_path):
     assert result["samples"]["stock"][:2] == [r for r in recorded if r["method"] == "stock"]
     with pytest.raises(ValueError, match="other settings"):
         run_speed("micro-llava", **{**kwargs, "reps": 4})
+
+
+def test_compiled_vision_towers_are_timed_method_by_method(monkeypatch):
+    """--compile-vision compiles every method's tower once, in full (no graph break: VMTC's K-means reads nothing back
+    while traced), runs each method's warm-up and repetitions back to back, and restores the tower afterwards. The
+    compiler here is dynamo with the aot_eager backend (inductor would need minutes of C++ compilation)."""
+    import torch
+
+    from unclutter.bench import speed
+
+    compiled, real_compile = [], torch.compile
+
+    def compile_in_full(fn, *, mode, dynamic):
+        compiled.append((getattr(fn, "__self__", None), mode, dynamic))
+        full, calls = real_compile(fn, backend="aot_eager", fullgraph=True, dynamic=dynamic), []
+
+        def run(*args, **kwargs):  # the model's first call installs transformers' output-capturing hooks: a break
+            calls.append(1)
+            return fn(*args, **kwargs) if len(calls) == 1 and len(compiled) == 1 else full(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(speed.torch, "compile", compile_in_full)
+    seen = []
+    result = run_speed(
+        "micro-llava", methods=("stock", "vmtc"), reps=2, warmup=1, new_tokens=2, text_tokens=6,
+        compile_vision="reduce-overhead", progress=lambda rep, m, row: seen.append((rep, m)),
+    )  # fmt: skip
+    assert seen == [(0, "stock"), (1, "stock"), (2, "stock"), (0, "vmtc"), (1, "vmtc"), (2, "vmtc")]
+    towers = {id(tower) for tower, _, _ in compiled}
+    assert len(compiled) == 2 and len(towers) == 1 and {(m, d) for _, m, d in compiled} == {("reduce-overhead", False)}
+    tower = compiled[0][0]
+    assert "forward" not in vars(tower)  # the class's forward again
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["vmtc"]["llm_image_tokens"] < rows["stock"]["llm_image_tokens"]
+    assert result["meta"]["compile_vision"] == "reduce-overhead" and "consecutive" in to_markdown(result)
+    for kwargs, match in [
+        ({"compile_vision": "fast"}, "compile_vision must be one of"),
+        ({"compile_vision": "default", "warmup": 0}, "needs warmup >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run_speed("micro-llava", **kwargs)
+    with pytest.raises(ValueError, match="starts inside it"):
+        run_speed("micro-qwen2_5_vl", compile_vision="default", reps=1, new_tokens=2)

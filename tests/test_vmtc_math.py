@@ -110,6 +110,48 @@ def test_kmeans_reseeds_empty_clusters_on_duplicates():
     assert set(kmeans.cosine_kmeans(torch.randn(1, 5, 3), 5)[0].tolist()) == set(range(5))
 
 
+def _greedy_fill(assign: torch.Tensor, sim: torch.Tensor, c: int) -> torch.Tensor:
+    """The empty-cluster fix as a loop: while a cluster is empty, move the worst-fitting point (lowest similarity
+    to its centroid, lower index on ties) of a cluster with more than one member into the lowest empty cluster."""
+    assign = assign.clone()
+    for b in range(assign.shape[0]):
+        while empties := [k for k in range(c) if not (assign[b] == k).any()]:
+            movable = [i for i in range(assign.shape[1]) if (assign[b] == assign[b, i]).sum() > 1]
+            worst = min(movable, key=lambda i: (float(sim[b, i]), i))
+            assign[b, worst] = empties[0]
+    return assign
+
+
+def test_empty_cluster_fill_equals_the_greedy_loop():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(150):
+        r = int(torch.randint(2, 25, (1,), generator=g))
+        c = int(torch.randint(1, r + 1, (1,), generator=g))
+        used = int(torch.randint(1, c + 1, (1,), generator=g))  # clusters left non-empty
+        assign = torch.randperm(c, generator=g)[torch.randint(0, used, (3, r), generator=g)]
+        sim = torch.randint(-2, 3, (3, r), generator=g) / 2.0  # coarse values: many ties
+        assert torch.equal(kmeans._fill_empty_clusters(assign, sim, c), _greedy_fill(assign, sim, c))
+
+
+def test_kmeans_compiles_to_one_graph_with_the_eager_clusters():
+    """Under torch.compile K-means reads nothing back to the host (a read breaks the graph, and a CUDA-graph capture
+    fails on it); it runs every iteration instead of stopping early and gives the eager clusters."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    cases = [(torch.randn(2, 40, 6, generator=g), 7, 10), (torch.randn(2, 40, 6, generator=g), 7, 2)]
+    dup = torch.randn(2, 40, 6, generator=g)
+    dup[:, :30] = dup[:, :1]  # duplicates leave clusters empty
+    cases.append((dup, 7, 10))
+    for x, c, iters in cases:
+        explained = torch._dynamo.explain(kmeans.cosine_kmeans)(x, c, iters)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(kmeans.cosine_kmeans, fullgraph=True, backend="aot_eager", dynamic=False)
+        got = compiled(x, c, iters)
+        assert torch.equal(got, kmeans.cosine_kmeans(x, c, iters))
+        assert all(set(row.tolist()) == set(range(c)) for row in got)
+    torch._dynamo.reset()
+
+
 def test_kmeans_separates_obvious_groups():
     base = torch.eye(3)
     x = torch.cat([base[i].repeat(5, 1) + 0.01 * torch.randn(5, 3) for i in range(3)])[None]
@@ -255,3 +297,8 @@ def test_kmeans_under_autograd_after_a_run_in_inference_mode():
     x = torch.randn(shape, requires_grad=True)
     assign = kmeans.cosine_kmeans(x, 5)
     assert sorted(set(assign[0].tolist())) == list(range(5))
+
+
+def test_kmeans_initial_centroids_agree_on_host_and_device():
+    for r, c in [(5, 5), (40, 7), (576, 72), (3, 1), (1000, 999)]:
+        assert kmeans._spread_index(r, c, torch.device("cpu")).tolist() == kmeans._spread(r, c, "cpu").tolist()

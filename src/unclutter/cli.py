@@ -403,6 +403,13 @@ def bench_speed(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
     cpu_layers: Annotated[int | None, typer.Option(help="LLM layers (default: the preset's)")] = None,
     methods: Annotated[str, typer.Option(help="comma-separated")] = "stock,spd,vmtc,cmai,vmtc+cmai",
+    compile_vision: Annotated[
+        str | None,
+        typer.Option(
+            help="compile every method's vision tower with torch.compile in this mode (default, reduce-overhead: "
+            "CUDA graphs, max-autotune); the first run of each method compiles"
+        ),
+    ] = None,
 ) -> None:
     """Speed and memory of every method against stock on a random-init real-shape model of any family."""
     from .bench.speed import run_speed, to_markdown, write_results
@@ -432,8 +439,8 @@ def bench_speed(
     try:
         result, paths = run_speed(
             preset, methods=tuple(methods.split(",")), batch=batch, reps=reps, warmup=warmup,
-            text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
-            record=record, finish=finish,
+            text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers,
+            compile_vision=compile_vision, progress=progress, record=record, finish=finish,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         fail(str(exc))

@@ -7,6 +7,12 @@ ratios to stock taken in the same run; methods the family does not support are s
 timed with forward hooks inside a normal ``generate()``: the vision phase runs between the adapter's
 `Adapter.vision_modules`; time to first token runs from the start of the first vision pass (or of the first
 forward call) to the end of the first forward call; every later forward call is one decode step.
+
+``compile_vision``: the vision tower's forward is compiled with ``torch.compile(mode=...)`` for every method alike
+(stock included), after the method is applied; VMTC adds no graph break there (`unclutter.kmeans`), so with
+"reduce-overhead" on a GPU the tower of LLaVA, Gemma 3 or InternVL replays as CUDA graphs. A method's handle then
+stays applied through its warm-up (which compiles) and its repetitions, methods one after the other: re-applying
+would recompile.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from ..models.tiny import WORDS
 from ..runlock import RunLock
 
 METHODS = ("stock", "spd", "vmtc", "cmai", "vmtc+cmai")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 FIELDS = (
     "method", "batch", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms",
     "peak_mem_bytes", "kv_cache_bytes", "extra_state_bytes", "llm_image_tokens",
@@ -172,9 +179,12 @@ def method_configs(method: str, spd_grid: int) -> dict:
 
 
 def run_once(
-    model, processor, image, method: str, *, batch: int, text_tokens: int, new_tokens: int, device: str, spd_grid: int
-) -> Row:
-    handle = apply(model, processor, **method_configs(method, spd_grid))
+    model, processor, image, method: str, *, batch: int, text_tokens: int, new_tokens: int, device: str, spd_grid: int,
+    applied=None,
+) -> Row:  # fmt: skip
+    """One timed ``generate``. ``applied``: the method's handle, already applied and kept afterwards (compiled
+    towers); else the method is applied for this call and removed after it."""
+    handle = applied if applied is not None else apply(model, processor, **method_configs(method, spd_grid))
     dtype = next(model.parameters()).dtype
     _release_memory(device)
     clock = None
@@ -197,7 +207,8 @@ def run_once(
     finally:
         if clock is not None:
             clock.remove()
-        handle.remove()
+        if applied is None:
+            handle.remove()
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss.peak
     (c0, c1), decode = clock.calls[0], clock.calls[1:]
     passes = [(a, b) for a, b in clock.vision if b <= c1]  # generate() may encode the image before the first call
@@ -233,6 +244,7 @@ def run_speed(
     new_tokens: int | None = None,
     device: str = "cpu",
     cpu_layers: int | None = None,
+    compile_vision: str | None = None,
     progress=None,
     record: str | Path | None = None,
     finish=None,
@@ -241,25 +253,33 @@ def run_speed(
     (that, ``finish(it)``): ``finish`` runs while the record is still locked (writing the results, clearing the record).
 
     record: a folder where every measured repetition is appended (fsynced) as it finishes, under a one-writer lock:
-    a killed run, rerun with the same settings, measures only what is missing (after its own warm-up round)."""
+    a killed run, rerun with the same settings, measures only what is missing (after its own warm-up round).
+    compile_vision: a ``torch.compile`` mode (`COMPILE_MODES`) for the vision tower of every method (see the module
+    docstring); None: eager."""
     check_arguments(
         methods, batch=batch, reps=reps, warmup=warmup, new_tokens=new_tokens, cpu_layers=cpu_layers,
-        text_tokens=text_tokens,
+        text_tokens=text_tokens, compile_vision=compile_vision,
     )  # fmt: skip
     with RunLock(record, what="unclutter bench speed") if record is not None else contextlib.nullcontext():
         result = _run_speed(
             preset, methods=methods, batch=batch, reps=reps, warmup=warmup, text_tokens=text_tokens,
-            new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, progress=progress,
-            record=Path(record) if record is not None else None,
+            new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, compile_vision=compile_vision,
+            progress=progress, record=Path(record) if record is not None else None,
         )  # fmt: skip
         return result if finish is None else (result, finish(result))
 
 
 def check_arguments(
-    methods, *, batch: int, reps: int, warmup: int, new_tokens: int | None, cpu_layers: int | None, text_tokens: int = 0
-):
+    methods, *, batch: int, reps: int, warmup: int, new_tokens: int | None, cpu_layers: int | None, text_tokens: int = 0,
+    compile_vision: str | None = None,
+):  # fmt: skip
     """Clear errors before anything is built (each run takes minutes)."""
     check_methods(methods)
+    if compile_vision is not None:
+        if compile_vision not in COMPILE_MODES:
+            raise ValueError(f"compile_vision must be one of {', '.join(COMPILE_MODES)}, got {compile_vision!r}.")
+        if warmup < 1:
+            raise ValueError("compile_vision needs warmup >= 1: the first run of each method compiles its tower.")
     for name, value, least in (
         ("batch", batch, 1),
         ("reps", reps, 1),
@@ -283,9 +303,42 @@ def check_methods(methods) -> None:
         raise ValueError(f"the benchmarks time {', '.join(METHODS)}; got {', '.join(unknown)}.")
 
 
+def compiled_tower(adapter) -> torch.nn.Module:
+    """The module whose forward `compile_vision` compiles: the vision tower, where the timed vision pass starts."""
+    first, _ = adapter.vision_modules()
+    base = adapter.base
+    if not any(getattr(base, name, None) is first for name in ("vision_tower", "vision_model", "visual")):
+        raise ValueError(
+            f"compile_vision compiles the vision tower, but {adapter.family}'s timed vision pass starts inside it "
+            f"({type(first).__name__}); run this family eagerly (its stock tower reads its layout on the host anyway)."
+        )
+    return first
+
+
+@contextlib.contextmanager
+def _applied_and_compiled(model, processor, method: str, spd_grid: int, mode: str):
+    """The method applied, then its vision tower's forward compiled (an instance attribute: the timing hooks, which
+    run around ``forward``, stay outside the graph); both undone on exit."""
+    handle = apply(model, processor, **method_configs(method, spd_grid))
+    tower = compiled_tower(handle.adapter)
+    own = vars(tower).get("forward")  # the method's own patched forward, if it patches the tower's
+    torch._dynamo.reset()  # a method's graphs are its own: none is reused across methods
+    tower.forward = torch.compile(tower.forward, mode=mode, dynamic=False)
+    try:
+        yield handle
+    finally:
+        if own is not None:
+            tower.forward = own
+        else:
+            del tower.forward
+        handle.remove()
+        torch._dynamo.reset()
+
+
 def _run_speed(
-    preset, *, methods, batch, reps, warmup, text_tokens, new_tokens, device, cpu_layers, progress, record
-) -> dict:
+    preset, *, methods, batch, reps, warmup, text_tokens, new_tokens, device, cpu_layers, compile_vision, progress,
+    record,
+) -> dict:  # fmt: skip
     model, processor, spec = build_preset(preset, device=device, cpu_layers=cpu_layers)
     new_tokens = new_tokens if new_tokens is not None else spec.new_tokens
     image = bench_image(spec.image)
@@ -294,27 +347,41 @@ def _run_speed(
     methods = tuple(m for m in methods if m not in skipped)
     if not methods:
         raise ValueError(f"no method runs on {adapter.family}: {skipped}")
+    if compile_vision is not None:
+        compiled_tower(adapter(model))  # refuse before anything runs
     settings = {
         "preset": preset, "methods": list(methods), "batch": batch, "reps": reps, "text_tokens": text_tokens,
-        "new_tokens": new_tokens, "device": device, "cpu_layers": cpu_layers,
+        "new_tokens": new_tokens, "device": device, "cpu_layers": cpu_layers, "compile_vision": compile_vision,
     }  # fmt: skip
     samples = _recorded_samples(record, settings, methods, reps)
     missing = [(rep, m) for rep in range(reps) for m in methods if rep >= len(samples[m])]
-    for rep in range(warmup + reps):
-        for m in methods:  # interleaved: drift hits every method alike
-            measured = rep >= warmup
-            if measured and (rep - warmup, m) not in missing:
-                continue  # recorded by an earlier, interrupted run
-            row = run_once(
-                model, processor, image, m, batch=batch, text_tokens=text_tokens, new_tokens=new_tokens, device=device,
-                spd_grid=spec.spd_grid,
-            )  # fmt: skip
-            if measured:
-                samples[m].append(row)
-                if record is not None:
-                    append_rows(record / "samples.jsonl", [asdict(row)])
-            if progress:
-                progress(rep, m, row)
+
+    def measure(rep: int, m: str, applied=None) -> None:
+        measured = rep >= warmup
+        if measured and (rep - warmup, m) not in missing:
+            return  # recorded by an earlier, interrupted run
+        row = run_once(
+            model, processor, image, m, batch=batch, text_tokens=text_tokens, new_tokens=new_tokens, device=device,
+            spd_grid=spec.spd_grid, applied=applied,
+        )  # fmt: skip
+        if measured:
+            samples[m].append(row)
+            if record is not None:
+                append_rows(record / "samples.jsonl", [asdict(row)])
+        if progress:
+            progress(rep, m, row)
+
+    if compile_vision is None:
+        for rep in range(warmup + reps):
+            for m in methods:  # interleaved: drift hits every method alike
+                measure(rep, m)
+    else:
+        for m in methods:  # one method at a time: applying it again would recompile its tower
+            if not any((rep, m) in missing for rep in range(reps)):
+                continue
+            with _applied_and_compiled(model, processor, m, spec.spd_grid, compile_vision) as handle:
+                for rep in range(warmup + reps):  # the warm-up compiles
+                    measure(rep, m, handle)
     rows = [_median(samples[m]) for m in methods]
     stock = next((r for r in rows if r.method == "stock"), None)
     ratios = {}
@@ -333,6 +400,7 @@ def _run_speed(
         "spd_grid": spec.spd_grid if "spd" in methods else None,
         "device": device, "batch": batch, "reps": reps, "warmup": warmup, "text_tokens": text_tokens,
         "new_tokens": new_tokens, "llm_layers": model.config.get_text_config().num_hidden_layers,
+        "compile_vision": compile_vision,
         "dtype": str(next(model.parameters()).dtype), "skipped": skipped, "load": _load_average(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": _machine(device),
     }  # fmt: skip
@@ -398,10 +466,12 @@ def to_markdown(result: dict) -> str:
     m = result["meta"]
     load = f", load average {' / '.join(map(str, m['load']))} (1/5/15 min) at the end" if m.get("load") else ""
     about = f" ({m['about']})" if m.get("about") else ""
+    compiled = m.get("compile_vision")
+    order = f"consecutive (vision tower compiled, mode {compiled!r})" if compiled else "interleaved"
     head = (
         f"preset `{m['preset']}`{about}: {m['llm_layers']} LLM layers, {m['dtype']}, on {m['machine']}{load}; batch "
         f"{m['batch']}, {m['text_tokens']} text words, {m['new_tokens']} new tokens, median of {m['reps']} "
-        f"interleaved reps after {m['warmup']} warm-up, torch {m['torch']}.\n\n"
+        f"{order} reps after {m['warmup']} warm-up, torch {m['torch']}.\n\n"
     )
     for method, why in (m.get("skipped") or {}).items():
         head += f"Skipped `{method}`: {why}.\n\n"

@@ -1,0 +1,65 @@
+"""VMTC under torch.compile: the method's shared code reads nothing back to the host while traced, so it adds no
+graph break, and a vision pass that stock transformers compiles to one graph (so CUDA graphs can capture it: at batch 1
+on a GPU, kernel launches, not arithmetic, decide the tower's speed) stays one graph with the method on.
+
+Not in the exactness suite run on both transformers releases: graph breaks are torch's business, and dynamo's
+tracing costs seconds per model.
+"""
+
+import inspect
+
+import pytest
+import torch
+from test_families import QUESTIONS, _setup
+
+import unclutter
+from unclutter import VMTCConfig
+
+# the shared method code: it must never break a graph (an adapter may, where its family reads its layout from
+# tensors on the host as the stock model does: LLaVA-NeXT's image sizes)
+SHARED_MATH = ("unclutter/vmtc.py", "unclutter/kmeans.py", "unclutter/integrations/vision.py", "unclutter/_amp.py")
+# families whose whole vision pass with VMTC compiles to one graph (CUDA-graph capturable)
+ONE_GRAPH = ["llava", "gemma3", "internvl"]
+# one family per way the shared code is called: CLS ranking from captured q/k (LLaVA's CLIP), received ranking inside
+# SDPA over pooled units (Gemma 3's SigLIP), an adapter's own block forward over pixel-shuffle units (InternVL),
+# received ranking from captured q/k under a patch mask (Idefics3). (Qwen's stage blocks run eagerly by design.)
+FAMILIES = ["llava", "gemma3", "internvl", "idefics3"]
+
+
+def _vision_pass(model, batch):
+    """The base model's ``get_image_features`` with the batch's arguments it takes (pixels, grids, masks)."""
+    features = model.model.get_image_features
+    taken = inspect.signature(features).parameters
+    kwargs = {k: v for k, v in batch.items() if k in taken and k != "input_ids"}
+    return lambda: features(**kwargs)
+
+
+def _flat(features) -> list[torch.Tensor]:
+    """The feature tensors, whatever container the family returns them in."""
+    if isinstance(features, torch.Tensor):
+        return [features]
+    if isinstance(features, (list, tuple)):
+        return [t for f in features for t in _flat(f)]
+    return _flat(features.pooler_output if features.pooler_output is not None else features.last_hidden_state)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vmtc_breaks_no_graph_under_torch_compile(name):
+    """K-means, ranking and merging read nothing back to the host while traced: dynamo finds no graph break in
+    them, and where the stock vision pass is one graph the compressed one is too, with the eager features."""
+    family, model, processor, images = _setup(name)
+    torch._dynamo.reset()
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)):
+        vision = _vision_pass(model, family.batch(processor, images, QUESTIONS))
+        with torch.no_grad():
+            expected = _flat(vision())  # (a first call may install transformers' output-capturing hooks: a break)
+            explained = torch._dynamo.explain(vision)()
+            ours = [str(b.user_stack[-1]) for b in explained.break_reasons if b.user_stack]
+            assert not [frame for frame in ours if any(f in frame for f in SHARED_MATH)], ours
+            if name in ONE_GRAPH:
+                assert explained.graph_break_count == 0, explained.break_reasons
+                torch._dynamo.reset()
+                compiled = torch.compile(vision, fullgraph=True, backend="aot_eager")
+                for got, eager in zip(_flat(compiled()), expected, strict=True):
+                    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
