@@ -30,10 +30,12 @@ def autocast_off(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if tensor is None:
-            return fn(*args, **kwargs)
-        with autocast_disabled(tensor.device.type):
-            return fn(*args, **kwargs)
+        # a plain loop, not next() over a generator: torch 2.7's dynamo cannot trace that, and these functions run
+        # inside compiled vision towers
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, torch.Tensor):
+                with autocast_disabled(arg.device.type):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
