@@ -111,6 +111,37 @@ def test_no_per_call_mask_outlives_its_call(model, processor, images):
     torch.testing.assert_close(got, reference_logits(model, batch, gammas).float(), atol=2e-5, rtol=1e-4)
 
 
+def test_a_general_prefill_allocates_no_text_by_text_weights(model, processor, images):
+    """A padded batch (the general path) weighs each text row's earlier text rows (Eq. 9-10) with `a`'s own columns
+    edited in place: no (B, q_new, q_new) float32 tensor, neither in the layout nor per layer (three were alive at
+    once, 89 MiB each for 2 x 3,400 text rows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):  # the shape of every float32 tensor an op allocates (not views, not in place)
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                fresh = isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                if fresh and t.dtype == torch.float32:
+                    self.made.append(tuple(t.shape))
+            return out
+
+    batch = encode(processor, images)
+    gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)) as h, torch.no_grad(), Shapes() as shapes:
+        got = model(**batch).logits
+    ch = h.cmai_state.chunk
+    q_new = ch.q_len - ch.start
+    assert not ch.fast and q_new > 1 and q_new not in (ch.q_len, h.cmai_state.image_pos.shape[1])
+    assert (2, q_new, q_new) not in shapes.made and (2, q_new, ch.q_len) in shapes.made  # (B, q_new, K): `a`
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], reference_logits(model, batch, gammas)[valid].float(), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("focus", ["paper", "tia"])
 def test_fast_calls_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus):
     """One unpadded prompt takes the fast path in its prefill and decode steps (the host knows the image block, that

@@ -123,7 +123,10 @@ class Layout:
     columns: torch.Tensor | None  # (B, q_new, n) long: image key index, or the spare column kv_len if not visible
     prev_gathered: bool  # gather_index holds the earlier text rows after the n image keys ("paper")
     prev_weight: torch.Tensor | None  # (B, q_new, m_prev) the earlier rows' weights where the attention is not needed
-    new_index: torch.Tensor | None  # (B, q_new, q_new): the same for this call's own text rows (prefill)
+    # this call's own text rows (prefill): for "paper", the key index of its first new row (the new rows are the
+    # layer's last q_new keys) and (B, 1, q_new) float32 column factors (a text row), W being `a`'s own columns,
+    # strictly below the diagonal; for the other modes, None and the (B, q_new, q_new) weights themselves
+    new_first: int | None
     new_weight: torch.Tensor | None
     # a fast call in a layer that sees the whole image block: the block's first key index; the layer's additive
     # mask (B, 1, q_len, kv_len) (0 or -inf); in a decode step, the earlier text rows' key indices (B, 1, m_prev)
@@ -456,7 +459,7 @@ class CMAIState:
         columns = torch.where(img_visible, img_idx, kv_len)  # keys not visible go to a spare column
         expand = (bsz, q_new, img_idx.shape[1])
         gather_index, gather_keep = img_idx[:, None, :].expand(expand), image_keep
-        prev_weight = new_index = new_weight = None
+        prev_weight = new_first = new_weight = None
         if self.focus != "tia":
             q_ord = ch.dest.float()  # text ordinal of each query row (used by "discounted")
             m_prev = ch.prev_pos.shape[1]
@@ -468,14 +471,18 @@ class CMAIState:
                     gather_index = torch.cat([gather_index, prev_index], dim=-1)
                     gather_keep = torch.cat([gather_keep, prev_weight.expand(bsz, q_new, m_prev)], dim=-1)
                     prev_weight = None
-            if q_new > 1:  # the call's own earlier text rows (a one-row call has none: strictly below is empty)
+            if q_new > 1 and self.focus == "paper":  # the call's own earlier text rows (a one-row call has none)
+                # the new rows are the layer's last keys (always in its window): `_inhibited` takes W from `a`'s
+                # columns in place, so no (B, q_new, q_new) weights (89 MiB at 2 x 3,400 text rows) live in the layout
+                new_first, new_weight = kv_len - q_new, ch.new_text[:, None, :].float()
+            elif q_new > 1:
                 new_pos = (ch.past + ch.start + torch.arange(q_new, device=device)).expand(bsz, q_new)
-                new_index, new_weight = _weights(self, new_pos, offset, kv_len, q_ord, q_ord, q_new)
+                _, new_weight = _weights(self, new_pos, offset, kv_len, q_ord, q_ord, q_new)
                 strictly_before = torch.ones(q_new, q_new, dtype=torch.bool, device=device).tril(-1)
                 new_weight = new_weight * (strictly_before[None] & ch.new_text[:, None, :])
         layout = Layout(
             attention_mask, allowed, ~allowed[:, :, ch.start :], gather_index, gather_keep,
-            columns[:, None, :].expand(expand), gather_index.shape[-1] > expand[-1], prev_weight, new_index, new_weight,
+            columns[:, None, :].expand(expand), gather_index.shape[-1] > expand[-1], prev_weight, new_first, new_weight,
         )  # fmt: skip
         ch.layouts[key] = layout
         return layout
@@ -625,7 +632,8 @@ def _key_index(pos: torch.Tensor, offset: int, kv_len: int) -> tuple[torch.Tenso
 
 
 def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """(B, q_new, n) bool inhibition for the new text rows, from their head-averaged rows ``a`` (B, q_new, K)."""
+    """(B, q_new, n) bool inhibition for the new text rows, from their head-averaged rows ``a`` (B, q_new, K), which
+    the caller gives up: for "paper", its columns of this call's own text rows are overwritten with their weights."""
     gathered = a.gather(2, lay.gather_index) * lay.gather_keep
     n = state.image_pos.shape[1]
     t2i = gathered[..., :n] if lay.prev_gathered else gathered
@@ -634,7 +642,11 @@ def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, lay:
     if w_prev is not None:  # Eq. 10 over the text rows of earlier calls, stored per layer
         focus = focus + w_prev @ state.rows[layer][:, : w_prev.shape[-1]]
     if lay.new_weight is not None:  # ... and over this call's own earlier text rows
-        w_new = lay.new_weight if lay.new_index is None else a.gather(2, lay.new_index) * lay.new_weight
+        w_new = lay.new_weight
+        if lay.new_first is not None:  # "paper": `a`'s own-text columns strictly below, in place (no (q, q) copies:
+            # ``a`` is this call's, and its image and earlier-text columns were gathered above)
+            own = a[..., lay.new_first : lay.new_first + a.shape[1]]
+            w_new = own.tril_(-1).mul_(lay.new_weight)
         focus = focus + w_new @ t2i
     state.store(layer, t2i)
     return (focus < state.quantile(focus, gamma)) & state.chunk.inhibitable
