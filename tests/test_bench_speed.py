@@ -226,3 +226,24 @@ def test_compiled_vision_towers_are_timed_method_by_method(monkeypatch):
             run_speed("micro-llava", **kwargs)
     with pytest.raises(ValueError, match="starts inside it"):
         run_speed("micro-qwen2_5_vl", compile_vision="default", reps=1, new_tokens=2)
+
+
+def test_a_failed_compile_leaves_the_model_as_it_was(monkeypatch):
+    import unclutter
+    from unclutter.bench import speed
+    from unclutter.models.presets import build_preset
+
+    model, processor, spec = build_preset("micro-llava")
+
+    def broken(fn, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(speed.torch, "compile", broken)
+    with (
+        pytest.raises(RuntimeError, match="no compiler"),
+        speed._applied_and_compiled(model, processor, "vmtc", spec.spd_grid, "default"),
+    ):
+        pass
+    tower = speed.compiled_tower(unclutter.integrations.base.adapter_for(model)(model))
+    assert "forward" not in vars(tower)
+    unclutter.apply(model, processor, vmtc=unclutter.VMTCConfig()).remove()  # not "already applied"

@@ -5,8 +5,10 @@ across the batch and tensors stay rectangular. Initialisation is deterministic (
 points in input order), so the same input always yields the same clustering on any device.
 
 Eagerly the Lloyd loop stops as soon as no assignment changes, which costs one device->host read per
-iteration. Under ``torch.compile`` or CUDA-graph capture it reads nothing back: it runs every iteration
-(those after convergence change nothing), so the whole tower can be captured as one graph.
+iteration. Under ``torch.compile`` or CUDA-graph capture it reads nothing back: it runs every iteration and keeps
+the assignment from the first one that changes nothing, so the whole tower can be captured as one graph. The
+clusters are eager's given the same arithmetic (captured eager kernels, dynamo's aot_eager); inductor's fused
+kernels round differently, which can move points whose similarities tie to within rounding.
 """
 
 from __future__ import annotations
@@ -87,12 +89,17 @@ def cosine_kmeans(x: torch.Tensor, c: int, iters: int = 10) -> torch.Tensor:
     # launch counts, and an iteration needs both)
     counted = torch.cat([xn, torch.ones_like(xn[..., :1])], dim=-1)
     assign = None
+    done = torch.zeros((), dtype=torch.bool, device=x.device) if traced else None  # eager's early stop, on the device
     for _ in range(iters):
         best, new_assign = (xn @ centroids.transpose(1, 2)).max(dim=-1)  # (B, R) similarity to and id of the nearest
         if traced:
-            # no early stop: an iteration after convergence recomputes the same centroids, and the fill changes
-            # nothing while no cluster is empty
+            # no early stop: once no assignment changes the result is kept, where eager stops. Recomputing the
+            # centroids from that assignment gives them back only up to rounding (CUDA's scatter_add adds in any
+            # order), which could move a near-tie point in a later iteration
             new_assign = _fill_empty_clusters(new_assign, best, c)
+            if assign is not None:
+                done = done | (new_assign == assign).all()
+                new_assign = torch.where(done, assign, new_assign)
             sums = _cluster_sums(counted, new_assign, c)
         else:
             sums = _cluster_sums(counted, new_assign, c)

@@ -320,16 +320,17 @@ def _applied_and_compiled(model, processor, method: str, spd_grid: int, mode: st
     """The method applied, then its vision tower's forward compiled (an instance attribute: the timing hooks, which
     run around ``forward``, stay outside the graph); both undone on exit."""
     handle = apply(model, processor, **method_configs(method, spd_grid))
-    tower = compiled_tower(handle.adapter)
-    own = vars(tower).get("forward")  # the method's own patched forward, if it patches the tower's
-    torch._dynamo.reset()  # a method's graphs are its own: none is reused across methods
-    tower.forward = torch.compile(tower.forward, mode=mode, dynamic=False)
-    try:
+    tower, own = None, None
+    try:  # from here on: a refusal or an error in torch.compile must not leave the method applied
+        tower = compiled_tower(handle.adapter)
+        own = vars(tower).get("forward")  # the method's own patched forward, if it patches the tower's
+        torch._dynamo.reset()  # a method's graphs are its own: none is reused across methods
+        tower.forward = torch.compile(tower.forward, mode=mode, dynamic=False)
         yield handle
     finally:
         if own is not None:
             tower.forward = own
-        else:
+        elif tower is not None and "forward" in vars(tower):
             del tower.forward
         handle.remove()
         torch._dynamo.reset()
@@ -351,8 +352,10 @@ def _run_speed(
         compiled_tower(adapter(model))  # refuse before anything runs
     settings = {
         "preset": preset, "methods": list(methods), "batch": batch, "reps": reps, "text_tokens": text_tokens,
-        "new_tokens": new_tokens, "device": device, "cpu_layers": cpu_layers, "compile_vision": compile_vision,
+        "new_tokens": new_tokens, "device": device, "cpu_layers": cpu_layers,
     }  # fmt: skip
+    if compile_vision is not None:  # (only then: an eager run resumes a record written before this setting existed)
+        settings["compile_vision"] = compile_vision
     samples = _recorded_samples(record, settings, methods, reps)
     missing = [(rep, m) for rep in range(reps) for m in methods if rep >= len(samples[m])]
 
