@@ -142,11 +142,9 @@ def test_kmeans_compiles_to_one_graph_with_the_eager_clusters():
     dup = torch.randn(2, 40, 6, generator=g)
     dup[:, :30] = dup[:, :1]  # duplicates leave clusters empty
     cases.append((dup, 7, 10))
+    compiled = torch.compile(kmeans.cosine_kmeans, fullgraph=True, backend="aot_eager", dynamic=False)
     for x, c, iters in cases:
-        explained = torch._dynamo.explain(kmeans.cosine_kmeans)(x, c, iters)
-        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-        compiled = torch.compile(kmeans.cosine_kmeans, fullgraph=True, backend="aot_eager", dynamic=False)
-        got = compiled(x, c, iters)
+        got = compiled(x, c, iters)  # fullgraph: a graph break raises
         assert torch.equal(got, kmeans.cosine_kmeans(x, c, iters))
         assert all(set(row.tolist()) == set(range(c)) for row in got)
     torch._dynamo.reset()

@@ -631,6 +631,14 @@ def _key_index(pos: torch.Tensor, offset: int, kv_len: int) -> tuple[torch.Tenso
     return idx.clamp(0, max(kv_len - 1, 0)), visible
 
 
+def _own_rows_before(a: torch.Tensor, first: int) -> torch.Tensor:
+    """(B, q_new, q_new) the attention of each new row ``a`` (B, q_new, K) to the call's own rows before it (Eq. 9's
+    strictly lower A_t2n), the call's rows being keys ``first`` on: ``a``'s own columns, zeroed in place on and above
+    the diagonal (no (q, q) copy). The caller gives those columns up, having read what else it needs from ``a``
+    (the fast path's image block ends before them; the general path gathers its columns first)."""
+    return a[..., first : first + a.shape[1]].tril_(-1)
+
+
 def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, lay: Layout) -> torch.Tensor:
     """(B, q_new, n) bool inhibition for the new text rows, from their head-averaged rows ``a`` (B, q_new, K), which
     the caller gives up: for "paper", its columns of this call's own text rows are overwritten with their weights."""
@@ -643,10 +651,8 @@ def _inhibited(state: CMAIState, layer: int, gamma: float, a: torch.Tensor, lay:
         focus = focus + w_prev @ state.rows[layer][:, : w_prev.shape[-1]]
     if lay.new_weight is not None:  # ... and over this call's own earlier text rows
         w_new = lay.new_weight
-        if lay.new_first is not None:  # "paper": `a`'s own-text columns strictly below, in place (no (q, q) copies:
-            # ``a`` is this call's, and its image and earlier-text columns were gathered above)
-            own = a[..., lay.new_first : lay.new_first + a.shape[1]]
-            w_new = own.tril_(-1).mul_(lay.new_weight)
+        if lay.new_first is not None:  # "paper": the attention to them, only where the column is a text row
+            w_new = _own_rows_before(a, lay.new_first).mul_(lay.new_weight)
         focus = focus + w_new @ t2i
     state.store(layer, t2i)
     return (focus < state.quantile(focus, gamma)) & state.chunk.inhibitable
@@ -716,11 +722,8 @@ def _fast_mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, 
     if lay.fast_prev_index is not None:  # Eq. 10 over earlier calls' text rows (a decode step), stored per layer
         m_prev = lay.fast_prev_index.shape[-1]
         focus = torch.baddbmm(t2i, a.gather(2, lay.fast_prev_index), state.rows[layer][:, :m_prev])
-    if lay.fast_own is not None:  # ... and over this call's own earlier text rows (a prefill): strictly below
-        own = lay.fast_own
-        # tril_ in place on ``a``'s own-text columns (no (q, q) copy): ``a`` is this call's, and nothing reads those
-        # columns again (t2i, stored below, is the image block's, which ends before them)
-        focus = torch.baddbmm(focus, a[..., own : own + t2i.shape[1]].tril_(-1), t2i)
+    if lay.fast_own is not None:  # ... and over this call's own earlier text rows (a prefill)
+        focus = torch.baddbmm(focus, _own_rows_before(a, lay.fast_own), t2i)
     state.store(layer, t2i, slot=state.text_bound - t2i.shape[1])
     # the row's quantile from its two order statistics (every row has all n keys): a selection, not a sort (on CPU
     # a prefill's rows select 4x faster than they sort), the same values the general path's sort gives
