@@ -71,8 +71,8 @@ def cosine_kmeans(x: torch.Tensor, c: int, iters: int = 10) -> torch.Tensor:
     Args:
         x: (B, R, D) points; R >= c.
         c: number of clusters (>= 1).
-        iters: maximum Lloyd iterations; stops early once no assignment changes (eagerly; see the module
-            docstring for compiled and captured calls, which return the same clusters).
+        iters: maximum Lloyd iterations; stops early once no assignment changes (eagerly; compiled and captured
+            calls run them all and keep the first unchanged assignment, see the module docstring).
 
     Returns:
         (B, R) long cluster ids in [0, c), every id used at least once in every row.
