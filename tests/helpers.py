@@ -30,12 +30,12 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch, use_cache=False).logits
 
 
-def generate(model, batch, steps: int = 4):
-    """Greedy decoding of exactly ``steps`` tokens, with each step's logits."""
+def generate(model, batch, steps: int = 4, **kwargs):
+    """Greedy decoding of exactly ``steps`` tokens, with each step's logits (``kwargs`` go to `generate`)."""
     with torch.no_grad():
         return model.generate(
             **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True,
+            return_dict_in_generate=True, **kwargs,
         )  # fmt: skip
 
 
@@ -53,9 +53,9 @@ def extend(batch, sequences):
     return out
 
 
-def assert_cached_equals_full(model, batch, steps: int = 4):
+def assert_cached_equals_full(model, batch, steps: int = 4, **kwargs):
     """Cached greedy decoding == one uncached forward over its tokens; returns (generate output, full logits)."""
-    gen = generate(model, batch, steps)
+    gen = generate(model, batch, steps, **kwargs)
     full = logits(model, extend(batch, gen.sequences[:, :-1]))
     first = gen.sequences.shape[1] - 1 - steps
     for t in range(steps):

@@ -99,11 +99,34 @@ def test_a_foreign_cache_fails(model, processor, images):
             model(input_ids=ids, attention_mask=mask, **{compat.cache_argument(model): foreign})
 
 
-def test_static_cache_is_refused(model, processor, images):
+def test_a_static_cache_driven_by_hand_decodes_as_the_dynamic_one(model, processor, images):
+    """A StaticCache the caller made, a prefill with the processor's 2D mask and hand-written decode steps: the layers
+    get the cache's whole buffer (more keys than tokens), and the logits are the dynamic cache's."""
     batch = encode(processor, images)
-    cache = StaticCache(config=model.config.text_config, max_cache_len=256)
-    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad(), pytest.raises(ValueError, match="static cache"):
-        model(**batch, use_cache=True, **{compat.cache_argument(model): cache})
+    steps = 4
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        expected = _generate(model, batch, steps)
+        cache = StaticCache(config=model.config.text_config, max_cache_len=batch["input_ids"].shape[1] + 16)
+        out = model(**batch, use_cache=True, **{compat.cache_argument(model): cache})
+        mask, got = batch["attention_mask"], [out.logits[:, -1]]
+        for _ in range(steps - 1):
+            ids = got[-1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{compat.cache_argument(model): cache})
+            got.append(out.logits[:, -1])
+    assert cache.layers[0].keys.shape[-2] == batch["input_ids"].shape[1] + 16
+    for t in range(steps):
+        torch.testing.assert_close(got[t], expected.logits[t], atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_of_another_rank_is_refused_by_name(model, processor, images):
+    batch = encode(processor, images)
+    with (
+        unclutter.apply(model, cmai=CMAIConfig()),
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"2D mask \(batch, sequence\) or a 4D one.*\(2, 1, \d+\)"),
+    ):
+        model(**{**batch, "attention_mask": batch["attention_mask"][:, None]})
 
 
 @pytest.mark.parametrize(

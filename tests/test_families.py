@@ -108,6 +108,30 @@ def test_cmai_cached_decode_equals_one_full_forward(setup):
     assert all(g > 1e-4 for g in gaps), f"CMAI must act at every decode step, not only the prefill: {gaps}"
 
 
+def test_cmai_static_cache_decode_equals_full_forward_and_dynamic_cache(setup):
+    """``cache_implementation="static"``: `generate` hands each layer a fixed buffer with empty slots (and builds 4D
+    masks ahead), so key index = position there; a padded batch (the general path) and one prompt (the fast one).
+    VMTC too where the family reduces tokens."""
+    family, model, processor, images = setup
+    methods = {"cmai": CMAIConfig(), **({"vmtc": VMTCConfig()} if family.vmtc else {})}
+    with unclutter.apply(model, processor, **methods) as handle:
+        for images_, questions in ((images, QUESTIONS), (images[:1], QUESTIONS[:1])):
+            batch = _batch(family, processor, images_, questions)
+            static = generate(model, batch, STEPS, cache_implementation="static")
+            fast = handle.cmai_state.fast_steps  # calls of the static generation that took the fast path
+            whole = extend(batch, static.sequences[:, :-1])
+            # the padding CMAI read from those 4D masks is the processor's
+            assert torch.equal(handle.cmai_state.pad, whole["attention_mask"].bool())
+            full = logits(model, whole)[:, -STEPS:]
+            for t in range(STEPS):
+                torch.testing.assert_close(static.logits[t], full[:, t], atol=1e-4, rtol=1e-4)
+            dynamic = generate(model, batch, STEPS)
+            assert torch.equal(static.sequences, dynamic.sequences)
+            for a, b in zip(static.logits, dynamic.logits, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert fast == handle.cmai_state.fast_steps and (fast > 0) == (len(images_) == 1)
+
+
 def test_cmai_batch_equals_single(setup):
     family, model, processor, images = setup
     with unclutter.apply(model, processor, cmai=CMAIConfig()):

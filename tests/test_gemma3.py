@@ -89,6 +89,27 @@ def test_cmai_follows_sliding_windows_in_prefill_and_decoding(model, processor):
     assert all(g > 1e-4 for g in gaps), f"CMAI must act at every decode step, also past the window: {gaps}"
 
 
+def test_cmai_follows_a_static_cache_past_the_sliding_window(model, processor):
+    """A static cache's sliding layers hold a fixed buffer of the window: empty slots first, then (prompt longer
+    than the window) the whole prompt once, then the last keys rolled. Cached == full == the naive reference, and
+    equal to the dynamic cache's decoding."""
+    batch = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)
+    steps = SLIDING_WINDOW + 2
+    with unclutter.apply(model, processor, cmai=CMAIConfig()):
+        gen, full = assert_cached_equals_full(model, batch, steps, cache_implementation="static")
+        cache = output_cache(gen)
+        dynamic = generate(model, batch, steps)
+    assert type(cache).__name__ == "StaticCache" and any(cache.is_sliding)
+    assert {layer.keys.shape[-2] for layer, s in zip(cache.layers, cache.is_sliding, strict=True) if s} == {
+        SLIDING_WINDOW
+    }
+    expected = reference_logits(model, extend(batch, gen.sequences[:, :-1]), _gammas(model))
+    valid = extend(batch, gen.sequences[:, :-1])["attention_mask"].bool()
+    torch.testing.assert_close(full[valid], expected[valid].float(), atol=5e-5, rtol=1e-4)
+    for a, b in zip(gen.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_a_decode_step_whose_token_is_structural_keeps_the_fast_path_exact(model, processor):
     """A generated image marker is no text query: that step takes the general path and stores no row; the prefill
     and the steps around it take the fast one (global layers; sliding layers past their window fall back per layer). Each step

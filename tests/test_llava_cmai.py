@@ -366,6 +366,29 @@ def test_torch_compile_with_cmai(model, processor, images):
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_generate_compiles_the_static_decode_step_with_cmai(model, processor, images):
+    """`generate` compiles the decode step of a static cache (on a GPU by itself; here the config asks for it on
+    CPU, with dynamo's aot_eager backend): CMAI's hooks and per-layer masks run eagerly between the compiled graphs,
+    and the tokens and logits are eager's, for a padded batch (general path) and one prompt (fast path)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", mode=None)
+    config._compile_all_devices = True  # transformers' own switch for compiling on CPU (its tests use it)
+    torch._dynamo.reset()
+    counters.clear()
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        for batch in (encode(processor, images), encode(processor, images[:1], PROMPTS[:1])):
+            eager = _generate(model, batch, steps=4, cache_implementation="static", disable_compile=True)
+            compiled = _generate(model, batch, steps=4, cache_implementation="static", compile_config=config)
+            assert torch.equal(compiled.sequences, eager.sequences)
+            for a, b in zip(compiled.logits, eager.logits, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] > 0, "the decode step was not compiled"
+    torch._dynamo.reset()
+
+
 def test_conversations_take_turns_on_one_model(model, processor, images):
     """A conversation continued from its cache after other generations ran on the model (another user's turn) goes on
     exactly as if nothing ran in between (it was refused: CMAI's state followed only the latest prefill)."""

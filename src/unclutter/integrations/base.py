@@ -431,6 +431,9 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
     """A forward pre-hook on the VLM validates placeholders and feeds CMAI the per-call facts."""
     state = handle.cmai_state
 
+    # the hooks run eagerly under torch.compile (generate compiles the decode step of a static cache): they read the
+    # thread and host numbers, and CMAI's state changes every call, which compiled guards would recompile for
+    @torch.compiler.disable
     def pre_forward(module, args, kwargs):
         handle.enter()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -449,6 +452,7 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
                 media_inputs=_media_inputs(args, kwargs),
             )
 
+    @torch.compiler.disable
     def post_forward(module, args, output):  # also after a failed call (always_call), which gives no output
         if handle.leave() and state is not None:
             if state.chunk is not None:  # a call's layouts hold (B, 1, q, K) masks: none outlives its call

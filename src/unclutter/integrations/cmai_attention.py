@@ -26,9 +26,11 @@ as slices, the quantile positions as host numbers, and an additive mask built on
 reference, and one against the other (batch == single).
 
 Positions. Image keys and text tokens are stored by absolute position. A layer's keys are the last
-``kv_len`` positions of the sequence (a full-attention layer holds all of them; a sliding-window layer
-of the dynamic cache, as in Gemma 3 or Mistral-style configs, holds only its window), so key index =
-position - (length - kv_len); keys that left the window have attention 0 in this layer.
+``kv_len`` positions of the sequence (a full-attention layer holds all of them; a sliding-window layer,
+as in Gemma 3 or Mistral-style configs, holds only its window), so key index = position - (length - kv_len);
+keys that left the window have attention 0 in this layer. A static cache (``cache_implementation="static"``)
+hands a layer its whole fixed buffer until the buffer is full: more keys than tokens, position = key index,
+the empty slots hidden by the layer's mask; a full static sliding window holds the last positions, as above.
 
 Never silent. Everything the mechanism relies on is checked where it is used: a layer called without
 the pre-hook having run, a query or key count that does not match the state (a decode step whose cache
@@ -140,7 +142,8 @@ class Layout:
 # what one generation's state is (everything `CMAIState.reset` sets, and the cache it follows)
 GENERATION = (
     "batch", "length", "image_pos", "image_valid", "first_image", "pad", "text_pos", "text_count", "text_bound",
-    "rows", "plans", "block", "unpadded", "rows_exact", "fast_plans", "fast_steps", "chunk", "trace", "_cache_ref",
+    "static", "rows", "plans", "block", "unpadded", "rows_exact", "fast_plans", "fast_steps", "chunk", "trace",
+    "_cache_ref",
 )  # fmt: skip
 
 
@@ -198,6 +201,7 @@ class CMAIState:
         # a host-side upper bound of max(text_count): decode steps add a row per sample without the host
         # learning whether the token was text (that would cost a device sync); exact after the prefill
         self.text_bound = 0
+        self.static = False  # the cache keeps some layer's keys in a fixed buffer (see `key_offset`)
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity + 1, n) float32
         self.plans: dict[float, QuantilePlan] = {}  # gamma -> where each row's quantile lies (fixed counts)
         # Host-side facts that let a call skip most bookkeeping (`Chunk.fast`), learned by the syncs the general
@@ -239,13 +243,13 @@ class CMAIState:
             raise ValueError("CMAI needs input_ids (not inputs_embeds) to locate the image tokens.")
         bsz, q_len = input_ids.shape
         device = input_ids.device
-        if cache is not None:
-            _check_cache_kind(cache)
+        static = _check_cache_kind(cache) if cache is not None else False
         past = int(cache.get_seq_length()) if cache is not None else 0
         if past == 0:
             self._stash()
             self.reset(bsz, device)
             self._cache_ref = weakref.ref(cache) if cache is not None else None
+            self.static = static
             if cache is not None:
                 self._follow_reorders(cache)
         else:
@@ -262,18 +266,7 @@ class CMAIState:
                 self._crop(past)
             elif past > self.length:
                 raise CMAIStateError(f"CMAI state covers {self.length} tokens but the cache holds {past}")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("CMAI supports 2D padding masks (batch, sequence); got a custom 4D mask.")
-        if attention_mask is not None and attention_mask.shape[1] > past + q_len:
-            raise CMAIStateError(
-                f"the attention mask covers {attention_mask.shape[1]} tokens but the call brings {q_len} new ones on "
-                f"top of a cache of {past}: the forward pre-hook did not find this call's cache"
-            )
-        valid = (
-            attention_mask[:, -q_len:].bool()
-            if attention_mask is not None
-            else torch.ones(bsz, q_len, dtype=torch.bool, device=device)
-        )
+        valid = _real_tokens(attention_mask, bsz, q_len, past, device)
         if past > 0 and not media_inputs:  # generated placeholders: no image features behind them (see above)
             is_structural = self._isin(input_ids, self.structural_token_ids + self.media_token_ids)
             is_image = torch.zeros_like(is_structural)
@@ -365,7 +358,7 @@ class CMAIState:
     def adopt(self, cache) -> None:
         """Take the cache a prefill created internally (called after each forward with its output cache)."""
         if cache is not None and self._cache_ref is None and self.length and cache.get_seq_length() == self.length:
-            _check_cache_kind(cache)
+            self.static = _check_cache_kind(cache)
             self._cache_ref = weakref.ref(cache)
             self._follow_reorders(cache)
 
@@ -438,11 +431,16 @@ class CMAIState:
         first = self.block[0] - offset if self.block is not None else -1
         if ch.fast and 0 <= first <= kv_len - self.block[1]:
             layout = None
-            if q_len == 1 and self.sees_everything(window, kv_len):  # decode: no key is masked
+            if q_len == 1 and (self.sees_everything(window, kv_len) or kv_len > self.length):
+                # decode: no key is masked, or (a static layer) only the empty slots after the last token
                 m_prev = ch.prev_pos.shape[1]
                 prev_index = (ch.prev_pos - offset)[:, None, :] if self.focus == "paper" and m_prev else None
-                zeros = torch.zeros(bsz, 1, 1, kv_len, dtype=query.dtype, device=device)
-                layout = _fast_layout(attention_mask, None, first, zeros, prev_index=prev_index)
+                hidden = None
+                additive = torch.zeros(bsz, 1, 1, kv_len, dtype=query.dtype, device=device)
+                if kv_len > self.length:
+                    hidden = ~_allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
+                    additive.masked_fill_(hidden, -math.inf)
+                layout = _fast_layout(attention_mask, hidden, first, additive, prev_index=prev_index)
             elif ch.past == 0 and offset == 0:  # prefill: the layer's own mask, as an additive one
                 hidden = ~_allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
                 additive = torch.zeros(hidden.shape, dtype=query.dtype, device=device).masked_fill_(hidden, -math.inf)
@@ -472,9 +470,9 @@ class CMAIState:
                     gather_keep = torch.cat([gather_keep, prev_weight.expand(bsz, q_new, m_prev)], dim=-1)
                     prev_weight = None
             if q_new > 1 and self.focus == "paper":  # the call's own earlier text rows (a one-row call has none)
-                # the new rows are the layer's last keys (always in its window): `_inhibited` takes W from `a`'s
+                # the new rows are the layer's last tokens (always in its window): `_inhibited` takes W from `a`'s
                 # columns in place, so no (B, q_new, q_new) weights (89 MiB at 2 x 3,400 text rows) live in the layout
-                new_first, new_weight = kv_len - q_new, ch.new_text[:, None, :].float()
+                new_first, new_weight = self.length - offset - q_new, ch.new_text[:, None, :].float()
             elif q_new > 1:
                 new_pos = (ch.past + ch.start + torch.arange(q_new, device=device)).expand(bsz, q_new)
                 _, new_weight = _weights(self, new_pos, offset, kv_len, q_ord, q_ord, q_new)
@@ -490,9 +488,10 @@ class CMAIState:
     def sees_everything(self, window: int | None, kv_len: int) -> bool:
         """In a fast decode step (`Chunk.fast`: no padding), the new token is allowed every key of a layer with
         ``kv_len`` keys: causality lets it see all earlier tokens, and a sliding window of ``window`` keys all of
-        them when kv_len <= window (transformers' rule: key > query - window)."""
+        them when kv_len <= window (transformers' rule: key > query - window); a static layer's buffer holds empty
+        slots past the tokens (kv_len > length), which its mask hides."""
         ch = self.chunk
-        return ch.fast and ch.q_len == 1 and (window is None or kv_len <= window)
+        return ch.fast and ch.q_len == 1 and kv_len <= self.length and (window is None or kv_len <= window)
 
     def key_offset(self, module, q_len: int, kv_len: int, window: int | None) -> int:
         """Position of this layer's key 0, after checking the call matches the state (see module docstring)."""
@@ -506,12 +505,14 @@ class CMAIState:
                 f"CMAI layer {module.layer_idx} got {q_len} queries but the forward pre-hook saw {ch.q_len} new tokens"
             )
         sliding = window is not None or getattr(module, "is_sliding", False)
-        if kv_len > self.length or kv_len < q_len or (kv_len != self.length and not sliding):
+        # more keys than tokens: a static layer's fixed buffer, positions from 0, the empty slots masked; fewer: a
+        # window's last keys
+        if kv_len < q_len or (kv_len > self.length and not self.static) or (kv_len < self.length and not sliding):
             raise CMAIStateError(
                 f"CMAI layer {module.layer_idx} attends over {kv_len} keys but its state covers {self.length} tokens "
                 f"({ch.past} cached + {q_len} new): the forward pre-hook did not find this call's cache"
             )
-        return self.length - kv_len
+        return max(self.length - kv_len, 0)
 
 
 def sliding_window(module, kwargs: dict) -> int | None:
@@ -544,21 +545,53 @@ def _no_image_after_prefill(has_image: bool) -> None:
         )
 
 
+def _real_tokens(attention_mask, bsz: int, q_len: int, past: int, device) -> torch.Tensor:
+    """(B, q_len) bool: which of the call's new tokens are real (not padding), from the mask the model was given: a
+    2D padding mask (batch, sequence); or the 4D (B, 1, q_len, kv_len) masks that `generate` builds ahead for a static
+    cache (one, or one per attention kind), or a user's, where a token is real iff it may attend to itself (a padding
+    key is hidden from every query; the mask's key k holds position k + max(length - kv_len, 0), see `key_offset`)."""
+    if isinstance(attention_mask, dict):  # {"full_attention": ..., "sliding_attention": ...}
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if attention_mask is None:
+        return torch.ones(bsz, q_len, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
+        raise ValueError(
+            "CMAI reads padding from a 2D mask (batch, sequence) or a 4D one (batch, 1, queries, keys); got "
+            f"{type(attention_mask).__name__} {tuple(getattr(attention_mask, 'shape', ()))}. Pass the processor's "
+            "2D attention_mask."
+        )
+    if attention_mask.dim() == 2:
+        if attention_mask.shape[1] > past + q_len:
+            raise CMAIStateError(
+                f"the attention mask covers {attention_mask.shape[1]} tokens but the call brings {q_len} new ones on "
+                f"top of a cache of {past}: the forward pre-hook did not find this call's cache"
+            )
+        return attention_mask[:, -q_len:].bool()
+    kv_len = attention_mask.shape[-1]
+    if attention_mask.shape[-2] != q_len or kv_len < q_len:
+        raise CMAIStateError(
+            f"the 4D attention mask {tuple(attention_mask.shape)} does not fit a call of {q_len} new tokens on top of "
+            f"a cache of {past}"
+        )
+    rows = torch.arange(q_len, device=attention_mask.device)
+    own = attention_mask[:, 0, rows, past - max(past + q_len - kv_len, 0) + rows]  # each token's key for itself
+    if own.dtype != torch.bool:  # additive float mask
+        own = own > torch.finfo(own.dtype).min / 2
+    return own.to(device).expand(bsz, q_len)
+
+
 def _first_text_column(text: torch.Tensor) -> torch.Tensor:
     """(0-dim) the first column of ``text`` (B, q) that is a text row in some sample; q if none."""
     columns = torch.arange(text.shape[1], device=text.device)
     return torch.where(text.any(dim=0), columns, text.shape[1]).min()
 
 
-def _check_cache_kind(cache) -> None:
+def _check_cache_kind(cache) -> bool:
+    """Whether ``cache`` keeps any layer's keys in a fixed buffer (a static cache: see `CMAIState.key_offset`)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise CMAIStateError(f"CMAI cannot follow a {type(cache).__name__} (it has no per-layer storage)")
-    if any(isinstance(layer, StaticLayer) for layer in layers):
-        raise ValueError(
-            "CMAI follows the dynamic cache (generate's default); a static cache keeps keys in a fixed buffer "
-            "whose positions CMAI cannot map. Drop cache_implementation='static' while CMAI is applied."
-        )
+    return any(isinstance(layer, StaticLayer) for layer in layers)
 
 
 # Rows of (heads x keys) float32 logits per chunk of a long prompt's text queries (128 MiB): the head-averaged
@@ -684,7 +717,9 @@ def _allowed(state: CMAIState, window, attention_mask, bsz: int, q_len: int, kv_
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
-    return (allowed[None, None] & state.pad[:, None, None, offset : offset + kv_len]).expand(bsz, 1, q_len, kv_len)
+    pad = state.pad[:, offset : offset + kv_len]
+    pad = torch.nn.functional.pad(pad, (0, kv_len - pad.shape[1]))  # a static buffer's empty slots (causally hidden)
+    return (allowed[None, None] & pad[:, None, None]).expand(bsz, 1, q_len, kv_len)
 
 
 def _fast_layout(mask, disallowed, first: int, additive: torch.Tensor, *, prev_index=None, own=None) -> Layout:
@@ -755,13 +790,29 @@ def _restore(undo) -> None:
 def cmai_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA with CMAI's inhibition added to the mask of the module's layer (plain SDPA elsewhere). With
     ``output_attentions`` it also returns the softmax weights that attention used, inhibition included."""
-    ctx = getattr(module, "_unclutter_cmai", None)
-    state: CMAIState | None = ctx() if ctx is not None else None
-    if state is None:
+    if getattr(module, "_unclutter_cmai", None) is None:
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
+    scaling = module.scaling if scaling is None else scaling
+    mask, undo = _layer_mask(module, query, key, attention_mask, scaling, sliding_window(module, kwargs), kwargs)
+    try:
+        return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
+    finally:
+        if undo is not None:
+            _restore(undo)
+
+
+# bookkeeping on host numbers, run eagerly: one graph break per CMAI layer and no compiled guard on CMAI's state (which
+# changes every call); inductor also miscompiled the masks' mixed bool/float vectors on CPU
+@torch.compiler.disable
+def _layer_mask(module, query, key, attention_mask, scaling: float, window: int | None, kwargs: dict):
+    """The mask the layer's SDPA takes under CMAI, and what `_restore` puts back after it (see `_fast_mask`)."""
+    state: CMAIState | None = module._unclutter_cmai()  # (a weak reference: read here, where dynamo does not trace)
+    if state is None:
+        return attention_mask, None
     bsz, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    window = sliding_window(module, kwargs)
     offset = state.key_offset(module, q_len, kv_len, window)  # raises when the state does not match this call
     layer = module.layer_idx
     gamma = state.gammas.get(layer, 0.0)
@@ -770,24 +821,15 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     if gamma == 0.0 or ch.start >= ch.q_len or n == 0:
         if state.tracing and gamma and n:  # a call without text queries inhibits nothing (one trace row per call)
             state.trace.setdefault(layer, []).append(torch.zeros(bsz, n, dtype=torch.bool))
-        if state.sees_everything(window, kv_len):
-            attention_mask = None  # all True: SDPA's unmasked kernel, as stock transformers would call it
-        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
-    scaling = module.scaling if scaling is None else scaling
+        # all True: SDPA's unmasked kernel, as stock transformers would call it
+        return (None if state.sees_everything(window, kv_len) else attention_mask), None
     # a prefill without autograd edits the layout's shared (q, K) mask in place and puts it back after SDPA, rather
     # than copying it per layer (under autograd SDPA keeps its mask for the backward pass: a copy each)
     in_place = q_len > 1 and not torch.is_grad_enabled()
     # autocast off: under bf16 mixed precision the matmuls would drop to bf16 and shift the quantile
     with torch.no_grad(), autocast_disabled(query.device.type):
         lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query, window)
-        mask, undo = _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay, in_place)
-    try:
-        return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
-    finally:
-        if undo is not None:
-            _restore(undo)
+        return _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay, in_place)
 
 
 def _sdpa(module, query, key, value, mask, scaling, dropout, kwargs: dict):
@@ -813,7 +855,6 @@ def _sdpa(module, query, key, value, mask, scaling, dropout, kwargs: dict):
         return out, logits.softmax(dim=-1).to(query.dtype)
 
 
-@torch.compiler.disable  # bookkeeping on host numbers; inductor also miscompiles its bool/float masks on CPU
 def _mask(state: CMAIState, layer: int, gamma: float, query, key, scaling, softcap, lay: Layout, in_place=False):
     """The layer's SDPA mask and, when `_fast_mask` edited a shared one in place, what `_restore` puts back."""
     if lay.fast_mask is not None:
