@@ -17,6 +17,7 @@ reps=${REPS:-3}
 # METHODS (comma-separated, e.g. stock,vmtc,cmai,vmtc+cmai) limits the methods; default: all of them
 # COMPILE (a torch.compile mode, e.g. reduce-overhead) compiles every method's vision tower; the JSON gets a _MODE suffix
 # (2 warm-up calls: the first compiles, the second records the CUDA graphs)
+# CACHE=static decodes into a static cache with the decode step compiled (CUDA graphs); the JSON gets a _static suffix
 extra=${EXTRA:-/tmp/gpu_bench_extra}  # only the JSONs and the log go to OUT_DIR (a GPU lease returns few files)
 mkdir -p "$extra" "$out"
 log="$out/log.txt"
@@ -33,11 +34,12 @@ for p in "${presets[@]}"; do
   if [ $left -lt 60 ]; then echo "SKIP $p: ${left}s left" >>"$log"; continue; fi
   t0=$SECONDS
   timeout $(( left - 10 )) python3 -m unclutter.cli bench speed --preset "$p" --device "$device" --reps "$reps" \
-    ${METHODS:+--methods "$METHODS"} ${COMPILE:+--compile-vision "$COMPILE" --warmup 2} \
-    --out "$extra/${p}_${tag}_batch1${COMPILE:+_$COMPILE}.json" >>"$log" 2>&1
+    ${METHODS:+--methods "$METHODS"} ${COMPILE:+--compile-vision "$COMPILE"} ${CACHE:+--cache "$CACHE"} \
+    ${COMPILE:+--warmup 2} ${CACHE:+--warmup 2} --out "$extra/${p}_${tag}_batch1${COMPILE:+_$COMPILE}${CACHE:+_$CACHE}.json" \
+    >>"$log" 2>&1
   rc=$?
   echo "DONE $p rc=$rc in $(( SECONDS - t0 ))s" >>"$log"
-  mv "$extra/${p}_${tag}_batch1${COMPILE:+_$COMPILE}.json" "$out/" 2>/dev/null
+  mv "$extra/${p}_${tag}_batch1${COMPILE:+_$COMPILE}${CACHE:+_$CACHE}.json" "$out/" 2>/dev/null
 done
 # the exactness contract of every family (tests/test_families.py) on the device: naive Eq. 9-11 reference, cached
 # decoding == one full forward, batch == single, ratio 1.0 == stock, remove() (needs pytest there; SmolVLM's

@@ -228,6 +228,35 @@ def test_compiled_vision_towers_are_timed_method_by_method(monkeypatch):
         run_speed("micro-qwen2_5_vl", compile_vision="default", reps=1, new_tokens=2)
 
 
+def test_a_static_cache_runs_methods_one_after_the_other(monkeypatch):
+    """``cache="static"``: every timed generate decodes into a static cache with its decode step compiled, methods
+    run consecutively (each method's warm-up compiles its decoding), and the setting is recorded and refused when
+    bad."""
+    from transformers import GenerationMixin
+
+    caches, real_generate = [], GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        caches.append((kwargs.get("cache_implementation"), kwargs.get("compile_config") is not None))
+        if "compile_config" in kwargs:  # dynamo's aot_eager backend here: inductor would need minutes of C++
+            kwargs["compile_config"].backend, kwargs["compile_config"].mode = "aot_eager", None
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    seen = []
+    result = run_speed(
+        "micro-llava", methods=("stock", "cmai"), reps=1, warmup=1, new_tokens=3, text_tokens=6, cache="static",
+        progress=lambda rep, m, row: seen.append((rep, m)),
+    )  # fmt: skip
+    assert seen == [(0, "stock"), (1, "stock"), (0, "cmai"), (1, "cmai")]
+    assert caches == [("static", True)] * 4  # compiled on a CPU too
+    assert result["meta"]["cache"] == "static" and "consecutive (static cache)" in to_markdown(result)
+    assert {r["method"] for r in result["rows"]} == {"stock", "cmai"}
+    for kwargs, match in [({"cache": "paged"}, "cache must be one of"), ({"cache": "static", "warmup": 0}, "warmup")]:
+        with pytest.raises(ValueError, match=match):
+            run_speed("micro-llava", **kwargs)
+
+
 def test_a_failed_compile_leaves_the_model_as_it_was(monkeypatch):
     import unclutter
     from unclutter.bench import speed

@@ -110,6 +110,26 @@ def test_cmai_follows_a_static_cache_past_the_sliding_window(model, processor):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_a_compiled_static_decode_step_follows_the_sliding_windows(model, processor):
+    """`generate`'s compile of the static decode step (dynamo's aot_eager backend here): the sliding layers' CMAI is
+    traced too (key offsets on the device), past the window, with eager's tokens and logits."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", mode=None)
+    config._compile_all_devices = True  # transformers' own switch for compiling on CPU
+    batch = _inputs(processor, [[random_image(0, 48)], [random_image(1, 48)]], QUESTIONS)
+    steps = SLIDING_WINDOW + 2
+    torch._dynamo.reset()
+    with unclutter.apply(model, processor, cmai=CMAIConfig()):
+        eager = generate(model, batch, steps, cache_implementation="static", disable_compile=True)
+        compiled = generate(model, batch, steps, cache_implementation="static", compile_config=config)
+    torch._dynamo.reset()
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.logits, eager.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_a_decode_step_whose_token_is_structural_keeps_the_fast_path_exact(model, processor):
     """A generated image marker is no text query: that step takes the general path and stores no row; the prefill
     and the steps around it take the fast one (global layers; sliding layers past their window fall back per layer). Each step

@@ -8,6 +8,9 @@ from reference import reference_logits, reference_outputs
 import unclutter
 from unclutter import CMAIConfig, VMTCConfig
 from unclutter.compat import cache_argument, output_cache
+from unclutter.integrations import cmai_attention
+
+real_static_decode_mask = cmai_attention._static_decode_mask
 
 pytestmark = pytest.mark.exact  # the exactness suite CI runs on both ends of the transformers range
 
@@ -142,16 +145,25 @@ def test_a_general_prefill_allocates_no_text_by_text_weights(model, processor, i
     torch.testing.assert_close(got[valid], reference_logits(model, batch, gammas)[valid].float(), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("focus", ["paper", "tia"])
-def test_fast_calls_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus):
+def test_fast_calls_equal_a_full_forward_and_the_naive_reference(model, processor, images, focus, cache, monkeypatch):
     """One unpadded prompt takes the fast path in its prefill and decode steps (the host knows the image block, that
     nothing is padding and that every row is text); a left-padded batch takes the general one. Both against
-    independent results."""
+    independent results. On a static cache every decode step takes the fixed-shape `_static_decode_mask` instead."""
     gammas = unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)
+    fixed = []
+    monkeypatch.setattr(
+        cmai_attention, "_static_decode_mask", lambda *a: fixed.append(a[1]) or real_static_decode_mask(*a)
+    )
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     for batch, fast in ((encode(processor, images[:1], PROMPTS[:1]), 6), (encode(processor, images), 0)):
+        fixed.clear()
         with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6, focus=focus)) as h, torch.no_grad():
-            gen = _generate(model, batch)
+            gen = _generate(model, batch, **kwargs)
             assert h.cmai_state.fast_steps == fast
+            layers = model.config.text_config.num_hidden_layers
+            assert len(fixed) == (layers * 5 if cache == "static" else 0)  # each decode step, every layer
             ids = gen.sequences[:, :-1]
             mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1] :])], 1)
             full = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
@@ -376,17 +388,103 @@ def test_generate_compiles_the_static_decode_step_with_cmai(model, processor, im
 
     config = CompileConfig(backend="aot_eager", mode=None)
     config._compile_all_devices = True  # transformers' own switch for compiling on CPU (its tests use it)
-    torch._dynamo.reset()
-    counters.clear()
     with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
         for batch in (encode(processor, images), encode(processor, images[:1], PROMPTS[:1])):
+            torch._dynamo.reset()  # (each case compiles afresh: none falls back to eager on a recompile limit)
+            counters.clear()
             eager = _generate(model, batch, steps=4, cache_implementation="static", disable_compile=True)
             compiled = _generate(model, batch, steps=4, cache_implementation="static", compile_config=config)
             assert torch.equal(compiled.sequences, eager.sequences)
             for a, b in zip(compiled.logits, eager.logits, strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert counters["stats"]["unique_graphs"] > 0, "the decode step was not compiled"
+            assert counters["stats"]["unique_graphs"] > 0, "the decode step was not compiled"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_static_decode_step_compiles_to_one_graph_with_cmai_inside(model, processor, images, padded):
+    """The step CUDA graphs would replay: on a static cache, a decode step (one prompt, or a left-padded batch) traces
+    to one graph that holds every layer's attention and CMAI's inhibition (its quantiles' sorts), with eager's
+    logits; only the VLM's forward hooks run eagerly, before and after it."""
+    from transformers import StaticCache
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    batch = encode(processor, images) if padded else encode(processor, images[:1], PROMPTS[:1])
+    layers = model.config.text_config.num_hidden_layers
+    torch._dynamo.reset()
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad():
+        logits = []
+        for step in (model, torch.compile(model, backend=keep_graph)):
+            cache = StaticCache(config=model.config.text_config, max_cache_len=batch["input_ids"].shape[1] + 8)
+            out = model(**batch, use_cache=True, **{cache_argument(model): cache})
+            ids = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1)
+            logits.append(step(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_argument(model): cache}))
+    torch._dynamo.reset()
+    torch.testing.assert_close(logits[1].logits, logits[0].logits, atol=1e-5, rtol=1e-5)
+
+    def count(graph, name):
+        return sum(name in str(node.target) for node in graph.graph.nodes)
+
+    with_cmai = [g for g in graphs if count(g, "sort")]
+    assert len(with_cmai) == 1, f"CMAI's quantiles spread over {len(with_cmai)} graphs (a graph break inside the step)"
+    assert count(with_cmai[0], "scaled_dot_product_attention") == layers
+    active = sum(g > 0 for g in unclutter.cmai.gamma_schedule(layers, 0.6).values())
+    assert count(with_cmai[0], "sort") == active  # the quantile of every layer whose gamma is not 0
+
+
+def test_a_static_cache_reset_and_reused_reuses_cmai_buffers(model, processor, images):
+    """A server keeps one StaticCache and resets it between prompts (so that CUDA graphs recorded on its buffers stay
+    valid); CMAI's fixed-address buffers go with it, zeroed, and the second prompt decodes as on a fresh dynamic
+    cache."""
+    from transformers import StaticCache
+
+    first, second = encode(processor, images[:1], PROMPTS[:1]), encode(processor, images[1:], PROMPTS[:1])
+    cache = StaticCache(config=model.config.text_config, max_cache_len=first["input_ids"].shape[1] + 8)
+    with unclutter.apply(model, cmai=CMAIConfig()) as handle, torch.no_grad():
+        expected = _generate(model, second)
+        _generate(model, first, **{cache_argument(model): cache})
+        buffers = {k: v.data_ptr() for k, v in [*handle.cmai_state.rows.items(), ("text", handle.cmai_state.text_pos)]}
+        cache.reset()
+        got = _generate(model, second, **{cache_argument(model): cache})
+        state = handle.cmai_state
+        assert {k: v.data_ptr() for k, v in [*state.rows.items(), ("text", state.text_pos)]} == buffers
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_4d_mask_that_hides_a_key_is_kept_in_fast_decode_steps(model, processor, images):
+    """A user's 4D mask may hide keys besides causality and padding (here a text key, from every later query): a fast
+    decode step (one prompt, no padding) keeps the layer's mask, and cached decoding == one uncached forward with the
+    same mask (the fast decode step dropped it: its token was taken to see every key)."""
+    batch = encode(processor, images[:1], PROMPTS[:1])
+    length, hidden_key, steps = batch["input_ids"].shape[1], batch["input_ids"].shape[1] - 3, 4
+
+    def mask(past: int, q_len: int) -> torch.Tensor:  # (1, 1, q, past + q) bool: causal, and hidden_key hidden
+        q_pos, k_pos = past + torch.arange(q_len), torch.arange(past + q_len)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        allowed[q_pos > hidden_key, hidden_key] = False  # each token still sees itself: none is padding
+        return allowed[None, None]
+
+    with unclutter.apply(model, cmai=CMAIConfig()) as handle, torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=mask(0, length), pixel_values=batch["pixel_values"])
+        cache, ids, got = output_cache(out), batch["input_ids"], [out.logits[:, -1]]
+        for _ in range(steps - 1):
+            ids = torch.cat([ids, got[-1].argmax(-1, keepdim=True)], 1)
+            out = model(
+                input_ids=ids[:, -1:], attention_mask=mask(ids.shape[1] - 1, 1), **{cache_argument(model): cache}
+            )
+            got.append(out.logits[:, -1])
+        assert handle.cmai_state.fast_steps == steps, "the prefill and each decode step should take the fast path"
+        full = model(input_ids=ids, attention_mask=mask(0, ids.shape[1]), pixel_values=batch["pixel_values"]).logits
+    for t in range(steps):
+        torch.testing.assert_close(got[t], full[:, length - 1 + t], atol=1e-5, rtol=1e-5)
 
 
 def test_conversations_take_turns_on_one_model(model, processor, images):

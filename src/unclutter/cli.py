@@ -410,6 +410,13 @@ def bench_speed(
             "CUDA graphs, max-autotune); the first run of each method compiles"
         ),
     ] = None,
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="generate's cache: dynamic, or static (on a GPU generate then compiles the decode step, CUDA "
+            "graphs; methods run one after the other)"
+        ),
+    ] = "dynamic",
 ) -> None:
     """Speed and memory of every method against stock on a random-init real-shape model of any family."""
     from .bench.speed import run_speed, to_markdown, write_results
@@ -440,7 +447,7 @@ def bench_speed(
         result, paths = run_speed(
             preset, methods=tuple(methods.split(",")), batch=batch, reps=reps, warmup=warmup,
             text_tokens=text_tokens, new_tokens=new_tokens, device=device, cpu_layers=cpu_layers,
-            compile_vision=compile_vision, progress=progress, record=record, finish=finish,
+            compile_vision=compile_vision, cache=cache, progress=progress, record=record, finish=finish,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         fail(str(exc))

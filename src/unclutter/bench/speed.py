@@ -13,6 +13,12 @@ forward call) to the end of the first forward call; every later forward call is 
 "reduce-overhead" on a GPU the tower of LLaVA, Gemma 3 or InternVL replays as CUDA graphs. A method's handle then
 stays applied through its warm-up (which compiles) and its repetitions, methods one after the other: re-applying
 would recompile.
+
+``cache="static"``: ``generate`` decodes into a static cache (``cache_implementation="static"``) and compiles the
+decode step, as it does by itself on a GPU (inductor, mode "reduce-overhead": CUDA graphs; on a CPU, where
+transformers would not compile, mode "default"). With CMAI each decode step is then one graph (its per-call
+bookkeeping runs before it, `unclutter.integrations.cmai_attention`); the first run of each method compiles, so
+methods run one after the other, as with ``compile_vision``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from ..runlock import RunLock
 
 METHODS = ("stock", "spd", "vmtc", "cmai", "vmtc+cmai")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+CACHES = ("dynamic", "static")
 FIELDS = (
     "method", "batch", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms",
     "peak_mem_bytes", "kv_cache_bytes", "extra_state_bytes", "llm_image_tokens",
@@ -82,6 +89,7 @@ class _Clock:
         ]
         self._open: dict[str, float] = {}
 
+    @torch.compiler.disable  # a compiled decode step (a static cache) runs the marks eagerly, around its graph
     def _mark(self, what: str) -> None:
         if self.cuda:
             torch.cuda.synchronize()
@@ -180,10 +188,11 @@ def method_configs(method: str, spd_grid: int) -> dict:
 
 def run_once(
     model, processor, image, method: str, *, batch: int, text_tokens: int, new_tokens: int, device: str, spd_grid: int,
-    applied=None,
+    applied=None, cache: str = "dynamic",
 ) -> Row:  # fmt: skip
     """One timed ``generate``. ``applied``: the method's handle, already applied and kept afterwards (compiled
-    towers); else the method is applied for this call and removed after it."""
+    towers, a static cache's compiled decoding); else the method is applied for this call and removed after it.
+    ``cache``: "static" passes ``cache_implementation="static"``."""
     handle = applied if applied is not None else apply(model, processor, **method_configs(method, spd_grid))
     dtype = next(model.parameters()).dtype
     _release_memory(device)
@@ -198,6 +207,7 @@ def run_once(
             out = model.generate(
                 **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 return_dict_in_generate=True, eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id,
+                **(_static_decoding(device) if cache == "static" else {}),
             )  # fmt: skip
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -245,6 +255,7 @@ def run_speed(
     device: str = "cpu",
     cpu_layers: int | None = None,
     compile_vision: str | None = None,
+    cache: str = "dynamic",
     progress=None,
     record: str | Path | None = None,
     finish=None,
@@ -255,15 +266,16 @@ def run_speed(
     record: a folder where every measured repetition is appended (fsynced) as it finishes, under a one-writer lock:
     a killed run, rerun with the same settings, measures only what is missing (after its own warm-up round).
     compile_vision: a ``torch.compile`` mode (`COMPILE_MODES`) for the vision tower of every method (see the module
-    docstring); None: eager."""
+    docstring); None: eager.
+    cache: "dynamic" (generate's default) or "static" (see the module docstring)."""
     check_arguments(
         methods, batch=batch, reps=reps, warmup=warmup, new_tokens=new_tokens, cpu_layers=cpu_layers,
-        text_tokens=text_tokens, compile_vision=compile_vision,
+        text_tokens=text_tokens, compile_vision=compile_vision, cache=cache,
     )  # fmt: skip
     with RunLock(record, what="unclutter bench speed") if record is not None else contextlib.nullcontext():
         result = _run_speed(
             preset, methods=methods, batch=batch, reps=reps, warmup=warmup, text_tokens=text_tokens,
-            new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, compile_vision=compile_vision,
+            new_tokens=new_tokens, device=device, cpu_layers=cpu_layers, compile_vision=compile_vision, cache=cache,
             progress=progress, record=Path(record) if record is not None else None,
         )  # fmt: skip
         return result if finish is None else (result, finish(result))
@@ -271,10 +283,16 @@ def run_speed(
 
 def check_arguments(
     methods, *, batch: int, reps: int, warmup: int, new_tokens: int | None, cpu_layers: int | None, text_tokens: int = 0,
-    compile_vision: str | None = None,
+    compile_vision: str | None = None, cache: str = "dynamic",
 ):  # fmt: skip
     """Clear errors before anything is built (each run takes minutes)."""
     check_methods(methods)
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}.")
+    if cache == "static" and warmup < 1:
+        raise ValueError(
+            "a static cache needs warmup >= 1: on a GPU the first run of each method compiles its decoding."
+        )
     if compile_vision is not None:
         if compile_vision not in COMPILE_MODES:
             raise ValueError(f"compile_vision must be one of {', '.join(COMPILE_MODES)}, got {compile_vision!r}.")
@@ -315,17 +333,30 @@ def compiled_tower(adapter) -> torch.nn.Module:
     return first
 
 
+def _static_decoding(device: str) -> dict:
+    """``generate`` arguments for a static cache whose decode step is compiled on any device (see the module
+    docstring): transformers' own choice on a GPU, and its switch for compiling elsewhere."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(mode="reduce-overhead" if device.startswith("cuda") else "default")
+    config._compile_all_devices = True  # (transformers compiles on a GPU by itself; its tests use this elsewhere)
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 @contextlib.contextmanager
-def _applied_and_compiled(model, processor, method: str, spd_grid: int, mode: str):
-    """The method applied, then its vision tower's forward compiled (an instance attribute: the timing hooks, which
-    run around ``forward``, stay outside the graph); both undone on exit."""
+def _applied_and_compiled(model, processor, method: str, spd_grid: int, mode: str | None):
+    """The method applied, then (``mode``) its vision tower's forward compiled (an instance attribute: the timing
+    hooks, which run around ``forward``, stay outside the graph); both undone on exit, with whatever ``generate``
+    compiled for a static cache's decoding (``model._compiled_call``): a method's graphs are its own."""
     handle = apply(model, processor, **method_configs(method, spd_grid))
     tower, own = None, None
     try:  # from here on: a refusal or an error in torch.compile must not leave the method applied
-        tower = compiled_tower(handle.adapter)
-        own = vars(tower).get("forward")  # the method's own patched forward, if it patches the tower's
-        torch._dynamo.reset()  # a method's graphs are its own: none is reused across methods
-        tower.forward = torch.compile(tower.forward, mode=mode, dynamic=False)
+        torch._dynamo.reset()
+        vars(model).pop("_compiled_call", None)
+        if mode is not None:
+            tower = compiled_tower(handle.adapter)
+            own = vars(tower).get("forward")  # the method's own patched forward, if it patches the tower's
+            tower.forward = torch.compile(tower.forward, mode=mode, dynamic=False)
         yield handle
     finally:
         if own is not None:
@@ -333,12 +364,13 @@ def _applied_and_compiled(model, processor, method: str, spd_grid: int, mode: st
         elif tower is not None and "forward" in vars(tower):
             del tower.forward
         handle.remove()
+        vars(model).pop("_compiled_call", None)
         torch._dynamo.reset()
 
 
 def _run_speed(
-    preset, *, methods, batch, reps, warmup, text_tokens, new_tokens, device, cpu_layers, compile_vision, progress,
-    record,
+    preset, *, methods, batch, reps, warmup, text_tokens, new_tokens, device, cpu_layers, compile_vision, cache,
+    progress, record,
 ) -> dict:  # fmt: skip
     model, processor, spec = build_preset(preset, device=device, cpu_layers=cpu_layers)
     new_tokens = new_tokens if new_tokens is not None else spec.new_tokens
@@ -356,6 +388,8 @@ def _run_speed(
     }  # fmt: skip
     if compile_vision is not None:  # (only then: an eager run resumes a record written before this setting existed)
         settings["compile_vision"] = compile_vision
+    if cache != "dynamic":  # (likewise)
+        settings["cache"] = cache
     samples = _recorded_samples(record, settings, methods, reps)
     missing = [(rep, m) for rep in range(reps) for m in methods if rep >= len(samples[m])]
 
@@ -365,7 +399,7 @@ def _run_speed(
             return  # recorded by an earlier, interrupted run
         row = run_once(
             model, processor, image, m, batch=batch, text_tokens=text_tokens, new_tokens=new_tokens, device=device,
-            spd_grid=spec.spd_grid, applied=applied,
+            spd_grid=spec.spd_grid, applied=applied, cache=cache,
         )  # fmt: skip
         if measured:
             samples[m].append(row)
@@ -374,7 +408,7 @@ def _run_speed(
         if progress:
             progress(rep, m, row)
 
-    if compile_vision is None:
+    if compile_vision is None and cache == "dynamic":
         for rep in range(warmup + reps):
             for m in methods:  # interleaved: drift hits every method alike
                 measure(rep, m)
@@ -383,7 +417,7 @@ def _run_speed(
             if not any((rep, m) in missing for rep in range(reps)):
                 continue
             with _applied_and_compiled(model, processor, m, spec.spd_grid, compile_vision) as handle:
-                for rep in range(warmup + reps):  # the warm-up compiles
+                for rep in range(warmup + reps):  # the warm-up compiles (the tower, a static cache's decoding)
                     measure(rep, m, handle)
     rows = [_median(samples[m]) for m in methods]
     stock = next((r for r in rows if r.method == "stock"), None)
@@ -403,7 +437,7 @@ def _run_speed(
         "spd_grid": spec.spd_grid if "spd" in methods else None,
         "device": device, "batch": batch, "reps": reps, "warmup": warmup, "text_tokens": text_tokens,
         "new_tokens": new_tokens, "llm_layers": model.config.get_text_config().num_hidden_layers,
-        "compile_vision": compile_vision,
+        "compile_vision": compile_vision, "cache": cache,
         "dtype": str(next(model.parameters()).dtype), "skipped": skipped, "load": _load_average(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": _machine(device),
     }  # fmt: skip
@@ -470,7 +504,9 @@ def to_markdown(result: dict) -> str:
     load = f", load average {' / '.join(map(str, m['load']))} (1/5/15 min) at the end" if m.get("load") else ""
     about = f" ({m['about']})" if m.get("about") else ""
     compiled = m.get("compile_vision")
-    order = f"consecutive (vision tower compiled, mode {compiled!r})" if compiled else "interleaved"
+    why = [f"vision tower compiled, mode {compiled!r}"] if compiled else []
+    why += ["static cache"] if m.get("cache", "dynamic") == "static" else []
+    order = f"consecutive ({', '.join(why)})" if why else "interleaved"
     head = (
         f"preset `{m['preset']}`{about}: {m['llm_layers']} LLM layers, {m['dtype']}, on {m['machine']}{load}; batch "
         f"{m['batch']}, {m['text_tokens']} text words, {m['new_tokens']} new tokens, median of {m['reps']} "

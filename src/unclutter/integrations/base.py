@@ -455,6 +455,7 @@ def _install_prompt_hooks(handle: Handle, adapter: Adapter) -> None:
     @torch.compiler.disable
     def post_forward(module, args, output):  # also after a failed call (always_call), which gives no output
         if handle.leave() and state is not None:
+            state.capturable = False  # (a layer called outside a forward of the VLM takes the checked path)
             if state.chunk is not None:  # a call's layouts hold (B, 1, q, K) masks: none outlives its call
                 state.chunk.layouts.clear()
             if output is not None:

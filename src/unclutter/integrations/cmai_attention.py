@@ -32,6 +32,15 @@ keys that left the window have attention 0 in this layer. A static cache (``cach
 hands a layer its whole fixed buffer until the buffer is full: more keys than tokens, position = key index,
 the empty slots hidden by the layer's mask; a full static sliding window holds the last positions, as above.
 
+Static cache. A static cache (``cache_implementation="static"``) hands a layer its whole fixed buffer: see Positions.
+There, CMAI allocates the text rows for every token the cache holds at the prefill, and each decode step with a text
+query takes `_static_decode_mask`: the general path's arithmetic in shapes fixed for the generation (all of the rows'
+capacity, those not stored yet weighted 0; key offsets computed on the device), reading from the host only values
+that stay the same from step to step. So ``generate``'s compile of the decode step (by itself on a GPU) traces every
+layer, CMAI's included, into one graph that CUDA graphs replay; only the per-call bookkeeping (`CMAIState.begin`, in
+the VLM's forward pre-hook, with its one host sync) runs eagerly before it. Every other call runs CMAI's masks
+eagerly (`_layer_mask`, a graph break per layer).
+
 Never silent. Everything the mechanism relies on is checked where it is used: a layer called without
 the pre-hook having run, a query or key count that does not match the state (a decode step whose cache
 the pre-hook could not find, a future rename of the cache argument), a cache kind CMAI cannot follow.
@@ -104,6 +113,10 @@ class Chunk:
     # a call of the common case (one image block shared by the batch, no padding, every row from `start` on a
     # text query), where the host knows what the general path computes on the device: see `_fast_mask`
     fast: bool = False
+    # the model was given 4D masks (a user's, or those `generate` builds ahead for a static cache), which may hide keys
+    # besides causality and padding: a decode step never assumes its token sees every key (see `sees_everything`)
+    mask_4d: bool = False
+    length: torch.Tensor | None = None  # (0-dim long) tokens once this call is in the cache, on the device
     layouts: dict = field(default_factory=dict)  # (offset, kv_len, mask) -> Layout, see `CMAIState.layout`
 
 
@@ -142,8 +155,8 @@ class Layout:
 # what one generation's state is (everything `CMAIState.reset` sets, and the cache it follows)
 GENERATION = (
     "batch", "length", "image_pos", "image_valid", "first_image", "pad", "text_pos", "text_count", "text_bound",
-    "static", "rows", "plans", "block", "unpadded", "rows_exact", "fast_plans", "fast_steps", "chunk", "trace",
-    "_cache_ref",
+    "static", "static_tokens", "rows", "plans", "block", "unpadded", "rows_exact", "fast_plans", "fast_steps", "chunk",
+    "trace", "_cache_ref",
 )  # fmt: skip
 
 
@@ -202,6 +215,11 @@ class CMAIState:
         # learning whether the token was text (that would cost a device sync); exact after the prefill
         self.text_bound = 0
         self.static = False  # the cache keeps some layer's keys in a fixed buffer (see `key_offset`)
+        # the tokens a static cache's full-attention buffers hold (0: not such a cache): text rows are allocated for
+        # all of them at the prefill, so that decode steps keep fixed shapes (`_static_decode_mask`)
+        self.static_tokens = 0
+        self.capturable = False  # this call is a decode step `_static_decode_mask` serves (set by `begin`)
+        self._spare: dict = {}  # the last generation's buffers on the same static cache (`_zeros`)
         self.rows: dict[int, torch.Tensor] = {}  # layer -> (B, capacity + 1, n) float32
         self.plans: dict[float, QuantilePlan] = {}  # gamma -> where each row's quantile lies (fixed counts)
         # Host-side facts that let a call skip most bookkeeping (`Chunk.fast`), learned by the syncs the general
@@ -243,13 +261,18 @@ class CMAIState:
             raise ValueError("CMAI needs input_ids (not inputs_embeds) to locate the image tokens.")
         bsz, q_len = input_ids.shape
         device = input_ids.device
-        static = _check_cache_kind(cache) if cache is not None else False
+        static, static_tokens = _check_cache_kind(cache) if cache is not None else (False, 0)
         past = int(cache.get_seq_length()) if cache is not None else 0
         if past == 0:
-            self._stash()
+            # a static cache that generate reset for this generation: the last one on it is over, and its fixed-address
+            # buffers serve this one (CUDA graphs recorded on them stay valid; new addresses would record them again)
+            ours = self._cache_ref is not None and self._cache_ref() is cache and self.static_tokens
+            spare = {"text_pos": self.text_pos, **self.rows} if ours else {}
+            if not ours:
+                self._stash()
             self.reset(bsz, device)
             self._cache_ref = weakref.ref(cache) if cache is not None else None
-            self.static = static
+            self.static, self.static_tokens, self._spare = static, static_tokens, spare
             if cache is not None:
                 self._follow_reorders(cache)
         else:
@@ -327,8 +350,10 @@ class CMAIState:
         capacity = self.text_pos.shape[1] - 1
         if bound > capacity:
             # room for 64 more decode steps (or half again as many rows): a generation of up to 64 tokens past the
-            # prompt grows once, and spare rows stay a small part of the state (each growth copies every layer's rows)
-            grown = torch.zeros(bsz, max(bound, capacity + max(64, capacity // 2)) + 1, dtype=torch.long, device=device)
+            # prompt grows once, and spare rows stay a small part of the state (each growth copies every layer's rows);
+            # a static cache's generation grows never: its decode steps keep fixed shapes (`_static_decode_mask`)
+            room = self.static_tokens or capacity + max(64, capacity // 2)
+            grown = self._zeros("text_pos", (bsz, max(bound, room) + 1), torch.long, device)
             grown[:, :capacity] = self.text_pos[:, :capacity]
             self.text_pos, capacity = grown, grown.shape[1] - 1
         slot = torch.where(new_text, dest, capacity)  # rows that are not text go to the spare slot
@@ -340,8 +365,22 @@ class CMAIState:
         self.chunk = Chunk(
             past, q_len, start, new_text, dest, prev_pos, prev_valid, inhibitable,
             ~self.image_valid[:, None, :], slot[..., None].expand(-1, -1, self.image_valid.shape[1]), fast,
+            mask_4d=attention_mask is not None and (isinstance(attention_mask, dict) or attention_mask.dim() == 4),
         )  # fmt: skip
         self.length = past + q_len
+        # a decode step with a text query on a static cache whose rows never grow: every layer takes the fixed-shape
+        # `_static_decode_mask`, which torch.compile traces into the step's graph (every value it reads from the host
+        # is fixed for the generation; what it needs besides is made here, outside the graph)
+        n = self.image_pos.shape[1]
+        self.capturable = bool(past and q_len == 1 and start == 0 and n and self.static_tokens and not self.tracing)
+        self.capturable = self.capturable and capacity >= self.static_tokens
+        if self.capturable:
+            self.chunk.length = positions[-1] + 1  # (0-dim, on the device) where each layer's keys start follows
+            for layer, gamma in self.gammas.items():
+                if gamma and gamma not in self.plans:
+                    self.plans[gamma] = quantile_plan(self.image_valid.sum(dim=1)[:, None, None], gamma, torch.float32)
+                if gamma and layer not in self.rows:  # (a prefill without text queries stored none)
+                    self.rows[layer] = self._zeros(layer, (bsz, capacity + 1, n), torch.float32, device)
 
     def _isin(self, ids: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
         """(B, q) bool: which ``ids`` are among ``values`` (the id tensor is built once per device: a copy from
@@ -358,7 +397,7 @@ class CMAIState:
     def adopt(self, cache) -> None:
         """Take the cache a prefill created internally (called after each forward with its output cache)."""
         if cache is not None and self._cache_ref is None and self.length and cache.get_seq_length() == self.length:
-            self.static = _check_cache_kind(cache)
+            self.static, self.static_tokens = _check_cache_kind(cache)
             self._cache_ref = weakref.ref(cache)
             self._follow_reorders(cache)
 
@@ -391,7 +430,7 @@ class CMAIState:
         rows = self.rows.get(layer)
         size = self.text_pos.shape[1]  # capacity + the spare slot
         if rows is None or rows.shape[1] < size:
-            grown = torch.zeros(self.batch, size, new_rows.shape[-1], dtype=torch.float32, device=new_rows.device)
+            grown = self._zeros(layer, (self.batch, size, new_rows.shape[-1]), torch.float32, new_rows.device)
             if rows is not None:
                 grown[:, : rows.shape[1] - 1] = rows[:, :-1]
             rows = self.rows[layer] = grown
@@ -399,6 +438,18 @@ class CMAIState:
             rows.scatter_(1, self.chunk.store_index, new_rows)
         else:
             rows[:, slot : slot + new_rows.shape[1]] = new_rows
+
+    def _zeros(self, name, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A zero buffer for ``name`` (text_pos, or a layer's rows). On a static cache it lives at one address for the
+        generation, marked for torch.compile (the decode steps update it in place: CUDA graphs use it where it is),
+        and is the last generation's on the same cache where the shapes match (`begin`)."""
+        spare = self._spare.pop(name, None)
+        if spare is not None and spare.shape == shape and spare.dtype == dtype and spare.device == torch.device(device):
+            return spare.zero_()
+        buffer = torch.zeros(shape, dtype=dtype, device=device)
+        if self.static_tokens and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(buffer)
+        return buffer
 
     def quantile(self, focus: torch.Tensor, gamma: float) -> torch.Tensor:
         """Each text row's gamma-quantile (B, q_new, 1) of ``focus`` over the sample's image keys (as
@@ -431,13 +482,14 @@ class CMAIState:
         first = self.block[0] - offset if self.block is not None else -1
         if ch.fast and 0 <= first <= kv_len - self.block[1]:
             layout = None
-            if q_len == 1 and (self.sees_everything(window, kv_len) or kv_len > self.length):
-                # decode: no key is masked, or (a static layer) only the empty slots after the last token
+            if q_len == 1 and (self.sees_everything(window, kv_len) or kv_len > self.length or ch.mask_4d):
+                # decode: no key is masked, or only those the layer's mask hides (a static layer's empty slots after
+                # the last token, a 4D mask's keys)
                 m_prev = ch.prev_pos.shape[1]
                 prev_index = (ch.prev_pos - offset)[:, None, :] if self.focus == "paper" and m_prev else None
                 hidden = None
                 additive = torch.zeros(bsz, 1, 1, kv_len, dtype=query.dtype, device=device)
-                if kv_len > self.length:
+                if not self.sees_everything(window, kv_len):
                     hidden = ~_allowed(self, window, attention_mask, bsz, q_len, kv_len, offset, device)
                     additive.masked_fill_(hidden, -math.inf)
                 layout = _fast_layout(attention_mask, hidden, first, additive, prev_index=prev_index)
@@ -489,9 +541,15 @@ class CMAIState:
         """In a fast decode step (`Chunk.fast`: no padding), the new token is allowed every key of a layer with
         ``kv_len`` keys: causality lets it see all earlier tokens, and a sliding window of ``window`` keys all of
         them when kv_len <= window (transformers' rule: key > query - window); a static layer's buffer holds empty
-        slots past the tokens (kv_len > length), which its mask hides."""
+        slots past the tokens (kv_len > length), which its mask hides, and a 4D mask may hide any key."""
         ch = self.chunk
-        return ch.fast and ch.q_len == 1 and kv_len <= self.length and (window is None or kv_len <= window)
+        return (
+            ch.fast
+            and ch.q_len == 1
+            and not ch.mask_4d
+            and kv_len <= self.length
+            and (window is None or kv_len <= window)
+        )
 
     def key_offset(self, module, q_len: int, kv_len: int, window: int | None) -> int:
         """Position of this layer's key 0, after checking the call matches the state (see module docstring)."""
@@ -586,12 +644,18 @@ def _first_text_column(text: torch.Tensor) -> torch.Tensor:
     return torch.where(text.any(dim=0), columns, text.shape[1]).min()
 
 
-def _check_cache_kind(cache) -> bool:
-    """Whether ``cache`` keeps any layer's keys in a fixed buffer (a static cache: see `CMAIState.key_offset`)."""
+def _check_cache_kind(cache) -> tuple[bool, int]:
+    """Whether ``cache`` keeps any layer's keys in a fixed buffer (a static cache: see `CMAIState.key_offset`), and
+    the tokens its full-attention buffers hold, which bound a generation (0 unless every full-attention layer is
+    static: the fixed-shape decode step, `_static_decode_mask`, needs both)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise CMAIStateError(f"CMAI cannot follow a {type(cache).__name__} (it has no per-layer storage)")
-    return any(isinstance(layer, StaticLayer) for layer in layers)
+    full = [layer for layer in layers if not getattr(layer, "is_sliding", False)]
+    fixed = full and all(isinstance(layer, StaticLayer) for layer in full)
+    return any(isinstance(layer, StaticLayer) for layer in layers), min(
+        layer.max_cache_len for layer in full
+    ) if fixed else 0
 
 
 # Rows of (heads x keys) float32 logits per chunk of a long prompt's text queries (128 MiB): the head-averaged
@@ -657,7 +721,7 @@ def _contiguous_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32, memory_format=torch.contiguous_format)  # a copy, so the format is honoured
 
 
-def _key_index(pos: torch.Tensor, offset: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _key_index(pos: torch.Tensor, offset: int | torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Key index of absolute positions ``pos`` in a layer whose key 0 is at ``offset``, and visibility."""
     idx = pos - offset
     visible = (idx >= 0) & (idx < kv_len)
@@ -790,12 +854,18 @@ def _restore(undo) -> None:
 def cmai_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA with CMAI's inhibition added to the mask of the module's layer (plain SDPA elsewhere). With
     ``output_attentions`` it also returns the softmax weights that attention used, inhibition included."""
-    if getattr(module, "_unclutter_cmai", None) is None:
+    ctx = getattr(module, "_unclutter_cmai", None)
+    if ctx is None:
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
-    mask, undo = _layer_mask(module, query, key, attention_mask, scaling, sliding_window(module, kwargs), kwargs)
+    window = sliding_window(module, kwargs)
+    state = ctx()
+    if state is not None and state.capturable:  # a static cache's decode step
+        mask = _static_decode_mask(state, module.layer_idx, query, key, attention_mask, scaling, kwargs.get("softcap"))
+        return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
+    mask, undo = _layer_mask(module, query, key, attention_mask, scaling, window, kwargs)
     try:
         return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
     finally:
@@ -830,6 +900,58 @@ def _layer_mask(module, query, key, attention_mask, scaling: float, window: int 
     with torch.no_grad(), autocast_disabled(query.device.type):
         lay = state.layout(module, attention_mask, bsz, q_len, kv_len, offset, query, window)
         return _mask(state, layer, gamma, query, key, scaling, kwargs.get("softcap"), lay, in_place)
+
+
+def _static_decode_mask(state: CMAIState, layer: int, query, key, attention_mask, scaling: float, softcap):
+    """The additive SDPA mask (B, 1, 1, kv_len) of a layer in a decode step on a static cache
+    (`CMAIState.capturable`): the general path's arithmetic (`_general_mask`: padding, several images, a sample whose
+    token is not text, sliding windows) in shapes fixed for the whole generation, so that torch.compile traces it
+    into the decode step's graph and CUDA graphs can replay it. Where the layer's keys start (`CMAIState.key_offset`:
+    0 while a static buffer has room, empty slots hidden by ``attention_mask``; a full sliding window's first kept
+    position) is computed on the device, and Eq. 10's earlier text rows are all of the rows' capacity, those not
+    stored yet weighted 0 (a sum with zero terms: the values of the other paths up to rounding). Every host value
+    read here (gamma, the focus mode, the capacity, the query and key counts) stays the same from step to step."""
+    gamma = state.gammas.get(layer, 0.0)
+    kv_len = key.shape[2]
+    if attention_mask is None or query.shape[2] != 1:
+        raise CMAIStateError(
+            f"CMAI layer {layer} expected a static cache's decode step (one query and a mask), got "
+            f"{query.shape[2]} queries and mask {type(attention_mask).__name__}"
+        )
+    if gamma == 0.0:
+        return attention_mask
+    ch = state.chunk
+    rows = state.rows[layer]  # (B, capacity + 1, n): every earlier text row of this layer, then zeros, a spare slot
+    capacity = rows.shape[1] - 1
+    bsz, device = query.shape[0], query.device
+    with torch.no_grad(), autocast_disabled(device.type):
+        allowed = attention_mask
+        if allowed.dtype != torch.bool:  # additive float mask
+            allowed = allowed > torch.finfo(allowed.dtype).min / 2
+        hidden = ~allowed.expand(bsz, 1, 1, kv_len)
+        a = _head_mean_probs(query, key, hidden, scaling, softcap)  # (B, 1, kv_len)
+        offset = (ch.length - kv_len).clamp_min(0)
+        image_index, image_visible = _key_index(state.image_pos, offset, kv_len)
+        image_visible = image_visible & state.image_valid
+        t2i = a.gather(2, image_index[:, None, :]) * image_visible[:, None, :]  # (B, 1, n)
+        focus = t2i
+        if state.focus != "tia":
+            ordinal = torch.arange(capacity, device=device)
+            before = (state.text_count - ch.new_text.sum(dim=1))[:, None, None]  # (B, 1, 1) rows stored before
+            weights = (ordinal < before).float()  # "sum"
+            if state.focus == "paper":  # the attention to the text token, 0 once it left the window
+                text_index, text_visible = _key_index(state.text_pos[:, :capacity], offset, kv_len)
+                weights = weights * a.gather(2, text_index[:, None, :]) * text_visible[:, None, :]
+            elif state.focus == "discounted":
+                weights = weights * state.discount ** (ch.dest[:, :, None] - ordinal).clamp_min(0).float()
+            focus = torch.baddbmm(t2i, weights, rows[:, :capacity])
+        rows.scatter_(1, ch.store_index, t2i)  # a row that is not text goes to the spare slot
+        inhibit = (focus < state.quantile(focus, gamma)) & ch.inhibitable  # (B, 1, n)
+        columns = torch.where(image_visible, image_index, kv_len)[:, None, :]  # not a key here: a spare column
+        blocked = torch.zeros(bsz, 1, kv_len + 1, dtype=torch.bool, device=device).scatter_(2, columns, inhibit)
+        mask = torch.zeros(hidden.shape, dtype=query.dtype, device=device)
+        mask.masked_fill_(hidden | blocked[:, None, :, :kv_len], -math.inf)
+    return mask
 
 
 def _sdpa(module, query, key, value, mask, scaling, dropout, kwargs: dict):
