@@ -164,6 +164,12 @@ def test_fast_calls_equal_a_full_forward_and_the_naive_reference(model, processo
             assert h.cmai_state.fast_steps == fast
             layers = model.config.text_config.num_hidden_layers
             assert len(fixed) == (layers * 5 if cache == "static" else 0)  # each decode step, every layer
+            if cache == "static":  # rows for the prompt's text rows and the tokens the cache has room for after it
+                image = batch["input_ids"] == model.config.image_token_id
+                after = torch.arange(image.shape[1]) > image.float().argmax(dim=1, keepdim=True)
+                prompt_rows = int((after & ~image & batch["attention_mask"].bool()).sum(dim=1).max())
+                room = output_cache(gen).layers[0].max_cache_len - image.shape[1]
+                assert h.cmai_state.text_pos.shape[1] - 1 == prompt_rows + room
             ids = gen.sequences[:, :-1]
             mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1] :])], 1)
             full = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
@@ -561,3 +567,42 @@ def test_two_threads_on_one_model_get_a_clear_error_and_the_first_is_unharmed(pr
             assert torch.equal(result["out"], alone)
             hook.remove()
         assert torch.equal(model.generate(**second, **kwargs), alone_second)  # the refused thread's turn comes
+
+
+def test_speculative_rounds_on_a_static_cache_keep_its_fixed_shapes(model, processor, images):
+    """Speculative decoding by hand on a StaticCache (a batch of two): rounds of candidates, all but one rejected
+    (cropped), then decode steps, one of them a generated <image> placeholder in one sample only. Rejected rows left
+    CMAI's text-row bound raised for good, past the cache's capacity: a decode step grew text_pos but not the rows, and
+    the placeholder's row was scattered past their end (IndexError). Each call's logits == the dynamic cache's."""
+    from transformers import DynamicCache, StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    if not hasattr(StaticLayer, "crop"):
+        pytest.skip("this transformers cannot crop a static cache")
+    batch = encode(processor, images)
+    length, rounds, text = batch["input_ids"].shape[1], 25, model.config.get_text_config()
+    ops = ["step"] + [6, "step"] * rounds + [torch.tensor([[model.config.image_token_id], [7]]), "step"]
+    candidates = torch.randint(5, 40, (rounds, 2, 5), generator=torch.Generator().manual_seed(0))
+    results = []
+    with unclutter.apply(model, cmai=CMAIConfig()) as handle, torch.no_grad():
+        for cache in (DynamicCache(config=text), StaticCache(config=text, max_cache_len=length + 2 * rounds + 10)):
+            out = model(**batch, use_cache=True, **{cache_argument(model): cache})
+            mask, got, round_ = batch["attention_mask"], [out.logits[:, -1]], 0
+            for op in ops:
+                ids = got[-1].argmax(-1, keepdim=True)
+                if isinstance(op, int):  # the next token and 5 candidates, of which none is kept
+                    ids, round_ = torch.cat([ids, candidates[round_]], 1), round_ + 1
+                elif isinstance(op, torch.Tensor):
+                    ids = op
+                step_mask = torch.cat([mask, torch.ones_like(ids)], 1)
+                out = model(input_ids=ids, attention_mask=step_mask, use_cache=True, **{cache_argument(model): cache})
+                got.append(out.logits[:, 0])
+                mask = torch.cat([mask, torch.ones_like(ids[:, :1])], 1)
+                if ids.shape[1] > 1:
+                    cache.crop(1 - ids.shape[1])
+            results.append(got)
+        state = handle.cmai_state  # the static generation's: its text rows never grew
+        assert state.text_bound <= state.length and state.text_pos.shape[1] - 1 <= state.static_tokens
+        assert all(rows.shape[1] == state.text_pos.shape[1] for rows in state.rows.values())
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -33,12 +33,12 @@ hands a layer its whole fixed buffer until the buffer is full: more keys than to
 the empty slots hidden by the layer's mask; a full static sliding window holds the last positions, as above.
 
 Static cache. A static cache (``cache_implementation="static"``) hands a layer its whole fixed buffer: see Positions.
-There, CMAI allocates the text rows for every token the cache holds at the prefill, and each decode step with a text
-query takes `_static_decode_mask`: the general path's arithmetic in shapes fixed for the generation (all of the rows'
-capacity, those not stored yet weighted 0; key offsets computed on the device), reading from the host only values
-that stay the same from step to step. So ``generate``'s compile of the decode step (by itself on a GPU) traces every
+There, CMAI allocates at the prefill a text row for every token the cache has room for, and each decode step with a
+text query takes `_static_decode_mask`: the general path's arithmetic in shapes fixed for the generation (all of the
+rows' capacity, those not stored yet weighted 0; key offsets computed on the device), reading from the host only
+values that stay the same from step to step. So ``generate``'s compile of the decode step (by itself on a GPU) traces every
 layer, CMAI's included, into one graph that CUDA graphs replay; only the per-call bookkeeping (`CMAIState.begin`, in
-the VLM's forward pre-hook, with its one host sync) runs eagerly before it. Every other call runs CMAI's masks
+the VLM's forward pre-hook, with its host reads) runs eagerly before it. Every other call runs CMAI's masks
 eagerly (`_layer_mask`, a graph break per layer).
 
 Never silent. Everything the mechanism relies on is checked where it is used: a layer called without
@@ -215,8 +215,8 @@ class CMAIState:
         # learning whether the token was text (that would cost a device sync); exact after the prefill
         self.text_bound = 0
         self.static = False  # the cache keeps some layer's keys in a fixed buffer (see `key_offset`)
-        # the tokens a static cache's full-attention buffers hold (0: not such a cache): text rows are allocated for
-        # all of them at the prefill, so that decode steps keep fixed shapes (`_static_decode_mask`)
+        # the tokens a static cache's full-attention buffers hold (0: not such a cache): text rows are allocated at the
+        # prefill for every token the cache has room for, so that decode steps keep fixed shapes (`_static_decode_mask`)
         self.static_tokens = 0
         self.capturable = False  # this call is a decode step `_static_decode_mask` serves (set by `begin`)
         self._spare: dict = {}  # the last generation's buffers on the same static cache (`_zeros`)
@@ -351,8 +351,11 @@ class CMAIState:
         if bound > capacity:
             # room for 64 more decode steps (or half again as many rows): a generation of up to 64 tokens past the
             # prompt grows once, and spare rows stay a small part of the state (each growth copies every layer's rows);
-            # a static cache's generation grows never: its decode steps keep fixed shapes (`_static_decode_mask`)
-            room = self.static_tokens or capacity + max(64, capacity // 2)
+            # on a static cache, room for a text row per token the cache has left: its decode steps keep fixed shapes
+            # (`_static_decode_mask`), and image tokens take no row
+            room = (
+                bound + self.static_tokens - (past + q_len) if self.static_tokens else capacity + max(64, capacity // 2)
+            )
             grown = self._zeros("text_pos", (bsz, max(bound, room) + 1), torch.long, device)
             grown[:, :capacity] = self.text_pos[:, :capacity]
             self.text_pos, capacity = grown, grown.shape[1] - 1
@@ -373,7 +376,9 @@ class CMAIState:
         # is fixed for the generation; what it needs besides is made here, outside the graph)
         n = self.image_pos.shape[1]
         self.capturable = bool(past and q_len == 1 and start == 0 and n and self.static_tokens and not self.tracing)
-        self.capturable = self.capturable and capacity >= self.static_tokens
+        self.capturable = self.capturable and capacity - bound >= self.static_tokens - self.length  # never grows
+        # every layer's rows span text_pos (rows grow only when a layer stores them, text_pos here)
+        self.capturable = self.capturable and all(r.shape[1] == capacity + 1 for r in self.rows.values())
         if self.capturable:
             self.chunk.length = positions[-1] + 1  # (0-dim, on the device) where each layer's keys start follows
             for layer, gamma in self.gammas.items():
@@ -419,7 +424,10 @@ class CMAIState:
         keep = (self.text_pos < length) & (
             torch.arange(self.text_pos.shape[1], device=self.text_pos.device)[None] < self.text_count[:, None]
         )
-        self.text_count = keep.sum(dim=1)  # text rows are stored in position order (text_bound stays a bound)
+        self.text_count = keep.sum(dim=1)  # text rows are stored in position order
+        # text_bound stays a bound, and no sample holds more text rows than tokens: without the clamp, each rejected
+        # candidate of speculative decoding raised it for good, growing text_pos past a static cache's capacity
+        self.text_bound = min(self.text_bound, length)
         self.rows_exact = False
         self.pad = self.pad[:, :length]
         self.length = length
