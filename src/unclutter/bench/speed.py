@@ -192,7 +192,7 @@ def run_once(
 ) -> Row:  # fmt: skip
     """One timed ``generate``. ``applied``: the method's handle, already applied and kept afterwards (compiled
     towers, a static cache's compiled decoding); else the method is applied for this call and removed after it.
-    ``cache``: "static" passes ``cache_implementation="static"``."""
+    ``cache``: "static" decodes into a static cache with the decode step compiled (`_static_decoding`)."""
     handle = applied if applied is not None else apply(model, processor, **method_configs(method, spd_grid))
     dtype = next(model.parameters()).dtype
     _release_memory(device)
@@ -290,9 +290,7 @@ def check_arguments(
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}.")
     if cache == "static" and warmup < 1:
-        raise ValueError(
-            "a static cache needs warmup >= 1: on a GPU the first run of each method compiles its decoding."
-        )
+        raise ValueError("a static cache needs warmup >= 1: the first run of each method compiles its decoding.")
     if compile_vision is not None:
         if compile_vision not in COMPILE_MODES:
             raise ValueError(f"compile_vision must be one of {', '.join(COMPILE_MODES)}, got {compile_vision!r}.")

@@ -447,7 +447,7 @@ class CMAIState:
         else:
             rows[:, slot : slot + new_rows.shape[1]] = new_rows
 
-    def _zeros(self, name, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    def _zeros(self, name: str | int, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         """A zero buffer for ``name`` (text_pos, or a layer's rows). On a static cache it lives at one address for the
         generation, marked for torch.compile (the decode steps update it in place: CUDA graphs use it where it is),
         and is the last generation's on the same cache where the shapes match (`begin`)."""
@@ -660,10 +660,9 @@ def _check_cache_kind(cache) -> tuple[bool, int]:
     if layers is None:
         raise CMAIStateError(f"CMAI cannot follow a {type(cache).__name__} (it has no per-layer storage)")
     full = [layer for layer in layers if not getattr(layer, "is_sliding", False)]
-    fixed = full and all(isinstance(layer, StaticLayer) for layer in full)
-    return any(isinstance(layer, StaticLayer) for layer in layers), min(
-        layer.max_cache_len for layer in full
-    ) if fixed else 0
+    fixed = bool(full) and all(isinstance(layer, StaticLayer) for layer in full)
+    tokens = min(layer.max_cache_len for layer in full) if fixed else 0
+    return any(isinstance(layer, StaticLayer) for layer in layers), tokens
 
 
 # Rows of (heads x keys) float32 logits per chunk of a long prompt's text queries (128 MiB): the head-averaged
@@ -868,12 +867,11 @@ def cmai_attention(module, query, key, value, attention_mask, scaling=None, drop
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("CMAI does not support attention sinks (s_aux).")
     scaling = module.scaling if scaling is None else scaling
-    window = sliding_window(module, kwargs)
     state = ctx()
-    if state is not None and state.capturable:  # a static cache's decode step
+    if state is not None and state.capturable:  # a static cache's decode step: traced, no graph break
         mask = _static_decode_mask(state, module.layer_idx, query, key, attention_mask, scaling, kwargs.get("softcap"))
         return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
-    mask, undo = _layer_mask(module, query, key, attention_mask, scaling, window, kwargs)
+    mask, undo = _layer_mask(module, query, key, attention_mask, scaling, sliding_window(module, kwargs), kwargs)
     try:
         return _sdpa(module, query, key, value, mask, scaling, dropout, kwargs)
     finally:
