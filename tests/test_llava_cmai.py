@@ -299,9 +299,11 @@ def test_decode_steps_whose_token_is_not_text_equal_the_naive_reference(model, p
         torch.testing.assert_close(logits[t], naive[:, t - 4].float(), atol=2e-5, rtol=1e-4)
 
 
-def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, images, monkeypatch):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, images, monkeypatch, cache):
     """On a GPU every host-device sync stalls the launch queue; CMAI's decode step has one (the check that no
-    image token arrives after the prefill), not one per layer."""
+    image token arrives after the prefill), not one per layer. On a static cache reading its length is one more
+    (stock reads it too), and the fixed-shape layers add none."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     syncs = {"aten._local_scalar_dense", "aten.nonzero", "aten.nonzero_numpy", "aten.is_nonzero", "aten.item"}
@@ -316,17 +318,25 @@ def test_a_decode_step_syncs_the_host_once_whatever_the_depth(model, processor, 
                 self.syncs.append(str(func))
             return func(*args, **(kwargs or {}))
 
+    from transformers import StaticCache
+
     batch = encode(processor, images)
     assert len(unclutter.cmai.gamma_schedule(model.config.text_config.num_hidden_layers, 0.6)) > 2
-    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)), torch.no_grad():
-        out = model(**batch, use_cache=True)
+    with unclutter.apply(model, cmai=CMAIConfig(gamma_max=0.6)) as handle, torch.no_grad():
+        given = {}
+        if cache == "static":
+            given[cache_argument(model)] = StaticCache(model.config.text_config, batch["input_ids"].shape[1] + 4)
+        out = model(**batch, use_cache=True, **given)
         new = out.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(new)], 1)
         with Count() as count, monkeypatch.context() as patch:
             tolist = torch.Tensor.tolist  # a host copy that is no ATen call on CPU (it is one on a GPU)
             patch.setattr(torch.Tensor, "tolist", lambda t: count.syncs.append("tolist") or tolist(t))
             model(input_ids=new, attention_mask=mask, use_cache=True, **{cache_argument(model): output_cache(out)})
-    assert len(count.syncs) == 1, count.syncs
+        state = handle.cmai_state
+        assert state.static_tokens == (batch["input_ids"].shape[1] + 4 if cache == "static" else 0)
+        assert (state.chunk.length is not None) == (cache == "static")  # the step took the fixed-shape layers
+    assert len(count.syncs) == (2 if cache == "static" else 1), count.syncs
 
 
 @pytest.mark.parametrize("samples", [1, 2], ids=["fast-path", "padded-batch"])
