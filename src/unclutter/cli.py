@@ -413,8 +413,8 @@ def bench_speed(
     cache: Annotated[
         str,
         typer.Option(
-            help="generate's cache: dynamic, or static (on a GPU generate then compiles the decode step, CUDA "
-            "graphs; methods run one after the other)"
+            help="generate's cache: dynamic, or static (the decode step compiled on any device, as generate does "
+            "by itself on a GPU: CUDA graphs there; methods run one after the other)"
         ),
     ] = "dynamic",
 ) -> None:
