@@ -36,10 +36,10 @@ Static cache. A static cache (``cache_implementation="static"``) hands a layer i
 There, CMAI allocates at the prefill a text row for every token the cache has room for, and each decode step with a
 text query takes `_static_decode_mask`: the general path's arithmetic in shapes fixed for the generation (all of the
 rows' capacity, those not stored yet weighted 0; key offsets computed on the device), reading from the host only
-values that stay the same from step to step. So ``generate``'s compile of the decode step (by itself on a GPU) traces every
-layer, CMAI's included, into one graph that CUDA graphs replay; only the per-call bookkeeping (`CMAIState.begin`, in
-the VLM's forward pre-hook, with its host reads) runs eagerly before it. Every other call runs CMAI's masks
-eagerly (`_layer_mask`, a graph break per layer).
+values that stay the same from step to step. So ``generate``'s compile of the decode step (by itself on a GPU)
+traces every layer, CMAI's included, into one graph that CUDA graphs replay; only the per-call bookkeeping
+(`CMAIState.begin`, in the VLM's forward pre-hook, with its host reads) runs eagerly before it. Every other call runs
+CMAI's masks eagerly (`_layer_mask`, a graph break per layer).
 
 Never silent. Everything the mechanism relies on is checked where it is used: a layer called without
 the pre-hook having run, a query or key count that does not match the state (a decode step whose cache
@@ -641,9 +641,13 @@ def _real_tokens(attention_mask, bsz: int, q_len: int, past: int, device) -> tor
         )
     rows = torch.arange(q_len, device=attention_mask.device)
     own = attention_mask[:, 0, rows, past - max(past + q_len - kv_len, 0) + rows]  # each token's key for itself
-    if own.dtype != torch.bool:  # additive float mask
-        own = own > torch.finfo(own.dtype).min / 2
-    return own.to(device).expand(bsz, q_len)
+    return _as_bool(own).to(device).expand(bsz, q_len)
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as booleans, True = allowed: a boolean one as it is, an additive float one where it is not -inf (or
+    the dtype's lowest value, which transformers uses instead)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def _first_text_column(text: torch.Tensor) -> torch.Tensor:
@@ -780,9 +784,7 @@ def _weights(state: CMAIState, key_pos: torch.Tensor, offset: int, kv_len: int, 
 def _allowed(state: CMAIState, window, attention_mask, bsz: int, q_len: int, kv_len: int, offset: int, device):
     """The layer's boolean mask (B, 1, q, kv): the one transformers built, or causal + padding + window."""
     if attention_mask is not None:
-        if attention_mask.dtype != torch.bool:  # additive float mask
-            attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-        return attention_mask.expand(bsz, 1, q_len, kv_len)
+        return _as_bool(attention_mask).expand(bsz, 1, q_len, kv_len)
     q_pos = state.chunk.past + torch.arange(q_len, device=device)
     k_pos = offset + torch.arange(kv_len, device=device)
     allowed = k_pos[None, :] <= q_pos[:, None]
@@ -931,10 +933,7 @@ def _static_decode_mask(state: CMAIState, layer: int, query, key, attention_mask
     capacity = rows.shape[1] - 1
     bsz, device = query.shape[0], query.device
     with torch.no_grad(), autocast_disabled(device.type):
-        allowed = attention_mask
-        if allowed.dtype != torch.bool:  # additive float mask
-            allowed = allowed > torch.finfo(allowed.dtype).min / 2
-        hidden = ~allowed.expand(bsz, 1, 1, kv_len)
+        hidden = ~_allowed(state, None, attention_mask, bsz, 1, kv_len, 0, device)  # (the mask's, never derived)
         a = _head_mean_probs(query, key, hidden, scaling, softcap)  # (B, 1, kv_len)
         offset = (ch.length - kv_len).clamp_min(0)
         image_index, image_visible = _key_index(state.image_pos, offset, kv_len)
