@@ -304,6 +304,30 @@ def test_smolvlm_video_frames_are_compressed_and_inhibited():
     assert torch.equal(encode()["input_ids"], stock_batch["input_ids"])
 
 
+def test_serving_counts_under_vmtc_log_no_spurious_warning():
+    """Idefics3's `_get_num_multimodal_tokens` takes no ``video_sizes``: the wrapper must not pass one (transformers
+    warns about every unknown keyword, None included), and still counts the compressed tiles."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, processor = tiny_idefics3.tiny_model(), tiny_idefics3.tiny_processor()
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger, keep = hf_logging.get_logger("transformers"), Keep()
+    logger.addHandler(keep)
+    try:
+        with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)):
+            assert processor._get_num_multimodal_tokens(image_sizes=[(32, 32)]).num_image_tokens == [STOCK // 2]
+    finally:
+        logger.removeHandler(keep)
+    assert not [m for m in messages if "video_sizes" in m], messages
+
+
 def test_vmtc_errors_name_the_fix():
     model, processor = tiny_idefics3.tiny_model(), tiny_idefics3.tiny_processor()
     with pytest.raises(ValueError, match="importance='received'"):

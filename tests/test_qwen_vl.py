@@ -350,6 +350,22 @@ def test_vmtc_features_encoded_before_generate_keep_their_own_cells(name):
             from_features(batch, stock)
 
 
+def test_explicit_clusters_are_capped_per_frame_as_num_tokens_is():
+    """One ``clusters`` setting serves images of every size: a small frame whose stages output fewer tokens than
+    the clusters asked for merges into as many as it outputs (not an error at the processor call), a large one
+    takes the setting as given; cached decoding stays exact."""
+    model, processor = build("qwen2_5_vl")
+    texts = [turn("what is it ?", "image"), turn("how many ?", "image")]
+    images = [random_image(0, 32, 32), random_image(1, 64, 64)]  # 4 and 16 merge units
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.25, clusters=3)) as handle:
+        batch = encode(processor, texts, images)
+        assert media_counts(model, batch) == [1, 4]
+        small, large = handle.adapter.budget.stages(4), handle.adapter.budget.stages(16)
+        assert [s.clusters for s in small] == [min(3, s.tokens_out) for s in small] and small[-1].clusters == 1
+        assert all(s.clusters == 3 for s in large)
+        assert_cached_equals_full(model, batch, steps=2)
+
+
 def test_vmtc_fails_loudly_on_a_stale_prompt_and_impossible_plans():
     model, processor = build("qwen2_5_vl")
     batch = encode(processor, [turn("how many ?", "image")], [random_image(0, 64, 64)])  # the stock 16 pads
@@ -368,6 +384,9 @@ def test_vmtc_fails_loudly_on_a_stale_prompt_and_impossible_plans():
         unclutter.apply(model, processor, vmtc=VMTCConfig(num_stages=3))  # two full-attention blocks
     with pytest.raises(ValueError, match="no CLS token"):
         unclutter.apply(model, processor, vmtc=VMTCConfig(importance="cls"))
+    # the stage count is known at apply (frames are planned later, per size): a wrong-length clusters fails there
+    with pytest.raises(ValueError, match="clusters has 5 values"):
+        unclutter.apply(model, processor, vmtc=VMTCConfig(clusters=(1, 1, 1, 1, 1)))
     assert "get_rope_index" not in vars(model.model)  # failed applies leave nothing behind
 
 

@@ -45,7 +45,8 @@ class VMTCConfig:
     """Visual-modality token compression inside the vision tower.
 
     Budget: ``num_tokens`` (patch tokens reaching the LLM per image) or ``ratio`` of the patch grid
-    (0.5 -> 288 of 576 on LLaVA-1.5). Placement: ``layers`` (0-based vision block indices) or
+    (0.5 -> 288 of 576 on LLaVA-1.5), rounded as Python's ``round`` (half to even) and at least 1 token (or
+    merge unit) per image, tile or frame. Placement: ``layers`` (0-based vision block indices) or
     ``num_stages`` equally spaced blocks ending at the block whose output LLaVA feeds the projector
     (default 4, fewer when the tower has fewer blocks up to that one).
     ``stage_tokens`` optionally fixes the patch-token count after each stage (the last one must equal

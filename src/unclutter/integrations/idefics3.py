@@ -332,7 +332,9 @@ class Idefics3Adapter(Adapter):
             per_tile = handle.stock_image_tokens - handle.num_image_tokens
 
             def get_num_multimodal_tokens(image_sizes=None, video_sizes=None, **kwargs):
-                data = original_counts(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+                if video_sizes is not None:  # Idefics3's own takes no video_sizes (and warns about one, even None)
+                    kwargs["video_sizes"] = video_sizes
+                data = original_counts(image_sizes=image_sizes, **kwargs)
                 if image_sizes is not None:  # one run per tile; an image that is not split is one global run
                     data.num_image_tokens = [
                         n - max(tiles, 1) * per_tile

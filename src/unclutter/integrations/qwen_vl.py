@@ -16,7 +16,8 @@ token. A stage, between a block's attention and its MLP:
 2. keeps each frame's top units and merges the rest with cosine K-means into importance-weighted mean units
    (`vmtc.compress(has_cls=False)` on the ``(units, 4 * dim)`` view), so the merger still sees whole units and
    emits exactly the budget. Budgets are per frame: ``ratio`` of the frame's own unit count (``num_tokens`` caps
-   each frame; smaller frames keep everything);
+   each frame; smaller frames keep everything; likewise an explicit ``clusters`` above a small frame's stage
+   output is lowered to it);
 3. keeps the tower consistent for later blocks: a kept unit keeps its rotary embedding, window and grid
    position; a merged unit takes those of its most important member (a real grid cell, distinct from every kept
    unit); ``cu_seqlens`` and the window boundaries are rebuilt from the shorter frames, units stay in the tower's
@@ -150,7 +151,7 @@ class Budget:
             cfg = self.cfg
             if cfg.num_tokens is not None:
                 cfg = dataclasses.replace(cfg, num_tokens=min(cfg.num_tokens, units))
-            self._plans[units] = plan_vmtc(cfg, units, self.last_block)
+            self._plans[units] = plan_vmtc(cfg, units, self.last_block, cap_clusters=True)
         return self._plans[units]
 
     def tokens(self, units: int) -> int:
@@ -394,6 +395,11 @@ class QwenVLAdapter(Adapter):
         last, layers = self.config.vision_config.depth - 1, self.stage_layers(cfg)
         if layers[0] < 0 or layers[-1] > last:
             raise ValueError(f"VMTC layers {layers} must lie in [0, {last}] ({self.family}'s vision blocks).")
+        if isinstance(cfg.clusters, tuple) and len(cfg.clusters) != len(layers):  # known now, not only per frame size
+            raise ValueError(
+                f"VMTCConfig.clusters has {len(cfg.clusters)} values for {len(layers)} stages (blocks {layers}): "
+                "give one per stage, or one int for all."
+            )
         self.budget = Budget(cfg, layers, last)  # stages are planned per frame size when a frame of that size comes
 
     def install(self, handle: Handle) -> None:

@@ -52,8 +52,11 @@ class VMTCStage:
         return self.keep == self.tokens_in
 
 
-def plan_vmtc(cfg: VMTCConfig, num_patches: int, feature_block: int) -> list[VMTCStage]:
-    """Resolve a `VMTCConfig` into stages for a tower with ``num_patches`` patches (per image or tile)."""
+def plan_vmtc(cfg: VMTCConfig, num_patches: int, feature_block: int, *, cap_clusters: bool = False) -> list[VMTCStage]:
+    """Resolve a `VMTCConfig` into stages for a tower with ``num_patches`` patches (per image or tile).
+
+    cap_clusters: a stage's explicit ``clusters`` above its output count is lowered to that count instead of
+    refused (families whose images have different sizes: one setting for all, as ``num_tokens`` is capped)."""
     budget = cfg.num_tokens if cfg.num_tokens is not None else max(1, round(cfg.ratio * num_patches))
     if not 1 <= budget <= num_patches:
         raise ValueError(
@@ -95,6 +98,8 @@ def plan_vmtc(cfg: VMTCConfig, num_patches: int, feature_block: int) -> list[VMT
             c = vmtc_math.default_clusters(tokens_out)
         else:
             c = cfg.clusters if isinstance(cfg.clusters, int) else cfg.clusters[i]
+        if cap_clusters:
+            c = min(c, tokens_out)
         if c > tokens_out or c < 0:  # (c = 0 only for an identity stage or merge="drop"; VMTCConfig checks clusters)
             raise ValueError(f"VMTC stage {i} wants {c} clusters but outputs only {tokens_out} tokens; lower clusters.")
         stages.append(VMTCStage(layer=layer, tokens_in=tokens_in, keep=tokens_out - c, clusters=c))
