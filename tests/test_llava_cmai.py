@@ -475,6 +475,19 @@ def test_a_static_cache_reset_and_reused_reuses_cmai_buffers(model, processor, i
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("room", [-1, 2], ids=["prompt-too-long", "generation-too-long"])
+def test_a_static_cache_too_small_is_a_clear_error(model, processor, images, room):
+    """A hand-made StaticCache with room for fewer tokens than the prompt (CMAI blamed a transformers upgrade, reading
+    the 4D mask) or than prompt + new tokens (the cache's own index error) is refused with what to change."""
+    from transformers import StaticCache
+
+    batch = encode(processor, images[:1], PROMPTS[:1])
+    cache = StaticCache(config=model.config.text_config, max_cache_len=batch["input_ids"].shape[1] + room)
+    expected = pytest.raises(ValueError, match="static cache holds .* make the cache larger")
+    with unclutter.apply(model, cmai=CMAIConfig()), torch.no_grad(), expected:
+        _generate(model, batch, steps=5, **{cache_argument(model): cache})
+
+
 def test_a_4d_mask_that_hides_a_key_is_kept_in_fast_decode_steps(model, processor, images):
     """A user's 4D mask may hide keys besides causality and padding (here a text key, from every later query): a fast
     decode step (one prompt, no padding) keeps the layer's mask, and cached decoding == one uncached forward with the

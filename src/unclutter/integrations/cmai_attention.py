@@ -263,6 +263,14 @@ class CMAIState:
         device = input_ids.device
         static, static_tokens = _check_cache_kind(cache) if cache is not None else (False, 0)
         past = int(cache.get_seq_length()) if cache is not None else 0
+        if static_tokens and past + q_len > static_tokens:
+            # stock transformers fails here too, with an index error inside the cache (or, for a prompt longer than the
+            # cache, CMAI's reading of the 4D mask did, blaming a transformers upgrade): say what is wrong instead
+            raise ValueError(
+                f"the static cache holds {static_tokens} tokens but this call would fill it to {past + q_len} "
+                f"({past} cached + {q_len} new): make the cache larger (max_cache_len of at least the prompt plus "
+                "max_new_tokens, plus a conversation's later turns)"
+            )
         if past == 0:
             # a static cache that generate reset for this generation: the last one on it is over, and its fixed-address
             # buffers serve this one (CUDA graphs recorded on them stay valid; new addresses would record them again)
