@@ -20,12 +20,16 @@ def stock_features(model, pixel_values):
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
-def reference_vmtc_features(model, pixel_values, handle):
-    """Layer-by-layer CLIP with compression; importance from the weights eager attention returns."""
+def reference_vmtc_features(model, pixel_values, handle, with_importance: bool = False):
+    """Layer-by-layer CLIP with compression; importance from the weights eager attention returns.
+
+    ``with_importance``: also return each output patch token's importance after the last stage, written out: a
+    kept patch's own, a merged token's the sum over its members."""
     tower = model.model.vision_tower
     h = tower.pre_layrnorm(tower.embeddings(pixel_values))
     by_layer = {s.layer: s for s in handle.stages}
     last = unclutter.vmtc.feature_block(len(tower.encoder.layers), model.config.vision_feature_layer)
+    out_importance = None
     for i, block in enumerate(tower.encoder.layers[: last + 1]):
         attn_out, weights = block.self_attn(block.layer_norm1(h))
         h = h + attn_out
@@ -33,9 +37,16 @@ def reference_vmtc_features(model, pixel_values, handle):
             s = by_layer[i]
             imp = weights.mean(1)[:, 0, 1:]
             cfg = handle.vmtc
-            h, _ = unclutter.vmtc.compress(h, imp, s.keep, s.clusters, merge=cfg.merge, normalize=cfg.normalize)
+            h, info = unclutter.vmtc.compress(h, imp, s.keep, s.clusters, merge=cfg.merge, normalize=cfg.normalize)
+            out_importance = torch.zeros(len(h), h.shape[1] - 1)
+            for row in range(len(h)):
+                for j, patch in enumerate(info.kept_index[row].tolist()):
+                    out_importance[row, j] = imp[row, patch]
+                for patch, cid in zip(info.merged_index[row].tolist(), info.cluster[row].tolist(), strict=True):
+                    if cid >= 0:
+                        out_importance[row, s.keep + cid] += imp[row, patch]
         h = h + block.mlp(block.layer_norm2(h))
-    return h[:, 1:]
+    return (h[:, 1:], out_importance) if with_importance else h[:, 1:]
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,41 @@ QUESTIONS = ["what is the color of the shape ?", "how many ?", "describe the ima
 
 
 IMAGES = [random_image(i, *size) for i, size in enumerate(SIZES)]
+# Stock's high-res patch grid (rows x cols of tokens, the padding cropped) and the image's tile grid, per image size
+# (4x4-patch tiles); test_processor_count_equals_model_features_for_every_size checks them against stock's counts.
+STOCK_HIGH_RES = {
+    (64, 64): ((8, 8), (2, 2)),
+    (40, 80): ((4, 8), (1, 2)),
+    (100, 30): ((12, 4), (3, 1)),
+    (50, 70): ((6, 8), (2, 2)),  # 2 of 8 patch columns cropped
+    (20, 100): ((2, 12), (1, 3)),  # 2 of 4 patch rows cropped
+}
+
+
+def _high(t: int, size: tuple[int, int]) -> int:
+    """Tokens per high-res tile under VMTC: the budget's share (t of 16) of stock's high-res tokens, per tile, at most
+    t and at least 1."""
+    (h, w), (rows, cols) = STOCK_HIGH_RES[size]
+    return max(1, min(t, round(h * w * t / 16) // (rows * cols)))
+
+
+def _reference_image(model, tiles, handle, size: tuple[int, int]) -> list[torch.Tensor]:
+    """Per tile, the projected tokens it sends: the layer-by-layer reference, then, for an image whose share of
+    stock's count is below its tiles' budget, the high-res tiles compressed again to `_high`, ranked and weighted by
+    the written-out output importance of the last stage."""
+    feats, importance = reference_vmtc_features(model, tiles, handle, with_importance=True)
+    feats = model.model.multi_modal_projector(feats)
+    t, cfg = handle.num_image_tokens, handle.vmtc
+    h = _high(t, size)
+    if h == t:
+        return list(feats)
+    c = (max(1, h // 8) if cfg.clusters is None else min(cfg.clusters, h)) if cfg.merge == "cluster" else 0
+    c = 1 if cfg.merge == "single" else c
+    high, _ = unclutter.vmtc.compress(
+        feats[1:], importance[1:], h - c, c, merge=cfg.merge, normalize=cfg.normalize, has_cls=False
+    )
+    assert high.shape[1] == h < t
+    return [feats[0]] + list(high)
 
 
 def _batch(processor, images=IMAGES, questions=QUESTIONS):
@@ -67,17 +102,42 @@ def _reference_pack(tiles: torch.Tensor, grid: tuple[int, int], newline: torch.T
     [{"vmtc": VMTCConfig(ratio=0.5)}, {"vmtc": VMTCConfig(num_tokens=3, merge="drop")}, {"spd": SPDConfig(grid=2)}],
 )
 def test_processor_count_equals_model_features_for_every_size(kwargs):
+    """VMTC: the base tile keeps the per-tile budget t, each high-res tile the budget's share of stock's (cropped)
+    high-res tokens (`_high`), a newline per row of tiles; SPD: every tile its grid."""
     model, processor = tiny_llava_next(), tiny_llava_next_processor()
     stock = _counts(model, _batch(processor))
+    assert list(STOCK_HIGH_RES) == SIZES and [_grid(model, s) for s in SIZES] == [g for _, g in STOCK_HIGH_RES.values()]
+    assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == [
+        16 + h * (w + 1) for (h, w), _ in STOCK_HIGH_RES.values()
+    ]  # stock: base tile, then the cropped grid with a newline per patch row
     with unclutter.apply(model, processor, **kwargs) as h:
         batch = _batch(processor)
         counts = _counts(model, batch)
         t = h.num_image_tokens
+        high = [_high(t, s) if "vmtc" in kwargs else t for s in SIZES]
         assert counts == [len(f) for f in _features(model, batch)]
-        assert counts == [t * (1 + r * c) + r for r, c in (_grid(model, s) for s in SIZES)]
+        assert counts == [t + r * c * k + r for (r, c), k in zip((_grid(model, s) for s in SIZES), high, strict=True)]
         assert processor._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == counts
         logits(model, batch)  # the model's own check: image features and image tokens match
     assert all(c < s for c, s in zip(counts, stock, strict=True))
+    if "vmtc" in kwargs:  # the padded images are fitted to the share, the others keep the tile budget
+        assert high[3] < t and high[4] < t and high[0] == t
+        for ours, theirs in zip(counts, stock, strict=True):
+            assert ours <= theirs * t / 16 + 3  # the budget's share of stock's count (+ newlines, rounding)
+
+
+def test_an_elongated_image_never_gets_more_tokens_than_stock():
+    """A per-tile budget counts the padding that stock crops: at ratio 0.9 the 1x3-tile 20x100 image would send
+    9 + 3 * 14 + 1 = 52 tokens against stock's 42. The high-res share keeps every image below stock."""
+    model, processor = tiny_llava_next(), tiny_llava_next_processor()
+    stock = _counts(model, _batch(processor))
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.9)) as h:
+        batch = _batch(processor)
+        counts = _counts(model, batch)
+        assert counts == [len(f) for f in _features(model, batch)]
+        logits(model, batch)
+    assert h.num_image_tokens == 14 and stock[4] == 42
+    assert all(c <= s for c, s in zip(counts, stock, strict=True)), (counts, stock)
 
 
 def test_per_tile_budget_and_one_stage_info_per_stage():
@@ -107,8 +167,8 @@ def test_vmtc_features_equal_layerwise_reference(cfg):
         for i, size in enumerate(sizes):
             grid = _grid(model, size)
             tiles = batch["pixel_values"][i][: 1 + grid[0] * grid[1]]
-            ref = model.model.multi_modal_projector(reference_vmtc_features(model, tiles, h))
-            assert ref.shape[1] == h.num_image_tokens
+            ref = _reference_image(model, tiles, h, size)
+            assert ref[0].shape[0] == h.num_image_tokens and ref[1].shape[0] == _high(h.num_image_tokens, size)
             torch.testing.assert_close(got[i], _reference_pack(ref, grid, model.model.image_newline))
 
 
@@ -150,14 +210,14 @@ def test_image_key_map_names_each_keys_tile_token(kwargs):
         packed = _features(model, batch)[0]
         tiles = batch["pixel_values"][0]
         if "vmtc" in kwargs:
-            per_tile = model.model.multi_modal_projector(reference_vmtc_features(model, tiles, h))
+            per_tile = _reference_image(model, tiles, h, SIZES[3])  # high-res tiles fitted to the share (6 of 8)
         else:
             hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-2][:, 1:]
             per_tile = model.model.multi_modal_projector(hidden)
     newline = model.model.image_newline
     assert len(keys) == len(packed) == _counts(model, batch)[0]
     assert keys.count(None) == (2 if "vmtc" in kwargs else 6)  # a newline per tile row / per unpadded patch row
-    expected = torch.stack([newline if key is None else per_tile[key] for key in keys])
+    expected = torch.stack([newline if key is None else per_tile[key[0]][key[1]] for key in keys])
     torch.testing.assert_close(packed, expected)
 
 
@@ -265,3 +325,49 @@ def test_unsupported_setups_fail_loudly():
     with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
         unclutter.apply(model, vmtc=VMTCConfig())
     assert "_unclutter_handle" not in vars(model.model)  # failed applies leave nothing behind
+
+
+def test_high_res_share_on_the_real_checkpoints_tiling():
+    """llava-v1.6's tiling (336 px tiles of 24x24 patches, its five pinpoints): under VMTC every image sends the
+    budget's share of stock's count, never more than stock, whatever its aspect ratio (a per-tile budget alone: a
+    16:9 photo at ratio 0.75 sent 2,162 tokens against stock's 1,948). Counts from the stock processor."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from unclutter.models.tiny import text_kwargs, tiny_tokenizer, vision_kwargs
+
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    tok = tiny_tokenizer()
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**vision_kwargs(336, 14, 2, intermediate=32, projection_dim=32)),
+        text_config=LlamaConfig(**text_kwargs(tok, layers=1, intermediate=32)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )  # fmt: skip
+    model = LlavaNextForConditionalGeneration(config).eval()
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    sizes = [(1080, 1920), (720, 1280), (480, 640), (600, 600), (100, 1000), (1000, 100), (300, 700), (2000, 333)]
+    stock = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    assert stock[:2] == [1948, 1948]
+    for ratio in (0.75, 0.5, 0.25):
+        with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=ratio)) as h:
+            ours = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+            t = h.num_image_tokens
+            for size, a, b in zip(sizes, stock, ours, strict=True):
+                rows, cols = h.adapter.image_grid(size)
+                assert b < a, (ratio, size, a, b)
+                # stock: 576 (base) + the cropped grid + a newline per patch row; ours: t + the share + a newline per
+                # tile row; the share rounds down per tile
+                high = (a - 576) * 24 / 25  # stock's high-res patch tokens, newlines (about 1 in 25) taken out
+                assert t + ratio * high - rows * cols - 30 <= b <= t + ratio * (a - 576) + rows, (ratio, size, a, b)

@@ -259,7 +259,7 @@ def visualize(
     stages = [trace_groups(infos, t.grid[0] * t.grid[1], t.row, t.units, t.orders) for t in tiles]
     names = [t.name for t in tiles]
     titles = [f"block {layer}" for layer in blocks]
-    if post:  # a compression after the tower for some tiles (OneVision's cap); the others pass it unchanged
+    if post:  # a compression after the tower for some tiles (anyres high-res share); the others pass it unchanged
         for t, tile_stages in zip(tiles, stages, strict=True):
             last = tile_stages[-1]
             step = post.get(t.row)

@@ -21,8 +21,9 @@ tiles*, so the LLM still sees where a row of the image ends, at tile granularity
 padding is unknown after compression, and VMTC's ranking tends to merge such uniform patches into
 clusters anyway. An image given as a single tile (OneVision's multi-image prompts) keeps stock's layout:
 its tokens, then one newline. Length: ``t + rows * cols * h + rows``, or ``t + 1`` for a single tile, where
-``h`` is the high-res tiles' budget: ``t``, unless the family caps a large image's high-res part
-(`AnyresAdapter.high_res_tokens`: OneVision's anyres_max, see `llava_onevision`).
+``h`` is the high-res tiles' budget under VMTC: the budget's share of the high-res tokens stock sends (unpadded;
+OneVision's interpolated), per tile, at most ``t`` (`AnyresAdapter.high_res_tokens`); tiles above it are compressed
+once more after the tower (`AnyresAdapter.cap_high_res`). SPD keeps ``h = t``.
 `Adapter.patch_processor` makes the processor expand ``<image>`` to exactly this count, and
 `image_key_map` names the (tile, token) behind every image key, for the stock and the compressed layout.
 """
@@ -105,17 +106,56 @@ class AnyresAdapter(Adapter):
         grid = self.image_grid(image_size)
         return packed_count(handle.num_image_tokens, grid, self.high_res_tokens(handle, image_size, grid))
 
+    def stock_high_res_grid(self, image_size, grid: tuple[int, int]) -> tuple[int, int, bool]:
+        """(rows, cols) of the high-res patch grid stock packs for this image, and whether stock interpolated it:
+        here the unpadded grid (the tiles' patches minus the padding rows or columns), never interpolated.
+        OneVision interpolates large grids down (`llava_onevision`)."""
+        rows, cols = grid
+        _, height, width = unpad_image(torch.empty(0, rows * self.side, cols * self.side), image_size).shape
+        return height, width, False
+
     def high_res_tokens(self, handle: Handle, image_size, grid: tuple[int, int]) -> int:
-        """Tokens each high-res tile of this image sends under the compressed packing. Default: the per-tile budget.
-        A family that caps large images (OneVision) returns less and implements `cap_high_res`."""
-        return handle.num_image_tokens
+        """Tokens each high-res tile of this image sends under VMTC: the budget's share of the high-res tokens stock
+        sends, spread over the tiles, at most the per-tile budget ``t`` and at least 1:
+        ``min(t, round(t / side^2 * H' * W') // (rows * cols))``, H' x W' = `stock_high_res_grid`. Stock unpads
+        (and OneVision interpolates), a per-tile budget counts padding in full: without the share an elongated
+        image would keep more tokens than stock (a 16:9 photo on LLaVA-NeXT at ratio 0.75: 1.11x stock's). SPD
+        keeps its grid per tile."""
+        t = handle.num_image_tokens
+        if not handle.active_stages:
+            return t
+        height, width, _ = self.stock_high_res_grid(image_size, grid)
+        return max(1, min(t, round(height * width * t / self.side**2) // (grid[0] * grid[1])))
 
     def cap_high_res(
         self, handle: Handle, high: torch.Tensor, tile_rows: range, tokens: int
     ) -> tuple[torch.Tensor, vmtc_math.VMTCInfo]:
-        """(tiles, t, E) high-res tile features (``tile_rows``: their rows in the tower's batch) -> (tiles, tokens, E)
-        and what the compression did (pictures draw it as a step after the tower)."""
-        raise NotImplementedError(f"{self.family} does not cap high-res tiles.")
+        """(tiles, t, E) projected high-res tile features (``tile_rows``: their rows in the tower's batch) ->
+        (tiles, tokens, E), compressed again by `vmtc.compress`, ranked and merge-weighted by
+        `vmtc.output_importance` of the tower's last stage (kept tokens their IPS, merged ones their members'
+        sum), and what that did (pictures draw it as a step after the tower, ``handle.post_infos``)."""
+        infos = handle.stage_infos
+        if len(infos) != len(handle.active_stages) or infos[-1].importance.shape[0] < tile_rows.stop:
+            raise RuntimeError(
+                f"unclutter fits {self.family}'s high-res tiles to the budget's share of stock's count with the "
+                "importance the tower's last VMTC stage recorded, but this pack_image_features call does not follow "
+                "a VMTC tower pass over these tiles."
+            )
+        weights = vmtc_math.output_importance(infos[-1])[tile_rows.start : tile_rows.stop]
+        clusters = self.clusters_for(handle, tokens)
+        return vmtc_math.compress(
+            high, weights.to(high.device), tokens - clusters, clusters, merge=handle.vmtc.merge,
+            normalize=handle.vmtc.normalize, iters=handle.vmtc.kmeans_iters, has_cls=False,
+        )  # fmt: skip
+
+    @staticmethod
+    def clusters_for(handle: Handle, tokens: int) -> int:
+        """Merged tokens of a compression after the tower down to ``tokens``: the last stage's choice, capped."""
+        cfg = handle.vmtc
+        if cfg.merge != "cluster":
+            return 0 if cfg.merge == "drop" else 1
+        chosen = cfg.clusters[-1] if isinstance(cfg.clusters, tuple) else cfg.clusters
+        return min(chosen or vmtc_math.default_clusters(tokens), tokens)
 
     # --- planning and hooks --------------------------------------------------------------------------
     def plan(self, handle: Handle) -> None:

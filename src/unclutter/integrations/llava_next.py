@@ -6,7 +6,11 @@
   different counts per sample; CMAI pads them per sample.
 - VMTC: every tile (base and high-res) is one CLIP pass, so the shared CLIP VMTC layer forward
   (`vision.py`) compresses each tile to the per-tile budget (ratio 0.5 -> half of each tile's patches),
-  ranked by each tile's own CLS attention (the paper's importance).
+  ranked by each tile's own CLS attention (the paper's importance). The high-res part then gets the budget's
+  share of what stock sends for it (stock crops the padding, a tile budget would count it): where that is
+  less than the tiles' budget, each high-res tile is compressed once more after the projector, ranked and
+  weighted by the last stage's importance (`anyres.AnyresAdapter.high_res_tokens`), so ratio 0.5 sends about
+  half of stock's tokens for any aspect ratio, never more than stock.
 - SPD: a projector pre-hook average-pools each tile's patch grid to ``grid x grid``.
 - Packing and processor: compressed tiles are packed by `anyres.pack_tiles` (base, high-res tiles in
   raster order, one newline per row of tiles; see `anyres`), and ``<image>`` expands to exactly that

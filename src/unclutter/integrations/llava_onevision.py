@@ -42,7 +42,6 @@ import math
 from types import MethodType
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from .. import vmtc as vmtc_math
 from .anyres import AnyresAdapter
@@ -95,50 +94,16 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         """Merged tokens per compressed frame: the config's last stage choice, capped by the frame budget."""
         return self.clusters_for(handle, self.frame_tokens)
 
-    @staticmethod
-    def clusters_for(handle: Handle, tokens: int) -> int:
-        """Merged tokens of a compression after the tower down to ``tokens``: the last stage's choice, capped."""
-        cfg = handle.vmtc
-        if cfg.merge != "cluster":
-            return 0 if cfg.merge == "drop" else 1
-        chosen = cfg.clusters[-1] if isinstance(cfg.clusters, tuple) else cfg.clusters
-        return min(chosen or vmtc_math.default_clusters(tokens), tokens)
-
     # --- the anyres_max cap -----------------------------------------------------------------------------
     def stock_high_res_grid(self, image_size, grid: tuple[int, int]) -> tuple[int, int, bool]:
-        """(rows, cols) of the high-res patch grid stock packs for this image, and whether it interpolated: the
-        unpadded grid, interpolated down to about anyres_max_N tiles' worth when it is more than 1.1x that (as
-        the model's pack_image_features does)."""
-        rows, cols = grid
-        _, height, width = unpad_image(torch.empty(0, rows * self.side, cols * self.side), image_size).shape
+        """The unpadded grid (`AnyresAdapter.stock_high_res_grid`), interpolated down to about anyres_max_N tiles'
+        worth when it is more than 1.1x that (as the model's pack_image_features does)."""
+        height, width, _ = super().stock_high_res_grid(image_size, grid)
         most = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
         ratio = math.sqrt(height * width / (most * self.side**2))
         if ratio <= 1.1:
             return height, width, False
         return int(height // ratio), int(width // ratio), True
-
-    def high_res_tokens(self, handle: Handle, image_size, grid: tuple[int, int]) -> int:
-        t = handle.num_image_tokens
-        if not handle.active_stages:
-            return t
-        height, width, _ = self.stock_high_res_grid(image_size, grid)  # the high-res patch tokens stock sends
-        return max(1, min(t, round(height * width * t / self.side**2) // (grid[0] * grid[1])))
-
-    def cap_high_res(
-        self, handle: Handle, high: torch.Tensor, tile_rows: range, tokens: int
-    ) -> tuple[torch.Tensor, vmtc_math.VMTCInfo]:
-        infos = handle.stage_infos
-        if len(infos) != len(handle.active_stages) or infos[-1].importance.shape[0] < tile_rows.stop:
-            raise RuntimeError(
-                "unclutter caps OneVision's large images with the importance the tower's last VMTC stage recorded, "
-                "but this pack_image_features call does not follow a VMTC tower pass over these tiles."
-            )
-        weights = vmtc_math.output_importance(infos[-1])[tile_rows.start : tile_rows.stop]
-        clusters = self.clusters_for(handle, tokens)
-        return vmtc_math.compress(
-            high, weights.to(high.device), tokens - clusters, clusters, merge=handle.vmtc.merge,
-            normalize=handle.vmtc.normalize, iters=handle.vmtc.kmeans_iters, has_cls=False,
-        )  # fmt: skip
 
     # --- hooks ----------------------------------------------------------------------------------------
     def install_vmtc(self, handle: Handle) -> None:
