@@ -8,6 +8,7 @@ each family's own file. ``UNCLUTTER_TEST_DEVICE=cuda`` runs the same contract on
 """
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -285,7 +286,9 @@ def test_token_reduction_on_a_family_without_it_is_a_clear_error(setup):
         name = "VMTC" if "vmtc" in kwargs else "SPD"
         if getattr(family, name.lower()):
             continue
-        with pytest.raises(NotImplementedError, match=f"{name} is not available for"):
+        others = [m for m in ("VMTC", "SPD") if m != name and getattr(family, m.lower())]
+        available = " and ".join([*others, "CMAI"]) + (" are" if others else " is")  # what the family does take
+        with pytest.raises(NotImplementedError, match=f"{name} is not available for .* yet; {available}\\."):
             unclutter.apply(model, processor, **kwargs)
 
 
@@ -306,6 +309,19 @@ def test_another_familys_processor_is_refused(setup):
 @pytest.fixture(params=TOKEN_REDUCTION)
 def reducing(request):
     return _setup(request.param)
+
+
+@pytest.mark.parametrize("name", [f for f in BUILT if tiny_vlm(f).spd])
+def test_an_impossible_spd_grid_names_the_largest_possible_one(name):
+    """Every SPD family's refusal of a grid above its grid of tokens says which grids work (most said only "larger
+    than the NxN grid"); the grid it names is accepted and the one above it is not."""
+    family, model, processor, _ = _setup(name)
+    with pytest.raises(ValueError, match=r"choose grid <= \d+") as refused:
+        unclutter.apply(model, processor, spd=SPDConfig(grid=99))
+    largest = int(re.search(r"choose grid <= (\d+)", str(refused.value)).group(1))
+    unclutter.apply(model, processor, spd=SPDConfig(grid=largest)).remove()
+    with pytest.raises(ValueError, match=f"choose grid <= {largest}"):
+        unclutter.apply(model, processor, spd=SPDConfig(grid=largest + 1))
 
 
 def test_vmtc_ratio_one_is_stock(reducing):

@@ -212,6 +212,7 @@ def test_wrong_config_type(model):
         (lambda: CMAIConfig(layers=(0.5, 2)), "layers takes integers"),
         (lambda: CMAIConfig(discount="0.9"), "discount must be a number"),
         (lambda: SPDConfig(grid=4.0), "grid takes integers"),
+        (lambda: SPDConfig(grid=None), "grid takes an integer >= 1"),  # was a TypeError comparing None with 1
         (lambda: VMTCConfig(ratio=0.25, num_tokens=40), "give ratio or num_tokens, not both"),  # 40 won silently
         (lambda: VMTCConfig(normalize="no"), "normalize is True or False"),  # a non-empty string was True
     ],

@@ -160,6 +160,8 @@ class SPDConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", _ints("SPDConfig.grid", self.grid))
+        if self.grid is None:
+            raise ValueError("SPDConfig.grid takes an integer >= 1 (the pooled grid's side), got None.")
         if self.grid < 1:
             raise ValueError(f"SPDConfig.grid must be >= 1, got {self.grid}.")
 

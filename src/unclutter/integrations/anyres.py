@@ -175,7 +175,10 @@ class AnyresAdapter(Adapter):
             handle.num_image_tokens = handle.stages[-1].tokens_out
         if handle.spd is not None:
             if handle.spd.grid > self.side:
-                raise ValueError(f"SPD grid {handle.spd.grid} is larger than the {self.side}x{self.side} tile grid.")
+                raise ValueError(
+                    f"SPD grid {handle.spd.grid} is larger than the {self.side}x{self.side} tile grid: choose grid <= "
+                    f"{self.side}."
+                )
             handle.num_image_tokens = handle.spd.grid**2
 
     def install_vmtc(self, handle: Handle) -> None:

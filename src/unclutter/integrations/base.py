@@ -357,10 +357,13 @@ def apply(
         raise ValueError("unclutter is already applied to this model; call handle.remove() before applying again.")
     if vmtc is not None and spd is not None:
         raise ValueError("VMTC and SPD both reduce image tokens and cannot be combined; choose one.")
-    for name, value, supported in (("VMTC", vmtc, adapter.vmtc), ("SPD", spd, adapter.spd)):
-        if value is not None and not supported:
+    methods = {"VMTC": adapter.vmtc, "SPD": adapter.spd}
+    for name, value in (("VMTC", vmtc), ("SPD", spd)):
+        if value is not None and not methods[name]:
+            available = " and ".join([m for m, ok in methods.items() if ok] + ["CMAI"])
             raise NotImplementedError(
-                f"{name} is not available for {adapter.family} yet; CMAI is. See the README's support matrix."
+                f"{name} is not available for {adapter.family} yet; {available} "
+                f"{'are' if ' and ' in available else 'is'}. See the README's support matrix."
             )
 
     if processor is not None:

@@ -161,7 +161,8 @@ class Gemma3Adapter(Adapter):
         if handle.spd is not None:
             if handle.spd.grid > tokens_side:
                 raise ValueError(
-                    f"SPD grid {handle.spd.grid} is finer than Gemma 3's {tokens_side}x{tokens_side} soft-token grid."
+                    f"SPD grid {handle.spd.grid} is finer than Gemma 3's {tokens_side}x{tokens_side} soft-token grid: "
+                    f"choose grid <= {tokens_side}."
                 )
             handle.num_image_tokens = handle.spd.grid**2
 

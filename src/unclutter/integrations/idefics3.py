@@ -280,7 +280,7 @@ class Idefics3Adapter(Adapter):
             if handle.spd.grid > self.tile_grid:
                 raise ValueError(
                     f"SPD grid {handle.spd.grid} is larger than the {self.tile_grid}x{self.tile_grid} grid of tokens "
-                    "per tile."
+                    f"per tile: choose grid <= {self.tile_grid}."
                 )
             handle.num_image_tokens = handle.spd.grid**2
 

@@ -83,7 +83,10 @@ class LlavaAdapter(Adapter):
             handle.num_image_tokens = handle.stages[-1].tokens_out + self.extra
         if handle.spd is not None:
             if handle.spd.grid > self.grid:
-                raise ValueError(f"SPD grid {handle.spd.grid} is larger than the {self.grid}x{self.grid} patch grid.")
+                raise ValueError(
+                    f"SPD grid {handle.spd.grid} is larger than the {self.grid}x{self.grid} patch grid: choose grid <= "
+                    f"{self.grid}."
+                )
             handle.num_image_tokens = handle.spd.grid**2 + self.extra
 
     def install(self, handle: Handle) -> None:

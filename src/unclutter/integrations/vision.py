@@ -287,6 +287,6 @@ def pool_grid(patches: torch.Tensor, grid: int) -> torch.Tensor:
     if side * side != p:
         raise ValueError(f"SPD needs a square patch grid, got {p} patches.")
     if grid > side:
-        raise ValueError(f"SPD grid {grid} is larger than the {side}x{side} patch grid.")
+        raise ValueError(f"SPD grid {grid} is larger than the {side}x{side} patch grid: choose grid <= {side}.")
     square = patches.transpose(1, 2).reshape(b, e, side, side)
     return F.adaptive_avg_pool2d(square.float(), grid).to(patches.dtype).flatten(2).transpose(1, 2)
