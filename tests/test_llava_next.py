@@ -34,7 +34,7 @@ STOCK_HIGH_RES = {
     (64, 64): ((8, 8), (2, 2)),
     (40, 80): ((4, 8), (1, 2)),
     (100, 30): ((12, 4), (3, 1)),
-    (50, 70): ((6, 8), (2, 2)),  # 2 of 8 patch columns cropped
+    (50, 70): ((6, 8), (2, 2)),  # 2 of 8 patch rows cropped
     (20, 100): ((2, 12), (1, 3)),  # 2 of 4 patch rows cropped
 }
 
@@ -128,7 +128,9 @@ def test_processor_count_equals_model_features_for_every_size(kwargs):
 
 def test_an_elongated_image_never_gets_more_tokens_than_stock():
     """A per-tile budget counts the padding that stock crops: at ratio 0.9 the 1x3-tile 20x100 image would send
-    9 + 3 * 14 + 1 = 52 tokens against stock's 42. The high-res share keeps every image below stock."""
+    14 + 3 * 14 + 1 = 57 tokens against stock's 42. The high-res share keeps every image below stock, except a strip
+    so thin that stock's unpadded high-res grid is empty (stock: the base tile alone), whose high-res tiles still send
+    1 token each and a newline per tile row (documented in `llava_next`)."""
     model, processor = tiny_llava_next(), tiny_llava_next_processor()
     stock = _counts(model, _batch(processor))
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.9)) as h:
@@ -138,6 +140,19 @@ def test_an_elongated_image_never_gets_more_tokens_than_stock():
         logits(model, batch)
     assert h.num_image_tokens == 14 and stock[4] == 42
     assert all(c <= s for c, s in zip(counts, stock, strict=True)), (counts, stock)
+    thin = [(8, 200), (5, 96), (3, 300), (1, 50)]  # 1x3 and 1x2 tiles, every high-res patch row cropped
+    stock_thin = processor._get_num_multimodal_tokens(image_sizes=thin).num_image_tokens
+    assert stock_thin == [16] * len(thin)
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.9)) as h:
+        ours = processor._get_num_multimodal_tokens(image_sizes=thin).num_image_tokens
+        grids = [_grid(model, s) for s in thin]
+        assert [h.adapter.stock_high_res_grid(s, g)[0] for s, g in zip(thin, grids, strict=True)] == [0] * len(thin)
+        assert ours == [14 + r * c + r for r, c in grids] == [18, 18, 17, 17]
+        batch = _batch(processor, [random_image(i, *s) for i, s in enumerate(thin)], QUESTIONS[: len(thin)])
+        assert _counts(model, batch) == [len(f) for f in _features(model, batch)] == ours
+        logits(model, batch)
+    with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.75)):  # t = 12 = 16 - 3 - 1: at most stock
+        assert processor._get_num_multimodal_tokens(image_sizes=thin).num_image_tokens == [16, 16, 15, 15]
 
 
 def test_per_tile_budget_and_one_stage_info_per_stage():

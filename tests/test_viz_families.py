@@ -20,25 +20,27 @@ pytestmark = pytest.mark.exact
 
 
 @pytest.mark.parametrize(
-    "family, tiles",
+    "family, tiles, size",
     [
-        ("llava", 1),
-        ("llava_next", 5),
-        ("llava_onevision", 10),
-        ("gemma3", 1),
-        ("internvl", 5),
-        ("idefics3", 1),
-        ("qwen2_5_vl", 1),
-        ("qwen3_vl", 1),
+        ("llava", 1, None),
+        ("llava_next", 5, None),
+        ("llava_next", 5, (50, 70)),  # 2x2 tiles, 2 of 8 patch rows padding: the high-res share compresses again
+        ("llava_onevision", 10, None),
+        ("gemma3", 1, None),
+        ("internvl", 5, None),
+        ("idefics3", 1, None),
+        ("qwen2_5_vl", 1, None),
+        ("qwen3_vl", 1, None),
     ],
 )
-def test_image_key_map_is_what_the_llm_receives(family, tiles):
+def test_image_key_map_is_what_the_llm_receives(family, tiles, size):
     """Every key the adapter maps to (tile t, token j) holds exactly the projector's output t, j; the others
     (LLaVA-NeXT's row newlines) hold no tile token. Tiles are the rows VMTC ranked."""
     spec = tiny_vlm(family)
     model, processor = spec.model(), spec.processor()
     with unclutter.apply(model, processor, vmtc=VMTCConfig(ratio=0.5)) as handle:
-        inputs = spec.batch(processor, [random_image(3)], ["what is the color ?"])
+        image = random_image(3) if size is None else random_image(3, *size)
+        inputs = spec.batch(processor, [image], ["what is the color ?"])
         grabbed = {}
 
         def keep(name):
@@ -71,7 +73,8 @@ def test_image_key_map_is_what_the_llm_receives(family, tiles):
     embeds = grabbed["embeds"][0]
     every_token = projected.reshape(-1, projected.shape[-1])
     sent = [_after_tower(projected[t], handle.post_infos.get(t)) for t in range(tiles)]
-    assert bool(handle.post_infos) == (family == "llava_onevision")  # its 3x3 tiles: a share of stock's 8x8
+    # OneVision's 3x3 tiles: a share of stock's 8x8; a padded LLaVA-NeXT image: a share of its unpadded grid
+    assert bool(handle.post_infos) == (family == "llava_onevision" or size is not None)
     for key, pos in zip(keys, positions.tolist(), strict=True):
         if key is None:
             assert not (embeds[pos] == every_token).all(-1).any()

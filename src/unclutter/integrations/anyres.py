@@ -117,7 +117,7 @@ class AnyresAdapter(Adapter):
     def high_res_tokens(self, handle: Handle, image_size, grid: tuple[int, int]) -> int:
         """Tokens each high-res tile of this image sends under VMTC: the budget's share of the high-res tokens stock
         sends, spread over the tiles, at most the per-tile budget ``t`` and at least 1:
-        ``min(t, round(t / side^2 * H' * W') // (rows * cols))``, H' x W' = `stock_high_res_grid`. Stock unpads
+        ``max(1, min(t, round(H' * W' * t / side^2) // (rows * cols)))``, H' x W' = `stock_high_res_grid`. Stock unpads
         (and OneVision interpolates), a per-tile budget counts padding in full: without the share an elongated
         image would keep more tokens than stock (a 16:9 photo on LLaVA-NeXT at ratio 0.75: 1.11x stock's). SPD
         keeps its grid per tile."""

@@ -195,7 +195,7 @@ class Handle:
     stock_image_tokens: int | None = None
     stages: list[VMTCStage] = field(default_factory=list)
     stage_infos: list[vmtc_math.VMTCInfo] = field(default_factory=list)  # last vision forward, per active stage
-    # last vision forward: tower row -> a one-row compression after the tower (OneVision's anyres_max cap)
+    # last vision forward: tower row -> a one-row compression after the tower (the anyres high-res share)
     post_infos: dict[int, vmtc_math.VMTCInfo] = field(default_factory=dict)
     cmai_state: cmai_attention.CMAIState | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)

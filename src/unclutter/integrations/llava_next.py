@@ -9,8 +9,11 @@
   ranked by each tile's own CLS attention (the paper's importance). The high-res part then gets the budget's
   share of what stock sends for it (stock crops the padding, a tile budget would count it): where that is
   less than the tiles' budget, each high-res tile is compressed once more after the projector, ranked and
-  weighted by the last stage's importance (`anyres.AnyresAdapter.high_res_tokens`), so ratio 0.5 sends about
-  half of stock's tokens for any aspect ratio, never more than stock.
+  weighted by the last stage's importance (`anyres.AnyresAdapter.high_res_tokens`), so an elongated image no
+  longer sends more than stock (ratio 0.5: about half of stock's tokens; a strip whose base tile dominates keeps
+  more than half). One exception: a strip so thin that stock keeps none of its high-res patches (its unpadded
+  grid is empty; stock sends the base tile alone) still gets at least 1 token per high-res tile and a newline per
+  tile row, more than stock when ``t > side^2 - rows * cols - rows`` (LLaVA-NeXT-7B: 573 or more of 576).
 - SPD: a projector pre-hook average-pools each tile's patch grid to ``grid x grid``.
 - Packing and processor: compressed tiles are packed by `anyres.pack_tiles` (base, high-res tiles in
   raster order, one newline per row of tiles; see `anyres`), and ``<image>`` expands to exactly that
