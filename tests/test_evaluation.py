@@ -432,8 +432,10 @@ def test_lmms_eval_plugin_resolves_and_generates(model_dir):
     ]  # fmt: skip
     outs = lm.generate_until(reqs)
     assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
-    with pytest.raises(NotImplementedError):
-        lm.loglikelihood(reqs)
+    with pytest.raises(NotImplementedError, match="single-round"):
+        lm.generate_until_multi_round(reqs)
+    with pytest.raises(ValueError, match="continuation string or a doc_to_target function, got dict"):
+        lm.loglikelihood(reqs)  # generation requests: their second field is the generation settings
 
 
 # ---- every supported family through the harness -------------------------------------------------------------

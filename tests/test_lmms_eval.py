@@ -140,3 +140,47 @@ def test_an_image_the_processor_refuses_answers_empty_and_the_rest_are_answered(
     outs = lm.generate_until([request(i, "<image>\nwhat is the color ?") for i in range(3)])
     alone = [lm.generate_until([request(i, "<image>\nwhat is the color ?")])[0] for i in (0, 2)]
     assert outs[1] == "" and [outs[0], outs[2]] == alone
+
+
+@pytest.mark.parametrize(
+    "family, marker, method",
+    [("llava", None, "vmtc+cmai"), ("qwen2_5_vl", "<|vision_start|><|image_pad|><|vision_end|>", "vmtc+cmai"),
+     ("gemma3", None, "cmai")],
+)  # fmt: skip
+def test_loglikelihood_equals_the_scores_of_cached_greedy_decoding(tmp_path, family, marker, method):
+    """lmms-eval's loglikelihood requests (multiple-choice and perplexity tasks): for the continuation greedy decoding
+    writes, the sum of its tokens' log-probabilities equals the sum of `generate`'s own per-step scores (cached
+    decoding under the method, a different path from the plugin's one uncached forward) and is greedy; a different
+    last token scores lower and is not greedy; a target given as a function of the doc is read from the doc."""
+    import torch
+
+    lm = get_model("unclutter").create_from_arg_string(
+        f"pretrained={saved(tmp_path, family, marker)},method={method},device=cpu"
+    )
+    lm.task_dict = {"toy": {"test": [{"image": random_image(i), "answer": None} for i in range(2)]}}
+    visuals = lambda doc: [doc["image"]]  # noqa: E731
+    tok = lm.processor.tokenizer
+    for i in range(2):
+        prompt, images = lm._prompt("<image>\nwhat is the color ?", visuals(lm.task_dict["toy"]["test"][i]), "toy")
+        batch = lm.processor(images=[images], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = lm.model.generate(
+                **batch, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+            )  # fmt: skip
+        new = out.sequences[0, batch["input_ids"].shape[1] :]
+        text = tok.decode(new)
+        assert tok(text, add_special_tokens=False)["input_ids"] == new.tolist()  # the continuation re-tokenizes alike
+        # the raw logits (the scores are after min_new_tokens' processor, which hides the end token)
+        expected = sum(float(s[0].log_softmax(-1)[t]) for s, t in zip(out.logits, new.tolist(), strict=True))
+        lm.task_dict["toy"]["test"][i]["answer"] = text
+        other = tok.decode(torch.cat([new[:-1], (new[-1:] + 1) % len(tok)]))
+        requests = [
+            Instance("loglikelihood", ("<image>\nwhat is the color ?", target, visuals, i, "toy", "test"), idx=k,
+                     metadata={"task": "toy", "doc_id": i, "repeats": 1})
+            for k, target in enumerate([text, lambda doc: doc["answer"], other])
+        ]  # fmt: skip
+        (got, greedy), (by_doc, greedy_by_doc), (worse, not_greedy) = lm.loglikelihood(requests)
+        assert greedy and greedy_by_doc and not not_greedy
+        assert got == pytest.approx(expected, abs=1e-4) and by_doc == got
+        assert worse < got

@@ -116,6 +116,52 @@ def _refused_images(processor, prompts: list[str], images: list[list[Image.Image
     return refused
 
 
+def _model_inputs(model, processor, prompts: list[str], images: list[list[Image.Image]] | None):
+    """The processor's batch on the model's device, pixels in the model's dtype; `ImagesRefused` names images the
+    processor refuses."""
+    try:
+        inputs = _encode(processor, prompts, images)
+    except (ValueError, TypeError):  # what processors raise for inputs they cannot take: whose fault?
+        refused = _refused_images(processor, prompts, images) if images else {}
+        if not refused:
+            raise
+        raise ImagesRefused(refused) from None
+    inputs = inputs.to(model.device)
+    for key, value in inputs.items():
+        if key.startswith("pixel_values") and value.is_floating_point():
+            inputs[key] = value.to(model.dtype)
+    return inputs
+
+
+def continuation_logprob(
+    model, processor, prompt: str, continuation: str, images: list[Image.Image] | None = None
+) -> tuple[float, bool]:
+    """A loglikelihood request as lm-eval and lmms-eval define it: the sum of the log-probabilities of
+    ``continuation``'s tokens after ``prompt`` (a chat-formatted prompt, as `build_prompt` writes, with its
+    ``images``), and whether greedy decoding continues with exactly those tokens.
+
+    The continuation is tokenized on its own (no special tokens) and appended to the processor's encoding of the
+    prompt, so the prompt is exactly what `generate` would see and no token straddles the two; the appended tokens
+    are text (attention 1, token types 0). One uncached forward scores them all: with the method applied, CMAI
+    inhibits the continuation's rows as cached decoding would (the exactness contract)."""
+    ids = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise ValueError(f"the continuation {continuation!r} has no tokens; a loglikelihood needs at least one.")
+    inputs = _model_inputs(model, processor, [prompt], [list(images)] if images else None)
+    prompt_ids = inputs["input_ids"]
+    ids = ids.to(prompt_ids.device)
+    for name, value in list(inputs.items()):  # every per-token input grows by the continuation
+        if isinstance(value, torch.Tensor) and value.shape == prompt_ids.shape and name != "input_ids":
+            fill = torch.ones_like if name == "attention_mask" else torch.zeros_like
+            inputs[name] = torch.cat([value, fill(ids, dtype=value.dtype)], dim=1)
+    inputs["input_ids"] = torch.cat([prompt_ids, ids], dim=1)
+    with torch.inference_mode():
+        logits = model(**inputs, use_cache=False).logits[0, prompt_ids.shape[1] - 1 : -1].float()  # (n, vocab)
+    target = ids[0].to(logits.device)
+    total = logits.log_softmax(dim=-1).gather(1, target[:, None]).sum()
+    return float(total), bool((logits.argmax(dim=-1) == target).all())
+
+
 def build_prompt(processor, question: str, with_image: bool | int = True) -> str:
     """The processor's chat template when it has one, else the LLaVA-1.5 (Vicuna v1) conversation with the
     processor's image placeholder. ``with_image``: whether the question comes with an image, or how many."""
@@ -146,17 +192,7 @@ def generate(
     # one image list per prompt: Gemma 3 and SmolVLM read a flat list as one sample's images. The processor runs
     # outside inference mode: its tensors stay ordinary ones (an adapter may track them across calls).
     nested = [im if isinstance(im, list) else [im] for im in images] if images else None
-    try:
-        inputs = _encode(processor, prompts, nested)
-    except (ValueError, TypeError):  # what processors raise for inputs they cannot take: whose fault?
-        refused = _refused_images(processor, prompts, nested) if nested else {}
-        if not refused:
-            raise
-        raise ImagesRefused(refused) from None
-    inputs = inputs.to(model.device)
-    for key, value in inputs.items():
-        if key.startswith("pixel_values") and value.is_floating_point():
-            inputs[key] = value.to(model.dtype)
+    inputs = _model_inputs(model, processor, prompts, nested)
     tok = processor.tokenizer
     kwargs = {
         "do_sample": do_sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,

@@ -8,7 +8,7 @@ from loguru import logger
 from PIL import Image
 
 from .. import apply
-from ..evaluation.generation import ImagesRefused, build_prompt, generate, load_model
+from ..evaluation.generation import ImagesRefused, build_prompt, continuation_logprob, generate, load_model
 from ..evaluation.images import to_rgb
 from ..methods import resolve
 
@@ -102,6 +102,28 @@ class UnclutterVLM(lmms):
             results.extend(answers)
         return results
 
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(sum of the continuation's token log-probabilities, whether greedy decoding gives exactly it) per request,
+        in request order (`evaluation.generation.continuation_logprob`), one request at a time. A request whose image
+        the processor refuses gets (-inf, False), logged."""
+        results = []
+        for k, req in enumerate(requests):
+            context, target, doc_to_visual, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            if not (isinstance(target, str) or callable(target)):
+                raise ValueError(
+                    f"{task}: a loglikelihood request carries a continuation string or a doc_to_target function, got "
+                    f"{type(target).__name__}."
+                )
+            continuation = target if isinstance(target, str) else target(doc)
+            prompt, images = self._prompt(context, doc_to_visual(doc), task)
+            try:
+                results.append(continuation_logprob(self.model, self.processor, prompt, str(continuation), images))
+            except ImagesRefused as exc:
+                logger.warning(f"unclutter: request {k}: the processor refuses its image: {exc}; scoring -inf")
+                results.append((float("-inf"), False))
+        return results
+
     def _prepare(self, req: Instance) -> tuple[dict, str, list]:
         """(generation settings with ``until``, prompt, RGB images) of one request, lmms-eval's defaults filled in."""
         context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
@@ -117,7 +139,12 @@ class UnclutterVLM(lmms):
             "top_p": float(top_p) if top_p is not None else None,
             "num_beams": int(gen_kwargs.get("num_beams") or 1),
         }
-        visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
+        prompt, images = self._prompt(context, doc_to_visual(self.task_dict[task][split][doc_id]), task)
+        return settings, prompt, images
+
+    def _prompt(self, context: str, visuals, task: str) -> tuple[str, list]:
+        """(chat-formatted prompt, RGB images) of a request's context and its doc's visuals."""
+        visuals = [v for v in (visuals or []) if v is not None]
         for v in visuals:
             if not isinstance(v, Image.Image):
                 raise ValueError(
@@ -128,10 +155,7 @@ class UnclutterVLM(lmms):
         for placeholder in {self.processor.image_token, "<image>"}:  # the chat template places images
             text = text.replace(placeholder, "")
         prompt = build_prompt(self.processor, text.strip(), with_image=len(visuals))
-        return settings, prompt, [to_rgb(v) for v in visuals]
-
-    def loglikelihood(self, requests):
-        raise NotImplementedError("unclutter's lmms-eval model supports generation tasks (generate_until) only.")
+        return prompt, [to_rgb(v) for v in visuals]
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("unclutter's lmms-eval model supports single-round generation only.")
