@@ -145,7 +145,9 @@ def test_an_image_the_processor_refuses_answers_empty_and_the_rest_are_answered(
 @pytest.mark.parametrize(
     "family, marker, method",
     [("llava", None, "vmtc+cmai"), ("qwen2_5_vl", "<|vision_start|><|image_pad|><|vision_end|>", "vmtc+cmai"),
-     ("gemma3", None, "cmai")],
+     ("qwen3_vl", "<|vision_start|><|image_pad|><|vision_end|>", "vmtc+cmai"), ("gemma3", None, "vmtc+cmai"),
+     ("llava_next", None, "vmtc+cmai"), ("llava_onevision", None, "vmtc+cmai"), ("internvl", None, "vmtc+cmai"),
+     ("idefics3", None, "vmtc+cmai"), ("smolvlm", None, "vmtc+cmai")],
 )  # fmt: skip
 def test_loglikelihood_equals_the_scores_of_cached_greedy_decoding(tmp_path, family, marker, method):
     """lmms-eval's loglikelihood requests (multiple-choice and perplexity tasks): for the continuation greedy decoding
