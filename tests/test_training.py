@@ -256,6 +256,14 @@ def test_label_masking():
             "not found",
         ),
         ({"id": "e"}, "needs 'conversations'"),
+        (
+            {
+                "id": "f",
+                "image": ["0.png"],
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+            },
+            "must be one file name",
+        ),
     ],
 )
 def test_malformed_records_named_before_training(tmp_path, rec, match):
@@ -462,6 +470,33 @@ def test_deepspeed_without_deepspeed_names_the_extra(tmp_path, monkeypatch):
                       deepspeed="configs/deepspeed/zero2.json")  # fmt: skip
     with pytest.raises(ValueError, match=r"unclutter\[deepspeed\]"):
         train(cfg)
+
+
+def test_deepspeed_configs_are_checked_for_what_the_final_save_needs(tmp_path):
+    """The shipped configs are ZeRO-2 and ZeRO-3; ZeRO-3 shards every weight, so the final checkpoint needs the
+    engine's gathered weights (a config without stage3_gather_16bit_weights_on_model_save could write none whole),
+    and LoRA's merge into sharded base weights is refused up front, before any model loads."""
+    from unclutter.training.trainer import zero_stage
+
+    def cfg(path, **kw):
+        return TrainConfig(stage="finetune", model="m", data="d", output=str(tmp_path / "o"), deepspeed=str(path), **kw)
+
+    assert zero_stage(cfg("configs/deepspeed/zero2.json")) == 2
+    assert zero_stage(cfg("configs/deepspeed/zero3.json")) == 3
+    assert zero_stage(cfg("configs/deepspeed/zero2.json", lora=True)) == 2
+    assert zero_stage(TrainConfig(stage="finetune", model="m", data="d", output=str(tmp_path / "o"))) == 0
+    with pytest.raises(ValueError, match="ZeRO-3, which shards the base weights that --lora merges"):
+        train(cfg("configs/deepspeed/zero3.json", lora=True))
+    no_gather = tmp_path / "z3.json"
+    no_gather.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+        train(cfg(no_gather))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="not a DeepSpeed JSON config"):
+        train(cfg(broken))
+    with pytest.raises(ValueError, match="no such DeepSpeed config file"):
+        train(cfg(tmp_path / "missing.json"))
 
 
 def test_only_the_main_process_writes_the_output(base_dir, tmp_path, monkeypatch):

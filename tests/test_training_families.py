@@ -166,3 +166,42 @@ def test_a_family_without_training_support_is_a_clear_cli_error(tmp_path):
                                       "--data", str(data), "--images", str(images), "--output", str(tmp_path / "o")])  # fmt: skip
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "not" in result.output and "Qwen" in result.output
+
+
+@pytest.mark.parametrize("method", ["stock", "cmai", "vmtc+cmai"])
+def test_a_record_too_long_for_its_image_is_named_before_training(next_dir, tmp_path, method):
+    """LLaVA-NeXT items are tokenized lazily (the placeholder count depends on the image), so a record whose image
+    tokens max_length would cut stopped the run only when first drawn, steps into training. The up-front count (from
+    the image's header) equals each item's, and such a record is named when the dataset is built, before any step
+    (also through the CLI's --max-length)."""
+    from typer.testing import CliRunner
+
+    from unclutter.cli import app
+    from unclutter.evaluation.generation import load_model
+    from unclutter.ifeval.scoring import DataError
+
+    data, images, recs = make_data(tmp_path, n=4)
+    model, processor = load_model(str(next_dir), dtype="float32", device="cpu")
+    cfgs = {k: v for k, v in resolve(method).items() if v is not None}
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    with unclutter.apply(model, processor, **cfgs):
+        dataset = make_dataset(recs, model, processor, images, fmt="v1", image_tokens=0, max_length=4096)
+        ends = []  # each image record's last image token position
+        for i, rec in enumerate(recs[:4]):
+            with Image.open(images / rec["image"]) as im:
+                size = [im.height, im.width]
+            expect = processor._get_num_multimodal_tokens(image_sizes=[size]).num_image_tokens[0]
+            ids = dataset[i]["input_ids"]
+            assert int((ids == image_id).sum()) == expect
+            ends.append(int((ids == image_id).nonzero().max()))
+        limit = max(ends)  # cuts the last image token of (at least) the record whose image ends last
+        named = rf"record \d \(id s\d, image \d\.png\): max_length {limit} would cut its image tokens"
+        with pytest.raises(DataError, match=named):
+            make_dataset(recs, model, processor, images, fmt="v1", image_tokens=0, max_length=limit)
+        make_dataset(recs, model, processor, images, fmt="v1", image_tokens=0, max_length=limit + 1)
+    result = CliRunner().invoke(app, ["train", "--stage", "finetune", "--model", str(next_dir), "--data", str(data),
+                                      "--images", str(images), "--output", str(tmp_path / "o"), "--method", method,
+                                      "--max-length", str(limit), "--batch-size", "1", "--per-device-batch-size", "1"])  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "would cut its image tokens" in " ".join(result.output.split())
+    assert not (tmp_path / "o" / "train_log.json").exists()

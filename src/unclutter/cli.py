@@ -183,6 +183,9 @@ def train_cmd(
     batch_size: Annotated[int | None, typer.Option(help="global batch (default 256 / 128)")] = None,
     per_device_batch_size: Annotated[int | None, typer.Option()] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="tokens per sample, image tokens included (default 2048)")
+    ] = None,
     tune: Annotated[
         str | None, typer.Option(help="modules to train, comma-separated from vision,projector,llm")
     ] = None,
@@ -202,7 +205,7 @@ def train_cmd(
         "stage": stage, "data": str(data) if data else None, "images": str(images) if images else None,
         "output": str(output) if output else None, "model": model, "vision": vision, "llm": llm, "method": method,
         "overrides": set_ or None, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
-        "per_device_batch_size": per_device_batch_size, "epochs": epochs,
+        "per_device_batch_size": per_device_batch_size, "epochs": epochs, "max_length": max_length,
         "tune": [t.strip() for t in tune.split(",")] if tune else None, "lora": lora, "deepspeed": deepspeed, "bf16": bf16,
         "gradient_checkpointing": gradient_checkpointing,
     }  # fmt: skip

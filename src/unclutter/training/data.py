@@ -65,6 +65,11 @@ def load_llava_json(path: str | Path, images: str | Path | None) -> list[dict]:
                 raise DataError(f"{where}: turns must alternate human, gpt, ... (turn {j} is {turn['from']}).")
         n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in rec["conversations"])
         if rec.get("image"):
+            if not isinstance(rec["image"], str):
+                raise DataError(
+                    f"{where}: 'image' must be one file name (a string), got {type(rec['image']).__name__}: "
+                    "multi-image records are not supported; split the record or drop it."
+                )
             if n_placeholders != 1 or IMAGE_PLACEHOLDER not in rec["conversations"][0]["value"]:
                 raise DataError(f"{where}: an image sample needs exactly one '<image>', in the first human turn.")
             if images is not None:
@@ -210,7 +215,8 @@ def encode_record(
     if len(ids) > max_length:
         if sum(1 for t in ids[:max_length] if t == image_token) != sum(1 for t in ids if t == image_token):
             raise DataError(
-                f"record {rec.get('id')}: max_length {max_length} would cut its image tokens; raise --max-length."
+                f"record {rec.get('id')}: max_length {max_length} would cut its image tokens; raise --max-length "
+                "(YAML max_length) or drop the record."
             )
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels, rec.get("image"))

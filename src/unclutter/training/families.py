@@ -18,8 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+from ..ifeval.scoring import DataError
 from .data import LlavaDataset, collate, encode_record, load_image
 
 TILED = (LlavaNextForConditionalGeneration,)
@@ -108,6 +110,26 @@ class ProcessorImageDataset(torch.utils.data.Dataset):
         self.records, self.processor, self.fmt = records, processor, fmt
         self.images_dir = Path(images_dir) if images_dir is not None else None
         self.max_length, self.chat_template = max_length, chat_template
+        for i, rec in enumerate(records):  # a record whose image tokens max_length would cut is named before training
+            self.check_length(i, rec)
+
+    def check_length(self, i: int, rec: dict) -> None:
+        """`encode_record`'s max_length check, run up front: the image's placeholder count follows from its size (read
+        from the file's header, no decoding) by the processor's own count (`_get_num_multimodal_tokens`, which
+        `unclutter.apply` patches together with ``replace_image_token``). Items are tokenized lazily, so without this
+        a record too long for its image would stop the run when first drawn, steps or hours into training."""
+        count = 0
+        if rec.get("image"):
+            if self.images_dir is None:
+                return  # `train` refuses image data without --images
+            with Image.open(self.images_dir / rec["image"]) as im:
+                width, height = im.size
+            count = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
+        try:
+            encode_record(rec, self.processor.tokenizer, self.fmt, count, self.max_length, self.chat_template)
+        except DataError as exc:
+            reason = str(exc).split(": ", 1)[-1]  # encode_record names the record by its id alone
+            raise DataError(f"record {i} (id {rec.get('id', '?')}, image {rec.get('image')}): {reason}") from None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -366,17 +366,48 @@ def train(cfg: TrainConfig, callbacks=None) -> Path:
         return _train(cfg, callbacks)
 
 
+def zero_stage(cfg: TrainConfig) -> int:
+    """The ZeRO stage of ``cfg.deepspeed`` (0 without DeepSpeed), after checking what the final save needs.
+
+    Under ZeRO-3 every rank holds a shard of each weight: the final checkpoint is the state dict the DeepSpeed engine
+    gathers (``stage3_gather_16bit_weights_on_model_save`` must be on), and LoRA is refused (merging the adapters
+    into sharded base weights is not what `merge_and_unload` does; ZeRO-2 keeps whole weights on every rank)."""
+    if cfg.deepspeed is None:
+        return 0
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise ValueError(f"--deepspeed {cfg.deepspeed}: no such DeepSpeed config file.")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+        zero = ds.get("zero_optimization") or {}
+        stage = int(zero.get("stage", 0))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f"--deepspeed {cfg.deepspeed}: not a DeepSpeed JSON config ({exc}).") from None
+    if stage == 3 and cfg.lora:
+        raise ValueError(
+            f"--deepspeed {cfg.deepspeed} is ZeRO-3, which shards the base weights that --lora merges its adapters "
+            "into at the end; use configs/deepspeed/zero2.json for LoRA runs."
+        )
+    if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise ValueError(
+            f"--deepspeed {cfg.deepspeed} is ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
+            ": true, so no rank could write the trained weights whole; set it (configs/deepspeed/zero3.json does)."
+        )
+    return stage
+
+
 def _train(cfg: TrainConfig, callbacks=None) -> Path:
     if cfg.deepspeed is not None:  # checked before the model loads; transformers would fail later, naming no extra
         import importlib.util
 
+        stage = zero_stage(cfg)
         if importlib.util.find_spec("deepspeed") is None:
             raise ValueError(
                 f"--deepspeed {cfg.deepspeed}: DeepSpeed is not installed; pip install 'unclutter[deepspeed]' "
                 "(or drop --deepspeed to train with plain DDP)."
             )
-        if not Path(cfg.deepspeed).is_file():
-            raise ValueError(f"--deepspeed {cfg.deepspeed}: no such DeepSpeed config file.")
+    else:
+        stage = 0
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 holds the lock and checks for the job
         _check_or_write_settings(Path(cfg.output), cfg)
     lr_default, _, fmt = STAGE_DEFAULTS[cfg.stage]
@@ -454,12 +485,23 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
         # trained to the end already (a rerun, or a kill after the last checkpoint): Trainer would train one more step
         from transformers import TrainerState
 
+        if stage == 3:  # loading a whole checkpoint into ZeRO-3's shards is DeepSpeed's resume path, not this one
+            raise ValueError(
+                f"{checkpoint} is this run's last step and only the final save is left, which under ZeRO-3 needs the "
+                f"engine's gathered weights: delete {checkpoint} and rerun the same command (it resumes from the "
+                "checkpoint before it and writes the output), or load that folder's gathered model.safetensors with "
+                "from_pretrained."
+            )
+
         trainer._load_from_checkpoint(str(checkpoint))
         trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     main = trainer.is_world_process_zero()  # one writer: every rank holds the same weights, rank 0 saves them
+    # ZeRO-3: each rank holds shards; the engine gathers the whole weights (every rank must take part) for rank 0 to
+    # write, as Trainer.save_model does (save_pretrained of the sharded module would write empty tensors)
+    gathered = trainer.accelerator.get_state_dict(trainer.model_wrapped) if stage == 3 else None
     if cfg.lora:
         if main:
             model.save_pretrained(Path(cfg.output) / "adapter")  # the trained delta alone (a few MB), for shipping
@@ -471,7 +513,7 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
     model.config.unclutter = {"method": cfg.method, "overrides": list(cfg.overrides), "configs": to_dict(configs)}
     processor.tokenizer.padding_side = "left"
     if main:
-        model.save_pretrained(cfg.output, safe_serialization=True)
+        model.save_pretrained(cfg.output, safe_serialization=True, state_dict=gathered)
         processor.save_pretrained(cfg.output)
         history = [h for h in trainer.state.log_history if "loss" in h]
         summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
