@@ -64,6 +64,19 @@ class NaiveReference:
         return out.transpose(1, 2).contiguous(), probs.to(query.dtype)  # the weights, as eager attention returns
 
 
+def written_out_output_importance(info, importance: torch.Tensor, keep: int, tokens: int) -> torch.Tensor:
+    """(rows, tokens) importance of the patch tokens a VMTC stage output, written out: a kept patch its own, a
+    merged token the sum over its members (what `vmtc.output_importance` computes); ``importance`` (rows, N)."""
+    out = torch.zeros(len(importance), tokens)
+    for row in range(len(importance)):
+        for j, patch in enumerate(info.kept_index[row].tolist()):
+            out[row, j] = importance[row, patch]
+        for patch, cid in zip(info.merged_index[row].tolist(), info.cluster[row].tolist(), strict=True):
+            if cid >= 0:
+                out[row, keep + cid] += importance[row, patch]
+    return out
+
+
 def reference_logits(model, batch, gammas, *, roles=None, structural=()):
     """Logits of a deep copy of ``model`` whose LLM runs `NaiveReference` (no cache).
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PROMPTS, encode, image_features
+from reference import written_out_output_importance
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import unclutter
@@ -38,13 +39,7 @@ def reference_vmtc_features(model, pixel_values, handle, with_importance: bool =
             imp = weights.mean(1)[:, 0, 1:]
             cfg = handle.vmtc
             h, info = unclutter.vmtc.compress(h, imp, s.keep, s.clusters, merge=cfg.merge, normalize=cfg.normalize)
-            out_importance = torch.zeros(len(h), h.shape[1] - 1)
-            for row in range(len(h)):
-                for j, patch in enumerate(info.kept_index[row].tolist()):
-                    out_importance[row, j] = imp[row, patch]
-                for patch, cid in zip(info.merged_index[row].tolist(), info.cluster[row].tolist(), strict=True):
-                    if cid >= 0:
-                        out_importance[row, s.keep + cid] += imp[row, patch]
+            out_importance = written_out_output_importance(info, imp, s.keep, h.shape[1] - 1)  # CLS first in h
         h = h + block.mlp(block.layer_norm2(h))
     return (h[:, 1:], out_importance) if with_importance else h[:, 1:]
 

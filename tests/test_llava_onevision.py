@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_cached_equals_full, assert_sample_equals_alone, logits, random_image, random_video
-from reference import reference_logits
+from reference import reference_logits, written_out_output_importance
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
 import unclutter
@@ -126,13 +126,7 @@ def _reference_tiles(model, pixel_values, handle, with_importance: bool = False)
             h, info = unclutter.vmtc.compress(
                 h, imp, s.keep, s.clusters, merge=cfg.merge, normalize=cfg.normalize, has_cls=False
             )
-            out_importance = torch.zeros(h.shape[:2])
-            for row in range(len(h)):
-                for j, patch in enumerate(info.kept_index[row].tolist()):
-                    out_importance[row, j] = imp[row, patch]
-                for patch, cid in zip(info.merged_index[row].tolist(), info.cluster[row].tolist(), strict=True):
-                    if cid >= 0:
-                        out_importance[row, s.keep + cid] += imp[row, patch]
+            out_importance = written_out_output_importance(info, imp, s.keep, h.shape[1])
         h = h + block.mlp(block.layer_norm2(h))
     feats = model.model.multi_modal_projector(h)
     return (feats, out_importance) if with_importance else feats
